@@ -1,0 +1,266 @@
+"""Segmentation models built by name, with one interface for every architecture.
+
+Every model returned by :func:`build_model` is a :class:`Segmenter`: ``forward`` gives
+logits at the input resolution, ``features``/``decode`` split the network where the
+decode head starts (HRDA's scale attention and the ImageNet feature distance need
+that cut), and ``head_parameters`` names what gets the larger learning rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ARCHITECTURES",
+    "Segmenter",
+    "SmallUNet",
+    "build_model",
+    "load_weights_file",
+]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Segmenter(nn.Module):
+    """A backbone, a decode head and a final classifier layer.
+
+    Inputs are RGB in [0, 1]; the ImageNet normalisation happens inside, in buffers that
+    are not part of the state dict, so augmentations work on plain images.
+    """
+
+    backbone: nn.Module
+    classifier: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def feature_channels(self) -> int:
+        raise NotImplementedError
+
+    def features(self, x: Tensor) -> Tensor:
+        """Decode-head input for images in [0, 1]."""
+        return self._features((x - self.pixel_mean) / self.pixel_std)
+
+    def _features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, feats: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def final_layer(self) -> nn.Conv2d:
+        """The last 1×1 convolution: the part a source-free method keeps frozen."""
+        convs = [m for m in self.classifier.modules() if isinstance(m, nn.Conv2d)]
+        return convs[-1]
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return self.classifier.parameters()
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return self.backbone.parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.decode(self.features(x))
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class _Encoder(nn.Module):
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        chans = [width * 2**i for i in range(depth)]
+        self.stem = nn.Sequential(_conv_bn(3, chans[0]), _conv_bn(chans[0], chans[0]))
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.MaxPool2d(2), _conv_bn(chans[i - 1], chans[i]), _conv_bn(chans[i], chans[i]))
+            for i in range(1, depth)
+        )
+        self.channels = chans
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        skips = [self.stem(x)]
+        for block in self.down:
+            skips.append(block(skips[-1]))
+        return skips
+
+
+class _Decoder(nn.Module):
+    def __init__(self, chans: list[int]) -> None:
+        super().__init__()
+        self.up = nn.ModuleList(
+            nn.Sequential(_conv_bn(chans[i] + chans[i - 1], chans[i - 1]), _conv_bn(chans[i - 1], chans[i - 1]))
+            for i in range(len(chans) - 1, 0, -1)
+        )
+
+    def forward(self, skips: list[Tensor]) -> Tensor:
+        x = skips[-1]
+        for block, skip in zip(self.up, reversed(skips[:-1]), strict=True):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return x
+
+
+class _UNetBackbone(nn.Module):
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        self.encoder = _Encoder(width, depth)
+        self.decoder = _Decoder(self.encoder.channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class SmallUNet(Segmenter):
+    """A small BN U-Net: fast enough on two CPU cores for demos, tests and CamVid."""
+
+    def __init__(self, num_classes: int, width: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.backbone = _UNetBackbone(width, depth)
+        self._feature_channels = width
+        self.classifier = nn.Sequential(_conv_bn(width, width), nn.Conv2d(width, num_classes, 1))
+
+    @property
+    def feature_channels(self) -> int:
+        return self._feature_channels
+
+    def _features(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def decode(self, feats: Tensor) -> Tensor:
+        return self.classifier(feats)
+
+
+class TorchvisionSegmenter(Segmenter):
+    """Wraps a torchvision segmentation model (DeepLabV3, FCN, LR-ASPP)."""
+
+    def __init__(self, net: nn.Module, feature_channels: int) -> None:
+        super().__init__()
+        self.backbone = net.backbone
+        self.classifier = net.classifier
+        self._feature_channels = feature_channels
+        self._dict_head = type(net.classifier).__name__ == "LRASPPHead"
+
+    @property
+    def feature_channels(self) -> int:
+        return self._feature_channels
+
+    def _features(self, x: Tensor) -> Tensor:
+        feats = self.backbone(x)
+        if self._dict_head:
+            # LR-ASPP reads a low and a high level map; carry both in one tensor.
+            low = F.interpolate(feats["low"], size=feats["high"].shape[-2:], mode="bilinear", align_corners=False)
+            return torch.cat([feats["high"], low], dim=1)
+        return feats["out"]
+
+    def decode(self, feats: Tensor) -> Tensor:
+        if self._dict_head:
+            high_c = self._feature_channels
+            return self.classifier({"high": feats[:, :high_c], "low": feats[:, high_c:]})
+        return self.classifier(feats)
+
+
+def _torchvision(builder_name: str, feature_channels: int) -> Callable[[int], Segmenter]:
+    def build(num_classes: int) -> Segmenter:
+        from torchvision.models import segmentation
+
+        builder = getattr(segmentation, builder_name)
+        kwargs: dict[str, object] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
+        if builder_name != "lraspp_mobilenet_v3_large":
+            kwargs["aux_loss"] = False
+        return TorchvisionSegmenter(builder(**kwargs), feature_channels)
+
+    return build
+
+
+ARCHITECTURES: dict[str, Callable[[int], Segmenter]] = {
+    "small_unet": lambda num_classes: SmallUNet(num_classes, width=16),
+    "tiny_unet": lambda num_classes: SmallUNet(num_classes, width=8, depth=3),
+    "deeplabv3_resnet50": _torchvision("deeplabv3_resnet50", 2048),
+    "deeplabv3_resnet101": _torchvision("deeplabv3_resnet101", 2048),
+    "deeplabv3_mobilenet_v3_large": _torchvision("deeplabv3_mobilenet_v3_large", 960),
+    "lraspp_mobilenet_v3_large": _torchvision("lraspp_mobilenet_v3_large", 960),
+    "fcn_resnet50": _torchvision("fcn_resnet50", 2048),
+}
+
+
+def load_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from safetensors or a PyTorch file, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj
+
+
+def _strip_prefixes(state: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        out[key] = value
+    return out
+
+
+def _load_into(module: nn.Module, state: dict[str, Tensor], what: str, path: Path, strict: bool) -> None:
+    target = module.state_dict()
+    mismatched = [k for k, v in state.items() if k in target and target[k].shape != v.shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(
+            f"{path}: {what} tensor {k!r} has shape {tuple(state[k].shape)}, "
+            f"the model expects {tuple(target[k].shape)} ({len(mismatched)} mismatched in all)"
+        )
+    missing = sorted(set(target) - set(state))
+    if strict and missing:
+        raise ValueError(f"{path}: {what} weights lack {len(missing)} tensors, first {missing[0]!r}")
+    if not set(state) & set(target):
+        raise ValueError(f"{path}: no tensor name matches the {what}; is this the right architecture?")
+    module.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    weights: str | Path | None = None,
+    backbone_weights: str | Path | None = None,
+) -> Segmenter:
+    """Build ``arch``; ``weights`` is a whole-model file, ``backbone_weights`` an ImageNet-style one.
+
+    Nothing is ever downloaded: torchvision's builders are called with ``weights=None``.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    model = ARCHITECTURES[arch](num_classes)
+    if backbone_weights is not None:
+        state = _strip_prefixes(load_weights_file(backbone_weights), ("backbone.", "module."))
+        _load_into(model.backbone, state, "backbone", Path(backbone_weights), strict=False)
+    if weights is not None:
+        state = load_weights_file(weights)
+        state = {k: v for k, v in state.items() if not k.endswith(".num_samples") and not k.startswith("aux_")}
+        _load_into(model, _strip_prefixes(state, ("module.", "net.")), "model", Path(weights), strict=True)
+    return model

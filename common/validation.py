@@ -1,0 +1,76 @@
+"""Checks a site update must pass before it may touch the merge sums.
+
+A merge is only as good as its worst input: one NaN or one wrongly-shaped tensor would
+poison the merged model for every site, so each update is checked whole first and
+refused with the site and the tensor named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from common.merging import SiteUpdate, bn_layer_names
+
+__all__ = ["UpdateRejected", "validate_update", "template_signature"]
+
+
+class UpdateRejected(ValueError):
+    """A site update that must not enter the merge."""
+
+    def __init__(self, site: str, tensor: str, reason: str) -> None:
+        super().__init__(f"site {site!r}: {tensor}: {reason}")
+        self.site, self.tensor, self.reason = site, tensor, reason
+
+
+def template_signature(state: Mapping[str, Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def _check_keys(update: SiteUpdate, expected: Mapping[str, object]) -> None:
+    got = update.state_dict()
+    missing = [k for k in expected if k not in got]
+    if missing:
+        raise UpdateRejected(update.site, repr(missing[0]), f"missing ({len(missing)} tensors missing in all)")
+    extra = [k for k in got if k not in expected]
+    if extra:
+        raise UpdateRejected(update.site, repr(extra[0]), "not in the global model")
+
+
+def _check_tensor(site: str, key: str, value: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if tuple(value.shape) != shape:
+        raise UpdateRejected(site, repr(key), f"shape {tuple(value.shape)}, the global model has {shape}")
+    if value.dtype != dtype:
+        raise UpdateRejected(site, repr(key), f"dtype {value.dtype}, the global model has {dtype}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise UpdateRejected(site, repr(key), f"{bad} NaN or Inf values")
+
+
+def _check_bn(update: SiteUpdate, layer: str, channels: int) -> None:
+    var = update.buffers[f"{layer}.running_var"]
+    if bool((var < 0).any()):
+        raise UpdateRejected(update.site, repr(f"{layer}.running_var"), f"negative variance (min {float(var.min()):.3g})")
+    if layer not in update.counts:
+        raise UpdateRejected(update.site, repr(f"{layer}.num_samples"), "no sample count for this BN layer")
+    n = update.counts[layer]
+    if n.is_floating_point() or n.numel() not in (1, channels):
+        raise UpdateRejected(
+            update.site, repr(f"{layer}.num_samples"), f"must be an integer count per channel, got {n.dtype} {tuple(n.shape)}"
+        )
+    if bool((n <= 0).any()):
+        raise UpdateRejected(update.site, repr(f"{layer}.num_samples"), f"count n = {int(n.min())} (must be > 0)")
+
+
+def validate_update(update: SiteUpdate, template: Mapping[str, Tensor]) -> None:
+    """Raise :class:`UpdateRejected` naming the site and tensor at the first problem."""
+    signature = template_signature(template)
+    _check_keys(update, signature)
+    for key, value in update.state_dict().items():
+        _check_tensor(update.site, key, value, *signature[key])
+    for layer in bn_layer_names(template):
+        _check_bn(update, layer, template[f"{layer}.running_mean"].numel())
+    if update.num_examples <= 0:
+        raise UpdateRejected(update.site, "num_examples", f"{update.num_examples} (must be > 0)")

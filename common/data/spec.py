@@ -1,0 +1,203 @@
+"""What data to read, as one value that survives a command line, a Flower config and a log line.
+
+``DataSpec`` is the single currency between the CLI, the Flower apps and the readers:
+``DataSpec.parse(text)`` and ``str(spec)`` round-trip, and ``DataSpec.from_config`` reads the
+flat kebab-case keys Flower run/node configs carry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from urllib.parse import parse_qsl, quote
+
+__all__ = ["DATASET_KINDS", "DataSpec", "TimeSplit", "parse_size"]
+
+DATASET_KINDS = ("synthetic", "camvid", "cityscapes", "gta5", "idd", "acdc", "darkzurich", "folder")
+_QUERY_KEYS = ("split", "domain", "time", "size", "n", "seed")
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """The first or last part of each sequence in time order.
+
+    Neighbouring video frames are near-duplicates, so a random split leaks the test set
+    into training; a time split keeps adaptation and evaluation frames apart.
+    ``first:f`` and ``last:1-f`` partition a sequence exactly.
+    """
+
+    part: str
+    fraction: float | None = None
+    count: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.part not in ("first", "last"):
+            raise ValueError(f"time split part must be 'first' or 'last', not {self.part!r}")
+        if (self.fraction is None) == (self.count is None):
+            raise ValueError("a time split takes exactly one of a fraction or a frame count")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"time split fraction must be in (0, 1], not {self.fraction}")
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"time split count must be at least 1, not {self.count}")
+
+    @classmethod
+    def parse(cls, text: str) -> TimeSplit:
+        """``first:42`` (frames) or ``last:0.3`` (a fraction: the value has a decimal point)."""
+        part, sep, amount = text.strip().partition(":")
+        if not sep or not amount:
+            raise ValueError(f"time split {text!r}: expected first:N, last:N, first:0.F or last:0.F")
+        try:
+            if "." in amount:
+                return cls(part, fraction=float(amount))
+            return cls(part, count=int(amount))
+        except ValueError as exc:
+            raise ValueError(f"time split {text!r}: {exc}") from None
+
+    def __str__(self) -> str:
+        return f"{self.part}:{self.fraction!r}" if self.fraction is not None else f"{self.part}:{self.count}"
+
+    def num_frames(self, total: int) -> int:
+        """How many of ``total`` frames this split keeps."""
+        if self.count is not None:
+            return self.count
+        assert self.fraction is not None
+        if self.part == "first":
+            return _round_half_up(self.fraction * total)
+        return total - _round_half_up((1.0 - self.fraction) * total)
+
+    def select(self, total: int) -> range:
+        """Indices (in time order) of the kept frames; a count beyond ``total`` is an error."""
+        k = self.num_frames(total)
+        if k > total:
+            raise ValueError(f"time split {self} asks for {k} frames but the sequence has {total}")
+        return range(k) if self.part == "first" else range(total - k, total)
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5 + 1e-9)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``180x240`` -> (180, 240): height first, as tensors are laid out."""
+    h, sep, w = text.strip().lower().partition("x")
+    try:
+        size = (int(h), int(w))
+    except ValueError:
+        size = (0, 0)
+    if not sep or min(size) < 1:
+        raise ValueError(f"size {text!r}: expected HxW with positive integers, e.g. 180x240")
+    return size
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One dataset selection: a reader, a root, and the filters applied in a fixed order.
+
+    Order: reader split -> ``domain`` filter -> ``time_split`` per sequence -> first
+    ``num_images`` -> resize to ``size``. For synthetic data ``num_images`` is the number of
+    images generated per style and ``seed`` the generation seed.
+    """
+
+    kind: str
+    root: str = ""
+    split: str = "train"
+    domain: str | None = None
+    time_split: TimeSplit | None = None
+    size: tuple[int, int] | None = None
+    num_images: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATASET_KINDS:
+            raise ValueError(f"unknown dataset kind {self.kind!r}; choose one of {', '.join(DATASET_KINDS)}")
+        if self.kind != "synthetic" and not self.root:
+            raise ValueError(f"dataset {self.kind!r} needs a root directory (e.g. {self.kind}:/path/to/{self.kind})")
+        if self.num_images is not None and self.num_images < 1:
+            raise ValueError(f"num_images must be at least 1, not {self.num_images}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise ValueError(f"size must be (height, width) with positive values, not {self.size}")
+        if self.domain == "":
+            object.__setattr__(self, "domain", None)
+        if self.size is not None:
+            object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+
+    @classmethod
+    def parse(cls, text: str) -> DataSpec:
+        """``kind[:root][?key=value&...]`` with keys split, domain, time, size, n, seed.
+
+        Examples: ``synthetic?domain=fog&n=64``,
+        ``camvid:/data/camvid?split=all&domain=0001TP&time=first:42&size=180x240``.
+        """
+        head, _, query = text.strip().partition("?")
+        kind, _, root = head.partition(":")
+        fields: dict[str, object] = {"kind": kind.strip(), "root": root}
+        for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+            if key not in _QUERY_KEYS:
+                raise ValueError(f"data spec {text!r}: unknown key {key!r}; known keys: {', '.join(_QUERY_KEYS)}")
+            fields.update(_query_field(key, value))
+        return cls(**fields)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        head = self.kind + (f":{self.root}" if self.root else "")
+        query = []
+        if self.split != "train":
+            query.append(("split", self.split))
+        if self.domain is not None:
+            query.append(("domain", self.domain))
+        if self.time_split is not None:
+            query.append(("time", str(self.time_split)))
+        if self.size is not None:
+            query.append(("size", f"{self.size[0]}x{self.size[1]}"))
+        if self.num_images is not None:
+            query.append(("n", str(self.num_images)))
+        if self.seed:
+            query.append(("seed", str(self.seed)))
+        if not query:
+            return head
+        return head + "?" + "&".join(f"{k}={quote(v, safe=':/.,-_')}" for k, v in query)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object], prefix: str = "") -> DataSpec:
+        """Read ``<prefix>dataset``, ``data-root``, ``split``, ``domain``, ``time-split``, ``size``,
+        ``num-images`` and ``seed`` from a flat Flower config; ``""`` or a missing key means unset."""
+
+        def get(key: str) -> str | None:
+            value = config.get(prefix + key)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                return None
+            return str(value).strip()
+
+        kind = get("dataset")
+        if kind is None:
+            raise ValueError(f"config has no {prefix}dataset key (one of {', '.join(DATASET_KINDS)})")
+        fields: dict[str, object] = {"kind": kind, "root": get("data-root") or ""}
+        keys = {"split": "split", "domain": "domain", "time-split": "time", "size": "size"}
+        keys |= {"num-images": "n", "seed": "seed"}
+        for config_key, query_key in keys.items():
+            value = get(config_key)
+            if value is not None:
+                fields.update(_query_field(query_key, value))
+        return cls(**fields)  # type: ignore[arg-type]
+
+    def with_(self, **changes: object) -> DataSpec:
+        """A copy with some fields replaced (a readable ``dataclasses.replace``)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _query_field(key: str, value: str) -> dict[str, object]:
+    if key == "split":
+        return {"split": value}
+    if key == "domain":
+        return {"domain": value or None}
+    if key == "time":
+        return {"time_split": TimeSplit.parse(value) if value else None}
+    if key == "size":
+        return {"size": parse_size(value) if value else None}
+    try:
+        number = int(float(value)) if value else None
+    except ValueError:
+        raise ValueError(f"{key}={value!r}: expected an integer") from None
+    if key == "n":
+        return {"num_images": number}
+    return {"seed": number or 0}

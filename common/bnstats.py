@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["BNSums", "BNStatsConfig", "bn_layers", "collect_bn_sums", "apply_bn_sums", "exact_bn_statistics"]
+__all__ = ["BNStatsConfig", "BNSums", "apply_bn_sums", "bn_layers", "collect_bn_sums", "exact_bn_statistics"]
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BUFFER_MODES",
     "BN_BUFFER_SUFFIXES",
-    "SiteUpdate",
+    "BUFFER_MODES",
     "MergeAccumulator",
+    "SiteUpdate",
     "bn_layer_names",
-    "split_state",
     "merge_updates",
+    "split_state",
 ]
 
 BUFFER_MODES = ("gaussian", "reference", "average", "first")
@@ -138,10 +138,7 @@ class MergeAccumulator:
     def _layer_count(self, update: SiteUpdate, layer: str, channels: int) -> Tensor:
         if self.equal_site_stats:
             return torch.ones(channels, dtype=torch.float64)
-        if self.buffer_mode == "reference":
-            n = update.buffers[f"{layer}.num_batches_tracked"]
-        else:
-            n = update.counts[layer]
+        n = update.buffers[f"{layer}.num_batches_tracked"] if self.buffer_mode == "reference" else update.counts[layer]
         return _f64(n).expand(channels)
 
     def _add_gaussian(self, update: SiteUpdate) -> None:

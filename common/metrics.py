@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "confusion_matrix", "per_class_iou", "mean_iou", "harmonic_mean"]
+__all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic_mean", "mean_iou", "per_class_iou"]
 
 IGNORE_INDEX = 255
 

@@ -58,7 +58,7 @@ class Segmenter(nn.Module):
         raise NotImplementedError
 
     def final_layer(self) -> nn.Conv2d:
-        """The last 1×1 convolution: the part a source-free method keeps frozen."""
+        """The last 1x1 convolution: the part a source-free method keeps frozen."""
         convs = [m for m in self.classifier.modules() if isinstance(m, nn.Conv2d)]
         return convs[-1]
 
@@ -76,9 +76,7 @@ class Segmenter(nn.Module):
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-    )
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class _Encoder(nn.Module):

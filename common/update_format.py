@@ -18,7 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from common.merging import SiteUpdate, bn_layer_names, split_state
 
-__all__ = ["FORMAT", "SiteUpdateMeta", "save_site_update", "load_site_update"]
+__all__ = ["FORMAT", "SiteUpdateMeta", "load_site_update", "save_site_update"]
 
 FORMAT = "site-update/1"
 _COUNT_SUFFIX = ".num_samples"

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from common.merging import SiteUpdate, bn_layer_names
 
-__all__ = ["UpdateRejected", "validate_update", "template_signature"]
+__all__ = ["UpdateRejected", "template_signature", "validate_update"]
 
 
 class UpdateRejected(ValueError):
@@ -52,13 +52,17 @@ def _check_tensor(site: str, key: str, value: Tensor, shape: tuple[int, ...], dt
 def _check_bn(update: SiteUpdate, layer: str, channels: int) -> None:
     var = update.buffers[f"{layer}.running_var"]
     if bool((var < 0).any()):
-        raise UpdateRejected(update.site, repr(f"{layer}.running_var"), f"negative variance (min {float(var.min()):.3g})")
+        raise UpdateRejected(
+            update.site, repr(f"{layer}.running_var"), f"negative variance (min {float(var.min()):.3g})"
+        )
     if layer not in update.counts:
         raise UpdateRejected(update.site, repr(f"{layer}.num_samples"), "no sample count for this BN layer")
     n = update.counts[layer]
     if n.is_floating_point() or n.numel() not in (1, channels):
         raise UpdateRejected(
-            update.site, repr(f"{layer}.num_samples"), f"must be an integer count per channel, got {n.dtype} {tuple(n.shape)}"
+            update.site,
+            repr(f"{layer}.num_samples"),
+            f"must be an integer count per channel, got {n.dtype} {tuple(n.shape)}",
         )
     if bool((n <= 0).any()):
         raise UpdateRejected(update.site, repr(f"{layer}.num_samples"), f"count n = {int(n.min())} (must be > 0)")

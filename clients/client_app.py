@@ -1,0 +1,45 @@
+"""The Flower ClientApp: load the global model, adapt locally, reply with the update.
+
+Only parameters, BN buffers, counts, the domain name, the method and unsupervised
+scalars leave the site (see ``common.wire``); images and labels never do.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.config import SiteConfig
+from clients.site import adapt_site, recalibration_sums
+from common.data import build_dataset
+from common.models import Segmenter, build_model
+from common.wire import sums_to_records, update_to_records
+
+app = ClientApp()
+
+
+def _global_model(msg: Message, config: SiteConfig) -> Segmenter:
+    model = build_model(config.arch, config.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = SiteConfig.from_flower(context.run_config, context.node_config)
+    model = _global_model(msg, config)
+    if config.source is not None:
+        config.job.context.source = build_dataset(config.source)
+    update = adapt_site(model, build_dataset(config.data), config.job)
+    return Message(content=update_to_records(update, config.job.method), reply_to=msg)
+
+
+@app.query()
+def recalibrate(msg: Message, context: Context) -> Message:
+    """Second round: BN sums under the merged parameters, and nothing else."""
+    config = SiteConfig.from_flower(context.run_config, context.node_config)
+    model = _global_model(msg, config)
+    target = build_dataset(config.data)
+    mode = str(msg.content["config"].get("bn-mode", "batch")) if "config" in msg.content else "batch"
+    sums = recalibration_sums(model, target, config.job.batch_size, mode)
+    return Message(content=sums_to_records(sums, len(target), config.job.domain), reply_to=msg)

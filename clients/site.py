@@ -1,0 +1,77 @@
+"""One site's work, framework-free: adapt, measure exact BN statistics, build the update.
+
+The Flower ClientApp is a thin shell around :func:`adapt_site` and
+:func:`recalibration_sums`; the CLI and the experiments call them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from clients.adaptation import AdaptContext, get_method, make_config
+from common.bnstats import BNStatsConfig, BNSums, collect_bn_sums, exact_bn_statistics
+from common.data import image_batches
+from common.merging import SiteUpdate, split_state
+from common.models import Segmenter
+
+__all__ = ["SiteJob", "adapt_site", "recalibration_sums", "unsupervised_metrics"]
+
+log = logging.getLogger(__name__)
+CONFIDENCE = 0.968
+
+
+@dataclass
+class SiteJob:
+    """What a site is asked to do with its images."""
+
+    domain: str
+    method: str = "adabn"
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 8
+    bn_mode: str = "batch"
+    context: AdaptContext = field(default_factory=AdaptContext)
+
+
+@torch.no_grad()
+def unsupervised_metrics(model: Segmenter, target: Dataset, batch_size: int) -> dict[str, float]:
+    """Mean normalised prediction entropy and the fraction of confident pixels: label-free health signals."""
+    model.eval()
+    ent_sum, conf_sum, pixels = 0.0, 0.0, 0
+    for images in image_batches(target, batch_size):
+        probs = model(images).softmax(1)
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(1) / torch.log(torch.tensor(float(probs.shape[1])))
+        ent_sum += float(ent.sum())
+        conf_sum += float((probs.amax(1) >= CONFIDENCE).sum())
+        pixels += ent.numel()
+    return {"mean-entropy": ent_sum / max(pixels, 1), "confident-fraction": conf_sum / max(pixels, 1)}
+
+
+def adapt_site(model: Segmenter, target: Dataset, job: SiteJob) -> SiteUpdate:
+    """Adapt ``model`` in place on ``target`` and return what may leave the site."""
+    if len(target) == 0:
+        raise ValueError(f"site {job.domain!r} has no target images")
+    method = get_method(job.method)
+    config = make_config(method, job.method_options)
+    if method.needs_source and job.context.source is None:
+        raise ValueError(f"method {job.method!r} needs the labeled source set at the site; none was given")
+    started = time.perf_counter()
+    method.adapt(model, target, job.context, config)
+    adapted = time.perf_counter()
+    counts = exact_bn_statistics(model, image_batches(target, job.batch_size), BNStatsConfig(job.bn_mode))
+    metrics = {**job.context.metrics, **unsupervised_metrics(model, target, job.batch_size)}
+    metrics.update({"adapt-seconds": adapted - started, "bn-seconds": time.perf_counter() - adapted})
+    params, buffers = split_state(model.state_dict())
+    log.info("site %s: %s done in %.1fs on %d images", job.domain, job.method, adapted - started, len(target))
+    return SiteUpdate(job.domain, params, buffers, counts, len(target), metrics)
+
+
+def recalibration_sums(model: Segmenter, target: Dataset, batch_size: int, mode: str = "batch") -> dict[str, BNSums]:
+    """Σx, Σx², n per BN channel under the given (merged) parameters: the second round's reply."""
+    return collect_bn_sums(model, image_batches(target, batch_size), BNStatsConfig(mode))

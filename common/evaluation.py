@@ -1,0 +1,75 @@
+"""Evaluate a segmentation model on labeled sets, one domain at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from common.data import DataSpec, build_dataset, make_loader
+from common.metrics import confusion_matrix, harmonic_mean, mean_iou, per_class_iou
+from common.models import build_model
+
+__all__ = ["DomainScore", "evaluate_domain", "evaluate_domains", "evaluate_state"]
+
+
+@dataclass(frozen=True)
+class DomainScore:
+    miou: float
+    per_class: list[float]
+    num_images: int
+
+
+@torch.no_grad()
+def evaluate_domain(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, desc: str = "", progress: bool = False
+) -> DomainScore:
+    """mIoU of ``model`` (in eval mode) on (image, label) batches."""
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    n = 0
+    try:
+        for images, labels in tqdm(batches, desc=f"eval {desc}", disable=not progress, leave=False):
+            conf += confusion_matrix(model(images).argmax(1), labels, num_classes)
+            n += images.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError(f"evaluation set {desc!r} is empty")
+    return DomainScore(mean_iou(conf), [float(v) for v in per_class_iou(conf)], n)
+
+
+def evaluate_domains(
+    model: nn.Module,
+    loaders: Mapping[str, Iterable[tuple[Tensor, Tensor]]],
+    num_classes: int,
+    progress: bool = False,
+) -> tuple[dict[str, DomainScore], float]:
+    """Per-domain scores and the harmonic mean H of their mIoU."""
+    scores = {d: evaluate_domain(model, b, num_classes, d, progress) for d, b in loaders.items()}
+    return scores, harmonic_mean({d: s.miou for d, s in scores.items()})
+
+
+def evaluate_state(
+    state: Mapping[str, Tensor],
+    arch: str,
+    num_classes: int,
+    specs: Mapping[str, DataSpec],
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, object]:
+    """The report's ``eval`` section for a state dict: per-domain mIoU and H."""
+    model = build_model(arch, num_classes)
+    model.load_state_dict(dict(state), strict=True)
+    loaders = {d: make_loader(build_dataset(spec), batch_size) for d, spec in specs.items()}
+    scores, h = evaluate_domains(model, loaders, num_classes, progress)
+    return {
+        "per_domain": {d: s.miou for d, s in scores.items()},
+        "per_class": {d: s.per_class for d, s in scores.items()},
+        "num_images": {d: s.num_images for d, s in scores.items()},
+        "harmonic_mean": h,
+    }

@@ -1,0 +1,1 @@
+"""One module per ``fedmerge`` sub-command; each exposes ``register(subparsers)``."""

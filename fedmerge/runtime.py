@@ -1,0 +1,217 @@
+"""Drive a real Flower runtime: SuperLink and SuperNode processes, ``flwr run``, teardown by PID.
+
+``fedmerge simulate``, the deployment tests and the experiments all go through here, so
+every run uses Flower's own runtime and nothing is left running afterwards: each
+process we start is stopped by its PID, and Flower's state lives in a private FLWR_HOME.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import tomli_w
+
+__all__ = ["PROJECT_ROOT", "FlowerEnv", "Process", "free_port", "simulation_env", "wait_for_port"]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process {process.args[0]} exited with code {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass
+class Process:
+    """A child process we started, stopped with all its descendants by PID."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the process and every descendant, detached ones included (Flower detaches its SuperExec)."""
+        procs: list[psutil.Process] = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.popen.pid)
+            procs = [root, *root.children(recursive=True)]
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            alive = [p for p in procs if _alive(p)]
+            for p in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(sig)
+            psutil.wait_procs(alive, timeout=wait)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class FlowerEnv:
+    """A private FLWR_HOME plus the processes started in it; use as a context manager."""
+
+    home: Path
+    processes: list[Process] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "FLWR_HOME": str(self.home),
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "PATH": f"{_BIN}{os.pathsep}{env.get('PATH', '')}",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")])),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def spawn(self, name: str, args: Sequence[str]) -> Process:
+        log_path = self.home / f"{name}.log"
+        with log_path.open("w") as log:
+            popen = subprocess.Popen(
+                [str(_BIN / args[0]), *args[1:]],
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.home,
+            )
+        proc = Process(name, popen, log_path)
+        self.processes.append(proc)
+        return proc
+
+    def superlink(
+        self, *, simulation: bool, tls: Mapping[str, Path] | None = None, auth: bool = False
+    ) -> tuple[Process, int]:
+        """Start ``flower-superlink``; one port serves the Fleet, Control and Runtime APIs."""
+        port = free_port()
+        args = [
+            "flower-superlink",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--database", str(self.home / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+        if simulation:
+            args.append("--simulation")
+        if tls is None:
+            args.append("--insecure")
+        else:
+            args += [
+                "--ssl-ca-certfile",
+                str(tls["ca"]),
+                "--ssl-certfile",
+                str(tls["cert"]),
+                "--ssl-keyfile",
+                str(tls["key"]),
+            ]
+        if auth:
+            args.append("--enable-supernode-auth")
+        proc = self.spawn("superlink", args)
+        wait_for_port(port, 60, proc.popen)
+        return proc, port
+
+    def write_connection(self, name: str, control_port: int, *, root_cert: Path | None = None, **options: int) -> None:
+        """Add a ``[superlink.<name>]`` entry to this home's config.toml."""
+        path = self.home / "config.toml"
+        config = {"superlink": {"default": name}}
+        if path.exists():
+            import tomllib
+
+            config = tomllib.loads(path.read_text())
+        entry: dict[str, object] = {"address": f"127.0.0.1:{control_port}"}
+        if root_cert is None:
+            entry["insecure"] = True
+        else:
+            entry["root-certificates"] = str(root_cert)
+        if options:
+            entry["options"] = dict(options)
+        config.setdefault("superlink", {})[name] = entry
+        path.write_text(tomli_w.dumps(config))
+
+    def flwr(self, args: Sequence[str], timeout: float, log_name: str = "flwr") -> subprocess.CompletedProcess:
+        """Run a ``flwr`` CLI command to completion; its output is kept in ``<log_name>.log``."""
+        result = subprocess.run(
+            [str(_BIN / "flwr"), *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.home,
+            stdin=subprocess.DEVNULL,
+        )
+        (self.home / f"{log_name}.log").write_text(result.stdout + result.stderr)
+        return result
+
+    def run_app(
+        self, connection: str, run_config: Mapping[str, object], timeout: float, app_dir: Path = PROJECT_ROOT
+    ) -> subprocess.CompletedProcess:
+        """``flwr run APP CONNECTION --run-config FILE --stream``, waiting for the run to end."""
+        config_file = self.home / "run-config.toml"
+        config_file.write_text(tomli_w.dumps(dict(run_config)))
+        return self.flwr(
+            ["run", str(app_dir), connection, "--run-config", str(config_file), "--stream"], timeout, "run"
+        )
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    def __enter__(self) -> FlowerEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+@contextlib.contextmanager
+def simulation_env(home: Path, num_supernodes: int) -> Iterator[tuple[FlowerEnv, str]]:
+    """A SuperLink in simulation mode with a ``sim`` connection of ``num_supernodes`` nodes."""
+    with FlowerEnv(home) as env:
+        _, port = env.superlink(simulation=True)
+        env.write_connection("sim", port, **{"num-supernodes": num_supernodes})
+        yield env, "sim"

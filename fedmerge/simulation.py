@@ -1,0 +1,112 @@
+"""``fedmerge simulate``: N sites in Flower's simulation engine, from a preset or a TOML file.
+
+A plan is a typed view of one TOML file: the number of sites, the run config the
+ServerApp and ClientApps read, and optionally how to pretrain the shared source model
+first. The run itself goes through a real SuperLink and ``flwr run``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmerge.runtime import simulation_env
+
+__all__ = ["PRESETS_DIR", "SimulationPlan", "list_presets", "run_simulation"]
+
+log = logging.getLogger(__name__)
+PRESETS_DIR = Path(__file__).parent / "presets"
+SOURCE_CHECKPOINT = "source.safetensors"
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    data: str
+    arch: str = "small_unet"
+    steps: int = 300
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    name: str
+    num_sites: int
+    run_config: dict[str, Any] = field(default_factory=dict)
+    pretrain: PretrainPlan | None = None
+    description: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> SimulationPlan:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read simulation config ({exc})") from exc
+        unknown = set(raw) - {"description", "num-sites", "run-config", "pretrain"}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        pre = raw.get("pretrain")
+        pretrain = PretrainPlan(**{k.replace("-", "_"): v for k, v in pre.items()}) if pre else None
+        return cls(
+            path.stem,
+            int(raw.get("num-sites", 3)),
+            dict(raw.get("run-config", {})),
+            pretrain,
+            raw.get("description", ""),
+        )
+
+    @classmethod
+    def preset(cls, name: str) -> SimulationPlan:
+        path = PRESETS_DIR / f"{name}.toml"
+        if not path.is_file():
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}")
+        return cls.load(path)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def _source_weights(plan: SimulationPlan, out_dir: Path) -> str:
+    """Pretrain the shared source model once per output folder."""
+    from common.checkpoints import save_checkpoint
+    from common.pretrain import PretrainConfig, pretrain
+
+    from common.data import DataSpec, dataset_classes
+
+    assert plan.pretrain is not None
+    path = out_dir / SOURCE_CHECKPOINT
+    if path.exists():
+        log.info("reusing source model %s", path)
+        return str(path)
+    spec = DataSpec.parse(plan.pretrain.data)
+    classes = dataset_classes(spec.kind, spec.root)
+    config = PretrainConfig(arch=plan.pretrain.arch, steps=plan.pretrain.steps, batch_size=plan.pretrain.batch_size)
+    model = pretrain(spec, config)
+    save_checkpoint(model, path, plan.pretrain.arch, classes)
+    return str(path)
+
+
+def run_simulation(plan: SimulationPlan, out_dir: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the plan; returns the report the ServerApp wrote. Raises with Flower's log on failure."""
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {**plan.run_config, **(overrides or {}), "out-dir": str(out_dir)}
+    if plan.pretrain is not None and not run_config.get("initial-weights"):
+        run_config["initial-weights"] = _source_weights(plan, out_dir)
+        run_config.setdefault("arch", plan.pretrain.arch)
+    timeout = float(run_config.get("timeout", 600.0)) * (3 if run_config.get("recalibrate") else 2) + 120
+    report_path = out_dir / "report.json"
+    report_path.unlink(missing_ok=True)  # never mistake an earlier run's report for this one's
+    with simulation_env(out_dir / ".flwr", plan.num_sites) as (env, connection):
+        result = env.run_app(connection, run_config, timeout=timeout)
+        if result.returncode != 0 or not report_path.exists():
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
+            raise RuntimeError(f"simulation failed (flwr run exit {result.returncode}); last lines:\n{tail}")
+    report = json.loads(report_path.read_text())
+    if report.get("status") != "ok":
+        raise RuntimeError(f"simulation ended with status {report.get('status')!r}: {report.get('error')}")
+    return report

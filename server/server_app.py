@@ -1,0 +1,90 @@
+"""The Flower ServerApp: send the global model once, merge what comes back, write the results.
+
+Results go to an absolute ``out-dir``: ``merged.safetensors`` and ``report.json``. A run
+that cannot meet ``min-sites`` still writes its report (and the partial merge, if any
+site was accepted) before it fails, so nothing received is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save_file
+from torch import Tensor
+
+from common.evaluation import evaluate_state
+from common.merging import SiteUpdate
+from common.models import build_model
+from common.update_format import save_site_update
+from server.config import ServerConfig
+from server.report import MergeReport
+from server.strategy import MinSitesNotMet, OneShotMerge
+
+__all__ = ["MERGED_FILE", "REPORT_FILE", "app", "run_merge"]
+
+log = logging.getLogger(__name__)
+MERGED_FILE = "merged.safetensors"
+PARTIAL_FILE = "partial-merged.safetensors"
+REPORT_FILE = "report.json"
+UPDATES_DIR = "updates"
+
+app = ServerApp()
+
+
+def _save_state(state: dict[str, Tensor], path: Path, config: ServerConfig, sites: list[str]) -> None:
+    meta = {
+        "fedmerge.format": "checkpoint/1",
+        "arch": config.arch,
+        "num_classes": str(config.num_classes),
+        "merged_from": ",".join(sites),
+    }
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _update_saver(config: ServerConfig):
+    folder = config.out_dir / UPDATES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(update: SiteUpdate) -> None:
+        save_site_update(folder / f"{update.site}.safetensors", update, config.arch, config.num_classes)
+
+    return save
+
+
+def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
+    """The whole server side of a run; framework objects stay in here and the strategy."""
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    report = MergeReport(config=config.describe())
+    template = build_model(config.arch, config.num_classes, weights=config.initial_weights or None).state_dict()
+    saver = _update_saver(config) if config.save_updates else None
+    strategy = OneShotMerge(config.merge, template, report, saver)
+    try:
+        result = strategy.start(grid, ArrayRecord(template))
+    except MinSitesNotMet as exc:
+        report.status, report.error = "failed", str(exc)
+        if strategy.accumulator.sites:
+            _save_state(
+                strategy.accumulator.result(), config.out_dir / PARTIAL_FILE, config, strategy.accumulator.sites
+            )
+        report.write(config.out_dir / REPORT_FILE)
+        raise
+    merged = result.arrays.to_torch_state_dict()
+    _save_state(merged, config.out_dir / MERGED_FILE, config, [s.domain for s in report.sites])
+    if config.eval_specs:
+        report.start("evaluation")
+        report.eval = evaluate_state(merged, config.arch, config.num_classes, config.eval_specs, config.batch_size)
+        report.stop("evaluation")
+    report.status = "ok"
+    report.write(config.out_dir / REPORT_FILE)
+    log.info("merged %d sites into %s", len(report.sites), config.out_dir / MERGED_FILE)
+    return report
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_merge(grid, ServerConfig.from_run_config(context.run_config))

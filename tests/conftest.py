@@ -1,0 +1,16 @@
+"""Shared fixtures: tiny synthetic data so every test runs in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_target():
+    from common.data import DataSpec, build_dataset
+
+    return build_dataset(DataSpec(kind="synthetic", domain="fog", num_images=6, size=(32, 48)))

@@ -1,0 +1,171 @@
+"""The merge maths: exactness of the Gaussian pooling, the baselines, the accumulator."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clients.site import SiteJob, adapt_site
+from common.bnstats import BNStatsConfig, collect_bn_sums, exact_bn_statistics
+from common.merging import MergeAccumulator, SiteUpdate, bn_layer_names, merge_updates, split_state
+from common.models import build_model
+
+
+def _site(name: str, state: dict, counts: dict, n: int = 4) -> SiteUpdate:
+    params, buffers = split_state(state)
+    return SiteUpdate(name, params, buffers, counts, n)
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)
+    )
+
+
+def test_pooled_statistics_are_exact_for_shared_parameters():
+    """Same parameters, different data per site: the merge equals statistics of the pooled data."""
+    model = build_model("tiny_unet", 5)
+    torch.manual_seed(1)
+    data = [torch.rand(6, 3, 24, 32) * 0.5, torch.rand(10, 3, 24, 32) * 0.9 + 0.1, torch.rand(4, 3, 24, 32)]
+    updates = []
+    for i, images in enumerate(data):
+        site = build_model("tiny_unet", 5)
+        site.load_state_dict(model.state_dict())
+        counts = exact_bn_statistics(site, images.split(3), BNStatsConfig(mode="eval"))
+        updates.append(_site(f"s{i}", site.state_dict(), counts, len(images)))
+    merged = merge_updates(model.state_dict(), updates)
+
+    pooled = build_model("tiny_unet", 5)
+    pooled.load_state_dict(model.state_dict())
+    exact_bn_statistics(pooled, torch.cat(data).split(3), BNStatsConfig(mode="eval"))
+    expected = pooled.state_dict()
+    for layer in bn_layer_names(expected):
+        for leaf in ("running_mean", "running_var"):
+            key = f"{layer}.{leaf}"
+            torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6)
+    for key, value in model.state_dict().items():
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-7)
+
+
+def test_gaussian_merge_matches_closed_form():
+    torch.manual_seed(2)
+    net = _bn_net()
+    states, counts = [], []
+    for k in range(3):
+        s = {key: v.clone() for key, v in net.state_dict().items()}
+        s["1.running_mean"] = torch.randn(4)
+        s["1.running_var"] = torch.rand(4) + 0.1
+        states.append(s)
+        counts.append({"1": torch.full((4,), 100 * (k + 1), dtype=torch.int64), "4": torch.full((2,), 7)})
+    updates = [_site(f"s{k}", s, c) for k, (s, c) in enumerate(zip(states, counts, strict=True))]
+    merged = merge_updates(net.state_dict(), updates)
+    n = torch.tensor([100.0, 200.0, 300.0]).view(3, 1)
+    mus = torch.stack([s["1.running_mean"] for s in states]).double()
+    vars_ = torch.stack([s["1.running_var"] for s in states]).double()
+    mu = (n * mus).sum(0) / n.sum()
+    var = (n * (vars_ + (mus - mu) ** 2)).sum(0) / n.sum()
+    torch.testing.assert_close(merged["1.running_mean"], mu.float())
+    torch.testing.assert_close(merged["1.running_var"], var.float())
+
+
+def test_average_mode_differs_from_gaussian_by_between_site_term():
+    net = _bn_net()
+    states = []
+    for k in range(2):
+        s = {key: v.clone() for key, v in net.state_dict().items()}
+        s["1.running_mean"] = torch.full((4,), float(k * 2))
+        s["1.running_var"] = torch.ones(4)
+        states.append(s)
+    counts = {"1": torch.full((4,), 10), "4": torch.full((2,), 10)}
+    ups = [_site(f"s{k}", s, counts) for k, s in enumerate(states)]
+    gauss = merge_updates(net.state_dict(), ups, buffer_mode="gaussian")
+    avg = merge_updates(net.state_dict(), ups, buffer_mode="average")
+    # means 0 and 2, equal counts: between-site variance is 1
+    torch.testing.assert_close(gauss["1.running_var"] - avg["1.running_var"], torch.ones(4))
+    torch.testing.assert_close(gauss["1.running_mean"], avg["1.running_mean"])
+
+
+def test_reference_and_first_modes():
+    net = _bn_net()
+    a = {k: v.clone() for k, v in net.state_dict().items()}
+    b = {k: v.clone() for k, v in net.state_dict().items()}
+    a["1.running_mean"], b["1.running_mean"] = torch.zeros(4), torch.ones(4)
+    a["1.num_batches_tracked"], b["1.num_batches_tracked"] = torch.tensor(1), torch.tensor(3)
+    counts = {"1": torch.full((4,), 1000), "4": torch.full((2,), 1000)}
+    ref = merge_updates(net.state_dict(), [_site("a", a, counts), _site("b", b, counts)], buffer_mode="reference")
+    torch.testing.assert_close(ref["1.running_mean"], torch.full((4,), 0.75))
+    assert int(ref["1.num_batches_tracked"]) == 4
+    first = merge_updates(net.state_dict(), [_site("a", a, counts), _site("b", b, counts)], buffer_mode="first")
+    torch.testing.assert_close(first["1.running_mean"], torch.zeros(4))
+
+
+def test_parameter_weighting_modes():
+    net = _bn_net()
+    a = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    b = {k: torch.ones_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    counts = {"1": torch.full((4,), 5), "4": torch.full((2,), 5)}
+    ua, ub = _site("a", a, counts, n=1), _site("b", b, counts, n=3)
+    uniform = merge_updates(net.state_dict(), [ua, ub])
+    assert torch.allclose(uniform["0.weight"], torch.full_like(uniform["0.weight"], 0.5))
+    by_count = merge_updates(net.state_dict(), [ua, ub], param_weighting="counts")
+    assert torch.allclose(by_count["0.weight"], torch.full_like(by_count["0.weight"], 0.75))
+    explicit = merge_updates(net.state_dict(), [ua, ub], param_weighting="explicit", weights=[3.0, 1.0])
+    assert torch.allclose(explicit["0.weight"], torch.full_like(explicit["0.weight"], 0.25))
+
+
+def test_accumulator_is_order_independent_bitwise():
+    torch.manual_seed(3)
+    net = _bn_net()
+    ups = []
+    for k in range(5):
+        s = {key: (v + torch.randn_like(v)) if v.is_floating_point() else v for key, v in net.state_dict().items()}
+        s = {key: v.abs() if key.endswith("running_var") else v for key, v in s.items()}
+        ups.append(_site(f"s{k}", s, {"1": torch.full((4,), 10 + k), "4": torch.full((2,), 3 + k)}))
+    forward = merge_updates(net.state_dict(), ups, param_weighting="counts")
+    backward = merge_updates(net.state_dict(), ups[::-1], param_weighting="counts")
+    for key in forward:
+        assert torch.equal(forward[key], backward[key]), key
+
+
+def test_merge_keeps_dtypes_and_sums_num_batches_tracked():
+    net = _bn_net()
+    counts = {"1": torch.full((4,), 5), "4": torch.full((2,), 5)}
+    state = net.state_dict()
+    state["1.num_batches_tracked"] = torch.tensor(7)
+    merged = merge_updates(state, [_site("a", state, counts), _site("b", state, counts)])
+    assert merged["1.num_batches_tracked"].dtype == torch.int64 and int(merged["1.num_batches_tracked"]) == 14
+    assert all(merged[k].dtype == v.dtype for k, v in state.items())
+
+
+def test_empty_accumulator_refuses():
+    acc = MergeAccumulator(_bn_net().state_dict())
+    try:
+        acc.result()
+    except ValueError as exc:
+        assert "no site update" in str(exc)
+    else:
+        raise AssertionError("an empty merge must fail")
+
+
+def test_batch_mode_sums_split_over_batches_add_up():
+    """Sums from two halves add to the sums of the whole when batching is kept."""
+    model = build_model("tiny_unet", 3)
+    images = torch.rand(8, 3, 16, 16)
+    whole = collect_bn_sums(model, images.split(4))
+    a = collect_bn_sums(model, images[:4].split(4))
+    b = collect_bn_sums(model, images[4:].split(4))
+    for layer, s in whole.items():
+        torch.testing.assert_close((a[layer] + b[layer]).sum, s.sum)
+        assert torch.equal((a[layer] + b[layer]).count, s.count)
+
+
+def test_adabn_site_update_carries_exact_counts(tiny_target):
+    model = build_model("tiny_unet", 9)
+    update = adapt_site(model, tiny_target, SiteJob(domain="fog", batch_size=4))
+    layer = bn_layer_names(update.buffers)[0]
+    h, w = tiny_target[0][0].shape[-2:]
+    assert int(update.counts[layer][0]) == len(tiny_target) * h * w
+    assert update.num_examples == len(tiny_target)
+    assert 0.0 <= update.metrics["confident-fraction"] <= 1.0

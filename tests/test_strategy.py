@@ -1,0 +1,136 @@
+"""The one-shot strategy on replies built by hand: refusals, min-sites, streaming order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from common.merging import SiteUpdate, merge_updates, split_state
+from common.models import build_model
+from server.config import MergeConfig
+from server.strategy import MinSitesNotMet, OneShotMerge
+from tests.fakes import FakeGrid, error_reply, reply_of
+
+
+def _update(site: str, seed: int) -> SiteUpdate:
+    torch.manual_seed(seed)
+    model = build_model("tiny_unet", 4)
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = {k: v.abs() if k.endswith("running_var") else v for k, v in state.items()}
+    params, buffers = split_state(state)
+    layers = [k[: -len(".running_mean")] for k in buffers if k.endswith(".running_mean")]
+    counts = {
+        layer: torch.full((buffers[f"{layer}.running_mean"].numel(),), 100 + seed, dtype=torch.int64)
+        for layer in layers
+    }
+    return SiteUpdate(site, params, buffers, counts, 10 + seed, {"mean-entropy": 0.5})
+
+
+@pytest.fixture()
+def template():
+    return build_model("tiny_unet", 4).state_dict()
+
+
+def _first_bn(update: SiteUpdate) -> str:
+    return next(k[: -len(".running_mean")] for k in update.buffers if k.endswith(".running_mean"))
+
+
+def _corrupt(kind: str, update: SiteUpdate) -> str:
+    """Break ``update`` in one way; return the tensor name the refusal must mention."""
+    layer = _first_bn(update)
+    if kind == "nan":
+        key = next(iter(update.params))
+        update.params[key] = update.params[key].clone()
+        update.params[key].view(-1)[0] = float("nan")
+        return key
+    if kind == "shape":
+        key = next(iter(update.params))
+        update.params[key] = torch.zeros(3, 3)
+        return key
+    if kind == "missing":
+        key = list(update.params)[-1]
+        del update.params[key]
+        return key
+    if kind == "negative-variance":
+        key = f"{layer}.running_var"
+        update.buffers[key] = update.buffers[key].clone()
+        update.buffers[key][0] = -1.0
+        return key
+    if kind == "zero-count":
+        update.counts[layer] = torch.zeros_like(update.counts[layer])
+        return f"{layer}.num_samples"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "missing", "negative-variance", "zero-count"])
+def test_bad_update_is_refused_naming_site_and_tensor_and_merge_goes_on(kind, template):
+    good = [_update("day", 1), _update("dusk", 2)]
+    bad = _update("night", 3)
+    tensor = _corrupt(kind, bad)
+    strategy = OneShotMerge(MergeConfig(min_sites=2), template)
+    arrays, _ = strategy.aggregate_train(1, [reply_of(good[0], 11), reply_of(bad, 13), reply_of(good[1], 12)])
+    refused = strategy.report.incidents_of("refused")
+    assert len(refused) == 1 and refused[0].node_id == 13
+    assert "night" in refused[0].reason and tensor in refused[0].reason
+    assert [s.domain for s in strategy.report.sites] == ["day", "dusk"]
+    expected = merge_updates(template, good)
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_min_sites_not_met_is_a_clear_error(template):
+    bad = _update("night", 3)
+    _corrupt("nan", bad)
+    strategy = OneShotMerge(MergeConfig(min_sites=2), template)
+    with pytest.raises(MinSitesNotMet, match="min-sites is 2"):
+        strategy.aggregate_train(1, [reply_of(_update("day", 1), 1), reply_of(bad, 2), error_reply(3, 2, "boom")])
+    assert [i.kind for i in strategy.report.incidents] == ["refused", "failed"]
+    assert "boom" in strategy.report.incidents[1].reason
+
+
+def test_refused_reply_mid_stream_leaves_sums_untouched(template):
+    ups = [_update(f"s{i}", i) for i in range(4)]
+    bad = _update("bad", 9)
+    _corrupt("negative-variance", bad)
+    clean = OneShotMerge(MergeConfig(min_sites=1), template)
+    for i, u in enumerate(ups):
+        clean.receive(reply_of(u, i), i)
+    with_bad = OneShotMerge(MergeConfig(min_sites=1), template)
+    for i, u in enumerate([*ups[:2], bad, *ups[2:]]):
+        with_bad.receive(reply_of(u, i), i)
+    a, b = clean.accumulator.result(), with_bad.accumulator.result()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streaming_merge_is_bit_identical_to_all_at_once_in_any_order(seed, template):
+    ups = [_update(f"s{i}", i) for i in range(5)]
+    grid = FakeGrid({100 + i: reply_of(u) for i, u in enumerate(ups)}, per_pull=2, seed=seed)
+    strategy = OneShotMerge(MergeConfig(min_sites=5, poll_interval=0.0), template)
+    result = strategy.start(grid, ArrayRecord(template))
+    merged = result.arrays.to_torch_state_dict()
+    expected = merge_updates(template, ups)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert sorted(s.domain for s in strategy.report.sites) == [u.site for u in ups]
+
+
+def test_silent_site_is_recorded_as_timeout(template):
+    grid = FakeGrid({1: reply_of(_update("a", 1)), 2: reply_of(_update("b", 2)), 3: None})
+    strategy = OneShotMerge(MergeConfig(min_sites=2, timeout=0.5, poll_interval=0.05), template)
+    strategy.start(grid, ArrayRecord(template))
+    timeouts = strategy.report.incidents_of("timeout")
+    assert [t.node_id for t in timeouts] == [3]
+
+
+def test_counts_weighting_and_report_entries(template):
+    ups = [_update("a", 1), _update("b", 5)]
+    strategy = OneShotMerge(MergeConfig(min_sites=2, param_weighting="counts"), template)
+    arrays, metrics = strategy.aggregate_train(1, [reply_of(u, i) for i, u in enumerate(ups)])
+    expected = merge_updates(template, ups, param_weighting="counts")
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert metrics["num-examples"] == 11 + 15
+    entry = strategy.report.sites[0]
+    assert entry.num_examples == 11 and entry.bytes_received > 0
+    assert set(entry.manifest) == {"params", "buffers", "counts", "info", "metrics"}

@@ -39,11 +39,19 @@ def report_table(report: Mapping[str, Any]) -> str:
                 [[p["node_id"], p["domain"], p["kind"], p["reason"]] for p in problems],
             )
         )
-    ev = report.get("eval") or {}
-    if ev:
-        domains = list(ev["per_domain"])
-        row = [100 * (ev["per_domain"][d] or float("nan")) for d in domains] + [
-            100 * (ev["harmonic_mean"] or float("nan"))
-        ]
-        parts.append(markdown_table(["merged model mIoU (%)", *domains, "H"], [["merged", *row]]))
+    rows = [_eval_row(name, report.get(key) or {}) for name, key in (("start", "eval_initial"), ("merged", "eval"))]
+    rows = [r for r in rows if r]
+    if rows:
+        domains = list(report["eval"]["per_domain"])
+        parts.append(markdown_table(["model (mIoU %)", *domains, "H"], rows))
     return "\n\n".join(parts)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _eval_row(name: str, ev: Mapping[str, Any]) -> list[Any]:
+    if not ev:
+        return []
+    return [name, *[_pct(v) for v in ev["per_domain"].values()], _pct(ev["harmonic_mean"])]

@@ -54,6 +54,7 @@ class ServerConfig:
     eval_specs: dict[str, DataSpec]
     save_updates: bool = False
     batch_size: int = 8
+    seed: int = 0
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerConfig:
@@ -81,6 +82,7 @@ class ServerConfig:
             eval_specs=_eval_specs(config),
             save_updates=bool(config.get("save-updates", False)),
             batch_size=int(config.get("batch-size", 8)),
+            seed=int(config.get("seed", 0)),
         )
 
     def describe(self) -> dict[str, Any]:

@@ -40,7 +40,8 @@ class MergeReport:
     incidents: list[Incident] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     recalibration: dict[str, Any] = field(default_factory=dict)
-    eval: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)  # the merged model
+    eval_initial: dict[str, Any] = field(default_factory=dict)  # the model every site started from
     status: str = "running"
     error: str = ""
     _clock: dict[str, float] = field(default_factory=dict, repr=False)

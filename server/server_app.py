@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
@@ -60,6 +61,7 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     """The whole server side of a run; framework objects stay in here and the strategy."""
     config.out_dir.mkdir(parents=True, exist_ok=True)
     report = MergeReport(config=config.describe())
+    torch.manual_seed(config.seed)  # without initial weights, a seeded random start keeps runs comparable
     template = build_model(config.arch, config.num_classes, weights=config.initial_weights or None).state_dict()
     saver = _update_saver(config) if config.save_updates else None
     strategy = OneShotMerge(config.merge, template, report, saver)
@@ -78,6 +80,9 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     if config.eval_specs:
         report.start("evaluation")
         report.eval = evaluate_state(merged, config.arch, config.num_classes, config.eval_specs, config.batch_size)
+        report.eval_initial = evaluate_state(
+            template, config.arch, config.num_classes, config.eval_specs, config.batch_size
+        )
         report.stop("evaluation")
     report.status = "ok"
     report.write(config.out_dir / REPORT_FILE)

@@ -1,0 +1,82 @@
+"""Real Flower simulations (SuperLink + flwr run) of the tiny preset: the spine end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.merging import bn_layer_names, split_state
+from common.models import build_model
+from fedmerge.cli import main as cli_main
+from fedmerge.simulation import SimulationPlan, run_simulation
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gaussian_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sim-gaussian")
+    run_simulation(SimulationPlan.preset("tiny"), out, {"save-updates": True})
+    return out
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_three_site_simulation_reports_counts_and_per_domain_miou(gaussian_run):
+    report = _report(gaussian_run)
+    assert report["status"] == "ok"
+    assert sorted(s["domain"] for s in report["sites"]) == ["fog", "night", "rain"]
+    for site in report["sites"]:
+        assert site["num_examples"] == 6
+        assert site["bn_values"] == 6 * 32 * 48  # first BN layer sees every pixel of every image
+    ev = report["eval"]
+    assert set(ev["per_domain"]) == {"fog", "night", "rain"}
+    assert all(0.0 <= v <= 1.0 for v in ev["per_domain"].values())
+    values = list(ev["per_domain"].values())
+    assert ev["harmonic_mean"] == pytest.approx(len(values) / sum(1 / v for v in values))
+
+
+def test_every_reply_holds_only_parameters_buffers_counts_scalars_and_domain(gaussian_run):
+    report = _report(gaussian_run)
+    model_state = build_model("tiny_unet", 9).state_dict()
+    params, buffers = split_state(model_state)
+    layers = bn_layer_names(model_state)
+    for site in report["sites"]:
+        m = site["manifest"]
+        assert set(m) == {"params", "buffers", "counts", "info", "metrics"}
+        assert m["params"]["type"] == "ArrayRecord" and m["params"]["keys"] == sorted(params)
+        assert m["buffers"]["type"] == "ArrayRecord" and m["buffers"]["keys"] == sorted(buffers)
+        assert m["counts"]["keys"] == sorted(["num-examples", *[f"bn:{layer}" for layer in layers]])
+        assert set(m["counts"]["value_types"]) <= {"int", "list"}
+        assert m["info"]["items"] == {"domain": site["domain"], "method": "adabn"}
+        assert m["metrics"]["value_types"] == ["float"]
+
+
+def test_cli_merge_of_received_updates_is_bit_identical_to_the_strategy(gaussian_run, tmp_path):
+    updates = sorted((gaussian_run / "updates").glob("*.safetensors"))
+    assert [p.stem for p in updates] == ["fog", "night", "rain"]
+    out = tmp_path / "cli-merged.safetensors"
+    assert cli_main(["merge", *map(str, updates), "--out", str(out)]) == 0
+    ours, theirs = load_file(str(out)), load_file(str(gaussian_run / "merged.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_recalibration_round_replaces_bn_statistics_only(gaussian_run, tmp_path):
+    run_simulation(SimulationPlan.preset("tiny"), tmp_path, {"recalibrate": True})
+    report = _report(tmp_path)
+    assert report["recalibration"]["applied"] is True
+    assert sorted(report["recalibration"]["sites"]) == ["fog", "night", "rain"]
+    plain, recal = load_file(str(gaussian_run / "merged.safetensors")), load_file(str(tmp_path / "merged.safetensors"))
+    stats = [k for k in plain if k.endswith(("running_mean", "running_var"))]
+    assert any(not torch.equal(plain[k], recal[k]) for k in stats)
+    for key in plain:
+        if key not in stats:
+            assert torch.equal(plain[key], recal[key]), key

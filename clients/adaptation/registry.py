@@ -93,4 +93,8 @@ def _load_builtin_methods() -> None:
         importlib.import_module(module)
 
 
-BUILTIN_METHOD_MODULES = ["clients.adaptation.adabn"]
+BUILTIN_METHOD_MODULES = [
+    "clients.adaptation.adabn",
+    "clients.adaptation.tent",
+    "clients.adaptation.selftrain",
+]

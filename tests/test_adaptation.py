@@ -1,0 +1,293 @@
+"""Local adaptation methods and their shared pieces, on a tiny U-Net and tiny images."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clients.adaptation import AdaptContext, get_method, make_config
+from clients.adaptation.ema import EMATeacher, ema_alpha
+from clients.adaptation.loop import TrainState, run_training
+from clients.adaptation.losses import (
+    focal_entropy,
+    negative_label_loss,
+    normalized_entropy,
+    pseudo_labels,
+    weighted_cross_entropy,
+    weighted_diversity,
+)
+from clients.adaptation.mixing import StrongAugment, class_mix, class_mix_mask
+from clients.adaptation.optim import Schedule, build_optimizer
+from clients.adaptation.sampling import RareClassSampler
+from common.data import IGNORE, DataSpec, build_dataset
+from common.models import build_model
+
+SIZE = (32, 48)
+NUM_CLASSES = 9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Two cores are shared with other jobs: one thread is faster than two fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def source_set():
+    return build_dataset(DataSpec(kind="synthetic", domain="source", num_images=8, size=SIZE))
+
+
+@pytest.fixture(scope="module")
+def target_set():
+    return build_dataset(DataSpec(kind="synthetic", domain="fog", num_images=4, size=SIZE))
+
+
+@pytest.fixture(scope="module")
+def source_state(source_set):
+    """A briefly pretrained tiny U-Net: its predictions carry some signal to adapt."""
+    from common.pretrain import PretrainConfig, train_segmenter
+
+    torch.manual_seed(0)
+    model = build_model("tiny_unet", NUM_CLASSES)
+    train_segmenter(
+        model, source_set, PretrainConfig(arch="tiny_unet", steps=40, batch_size=8, lr=1e-2, progress=False)
+    )
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _model(state: dict, arch: str = "tiny_unet") -> torch.nn.Module:
+    model = build_model(arch, NUM_CLASSES)
+    model.load_state_dict(state)
+    return model
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def test_ema_alpha_follows_the_schedule_and_cap():
+    assert ema_alpha(0, 0.999) == 0.0
+    assert ema_alpha(3, 0.999) == pytest.approx(0.75)
+    assert ema_alpha(10**6, 0.999) == pytest.approx(0.999)
+
+
+def test_ema_update_averages_parameters_and_leaves_buffers():
+    torch.manual_seed(0)
+    student = build_model("tiny_unet", 3)
+    teacher = EMATeacher(student, max_alpha=0.999)
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+        for name, buf in student.named_buffers():
+            if "running_mean" in name:
+                buf.add_(5.0)
+    alpha = teacher.update(student, step=3)
+    assert alpha == pytest.approx(0.75)
+    s_params = dict(student.named_parameters())
+    for name, p in teacher.model.named_parameters():
+        torch.testing.assert_close(p, 0.75 * before[name] + 0.25 * s_params[name])
+    for name, buf in teacher.model.state_dict().items():
+        if "running_mean" in name:
+            torch.testing.assert_close(buf, before[name])  # BN statistics are the teacher's own
+    teacher.update(student, step=0)  # alpha_0 = 0: the teacher becomes the student
+    for name, p in teacher.model.named_parameters():
+        torch.testing.assert_close(p, s_params[name])
+
+
+def test_pseudo_label_weight_is_the_confident_fraction_per_image():
+    # Image 0: top probabilities 0.99, 0.968 (counts: ≥), 0.6 (class 1), 0.9 -> 2 of 4. Image 1: all 0.98 -> 1.
+    top = torch.tensor([[0.99, 0.968], [0.4, 0.9]])
+    probs0 = torch.stack([top, 1 - top])
+    probs1 = torch.stack([torch.full((2, 2), 0.02), torch.full((2, 2), 0.98)])
+    labels, weights = pseudo_labels(torch.stack([probs0, probs1]), threshold=0.968)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 1.0]))
+    assert labels[0].tolist() == [[0, 0], [1, 0]]
+    assert labels[1].eq(1).all()
+
+
+def test_weighted_cross_entropy_counts_ignored_pixels_as_zero():
+    logits = torch.zeros(1, 2, 1, 2)
+    labels = torch.tensor([[[0, IGNORE]]])
+    loss = weighted_cross_entropy(logits, labels, torch.tensor([0.5]))
+    assert loss.item() == pytest.approx(0.5 * math.log(2) / 2)
+
+
+def test_class_mix_label_is_source_under_the_mask_and_pseudo_label_elsewhere():
+    gen = torch.Generator().manual_seed(3)
+    src_label = torch.tensor([[0, 0, 1, 1], [2, 2, 3, IGNORE]]).unsqueeze(0)
+    src_image = torch.ones(1, 3, 2, 4)
+    tgt_image = torch.zeros(1, 3, 2, 4)
+    pseudo = torch.full((1, 2, 4), 7)
+    mixed = class_mix(src_image, src_label, tgt_image, pseudo, torch.tensor([0.3]), gen)
+    mask = mixed.masks[0]
+    chosen = set(src_label[0][mask].tolist())
+    assert len(chosen) == 2  # half of the 4 present classes, ignore excluded
+    assert mask.eq(torch.isin(src_label[0], torch.tensor(sorted(chosen)))).all()  # whole classes only
+    assert mixed.labels[0][mask].eq(src_label[0][mask]).all()
+    assert mixed.labels[0][~mask].eq(7).all()
+    assert mixed.images[0][:, mask].eq(1).all() and mixed.images[0][:, ~mask].eq(0).all()
+    assert mixed.weights[0][mask].eq(1).all()
+    torch.testing.assert_close(mixed.weights[0][~mask], torch.full(((~mask).sum(),), 0.3))
+
+
+def test_class_mix_mask_of_an_all_ignore_label_is_empty():
+    assert not class_mix_mask(torch.full((3, 3), IGNORE), torch.Generator()).any()
+
+
+def test_strong_augment_keeps_range_and_shape_and_repeats_with_the_seed():
+    images = torch.rand(2, 3, 20, 30)
+    aug = StrongAugment(jitter_prob=1.0, blur_prob=1.0)
+    a = aug(images, torch.Generator().manual_seed(1))
+    b = aug(images, torch.Generator().manual_seed(1))
+    assert a.shape == images.shape and a.min() >= 0 and a.max() <= 1
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, images)
+
+
+def test_focal_entropy_value_on_a_known_input():
+    # Two pixels over C=2 classes: uniform (H=1) and certain (H=0): (1-H)^gamma·H is 0 for both;
+    # a pixel at p=(0.9, 0.1) has H = h(0.9)/log 2 and contributes (1-H)^5·H.
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2)
+    probs = torch.tensor([[0.5, 1.0, 0.9], [0.5, 0.0, 0.1]]).view(1, 2, 1, 3)
+    assert normalized_entropy(probs)[0, 0].tolist() == pytest.approx([1.0, 0.0, h], abs=1e-6)
+    assert focal_entropy(probs, gamma=5.0).item() == pytest.approx((1 - h) ** 5 * h / 3, rel=1e-5)
+
+
+def test_weighted_diversity_is_high_for_spread_and_low_for_collapsed_predictions():
+    spread = torch.eye(4).view(1, 4, 2, 2)  # four certain pixels, one per class
+    collapsed = torch.zeros(1, 4, 2, 2)
+    collapsed[:, 0] = 1
+    assert weighted_diversity(spread).item() == pytest.approx(1.0, abs=1e-6)
+    assert weighted_diversity(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_negative_label_loss_value_on_a_known_input():
+    # Reference (teacher) 0.9/0.08/0.02: only class 2 is below 0.04; student puts 0.3 on it.
+    reference = torch.tensor([0.9, 0.08, 0.02]).view(1, 3, 1, 1)
+    student = torch.tensor([0.5, 0.2, 0.3]).view(1, 3, 1, 1)
+    assert negative_label_loss(student, reference, 0.04).item() == pytest.approx(-math.log(0.7), rel=1e-6)
+    assert negative_label_loss(student, reference, 0.01).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_rare_class_sampling_prefers_rare_classes(source_set):
+    sampler = RareClassSampler(source_set, NUM_CLASSES, temperature=0.01)
+    freq = sampler.frequencies
+    rarest = int(torch.where(sampler.class_probs > 0, freq, torch.inf).argmin())
+    assert sampler.class_probs[rarest] == sampler.class_probs.max()
+    picks = sampler.sample(16, torch.Generator().manual_seed(0))
+    assert all(0 <= i < len(source_set) for i in picks)
+
+
+def test_optimizer_gives_the_head_ten_times_the_rate_and_skips_frozen_parameters():
+    model = build_model("tiny_unet", 3)
+    model.final_layer().requires_grad_(False)
+    opt = build_optimizer(model, lr=1e-4, head_lr_mult=10.0)
+    rates = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert id(model.final_layer().weight) not in rates
+    head = [p for p in model.head_parameters() if p.requires_grad]
+    assert all(rates[id(p)] == pytest.approx(1e-3) for p in head)
+    assert all(rates[id(p)] == pytest.approx(1e-4) for p in model.backbone_parameters())
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    s = Schedule(steps=100, warmup=10)
+    assert s.factor(0) == pytest.approx(0.1) and s.factor(9) == pytest.approx(1.0)
+    assert s.factor(50) == pytest.approx(0.5) and s.factor(100) == 0.0
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _toy_state(seed: int = 0) -> TrainState:
+    torch.manual_seed(seed)
+    model = build_model("tiny_unet", 3)
+    return TrainState(model, build_optimizer(model, lr=1e-3), EMATeacher(model))
+
+
+def _toy_step(state: TrainState, calls: list[int], crash_at: int | None = None):
+    def step(t: int, gen: torch.Generator) -> dict[str, float]:
+        if t == crash_at:
+            raise RuntimeError("simulated crash")
+        calls.append(t)
+        x = torch.rand(2, 3, 16, 16, generator=gen)
+        loss = state.model(x).pow(2).mean()
+        state.optimizer.zero_grad()
+        loss.backward()
+        state.optimizer.step()
+        state.teacher.update(state.model, t)
+        return {"loss": loss.item()}
+
+    return step
+
+
+def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(tmp_path):
+    schedule = Schedule(steps=6, warmup=2)
+    ref = _toy_state()
+    run_training(ref, _toy_step(ref, []), schedule, AdaptContext(progress=False), name="toy", config="c", num_target=1)
+
+    ctx = AdaptContext(progress=False, checkpoint_dir=str(tmp_path))
+    crashed = _toy_state()
+    calls: list[int] = []
+    with pytest.raises(RuntimeError):
+        run_training(crashed, _toy_step(crashed, calls, crash_at=4), schedule, ctx,
+                     name="toy", config="c", num_target=1, checkpoint_every=3)  # fmt: skip
+    assert calls == [0, 1, 2, 3]
+
+    resumed = _toy_state()  # a fresh process: the same starting weights, nothing else
+    calls = []
+    run_training(resumed, _toy_step(resumed, calls), schedule, ctx, name="toy", config="c", num_target=1,
+                 checkpoint_every=3)  # fmt: skip
+    assert calls == [3, 4, 5]  # the checkpoint was taken after step 2
+    for (name, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    for a, b in zip(ref.teacher.model.parameters(), resumed.teacher.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_different_config_does_not_resume(tmp_path):
+    ctx = AdaptContext(progress=False, checkpoint_dir=str(tmp_path))
+    state = _toy_state()
+    run_training(state, _toy_step(state, []), Schedule(steps=2), ctx, name="toy", config="a", num_target=1)
+    other = _toy_state()
+    calls: list[int] = []
+    run_training(other, _toy_step(other, calls), Schedule(steps=2), ctx, name="toy", config="b", num_target=1)
+    assert calls == [0, 1]
+
+
+# ---------------------------------------------------------------- methods
+
+
+def _adapt(name: str, state: dict, target, options: dict, source=None, arch: str = "tiny_unet"):
+    model = _model(state, arch)
+    method = get_method(name)
+    context = AdaptContext(source=source, progress=False)
+    method.adapt(model, target, context, make_config(method, options))
+    return model, context.metrics
+
+
+def test_tent_lowers_entropy_and_changes_only_bn_affine_parameters(source_state, target_set):
+    model, metrics = _adapt("tent", source_state, target_set, {"steps": 12, "batch_size": 4, "lr": 1e-2})
+    assert metrics["train-loss"] < metrics["train-loss-start"]
+    for name, value in model.state_dict().items():
+        if name.endswith(".weight") and value.dim() == 4:  # convolutions stay at the source weights
+            torch.testing.assert_close(value, source_state[name])
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_selftrain_lowers_its_pseudo_label_cross_entropy(source_state, target_set, bn):
+    """The weighted loss may rise as the weights (confidence) grow; the CE to the labels falls."""
+    options = {"steps": 12, "batch_size": 4, "lr": 1e-3, "threshold": 0.6, "warmup": 0, "bn": bn}
+    _, metrics = _adapt("selftrain", source_state, target_set, options)
+    assert metrics["train-confident"] > 0
+    assert metrics["train-ce"] < 0.8 * metrics["train-ce-start"]
+
+
+def test_unknown_bn_mode_is_rejected():
+    with pytest.raises(ValueError, match="bn mode"):
+        make_config(get_method("selftrain"), {"bn": "sometimes"})

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmerge.cli import CommandError
 from fedmerge.runtime import simulation_env
 
 __all__ = ["PRESETS_DIR", "SimulationPlan", "list_presets", "run_simulation"]
@@ -21,6 +22,10 @@ __all__ = ["PRESETS_DIR", "SimulationPlan", "list_presets", "run_simulation"]
 log = logging.getLogger(__name__)
 PRESETS_DIR = Path(__file__).parent / "presets"
 SOURCE_CHECKPOINT = "source.safetensors"
+
+
+class SimulationFailed(CommandError):
+    """The Flower run did not produce a merged model; the message carries its last log lines."""
 
 
 @dataclass(frozen=True)
@@ -97,16 +102,16 @@ def run_simulation(plan: SimulationPlan, out_dir: Path, overrides: dict[str, Any
     run_config = {**plan.run_config, **(overrides or {}), "out-dir": str(out_dir)}
     if plan.pretrain is not None and not run_config.get("initial-weights"):
         run_config["initial-weights"] = _source_weights(plan, out_dir)
-        run_config.setdefault("arch", plan.pretrain.arch)
+        run_config["arch"] = plan.pretrain.arch
     timeout = float(run_config.get("timeout", 600.0)) * (3 if run_config.get("recalibrate") else 2) + 120
     report_path = out_dir / "report.json"
     report_path.unlink(missing_ok=True)  # never mistake an earlier run's report for this one's
     with simulation_env(out_dir / ".flwr", plan.num_sites) as (env, connection):
         result = env.run_app(connection, run_config, timeout=timeout)
-        if result.returncode != 0 or not report_path.exists():
-            tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
-            raise RuntimeError(f"simulation failed (flwr run exit {result.returncode}); last lines:\n{tail}")
-    report = json.loads(report_path.read_text())
-    if report.get("status") != "ok":
-        raise RuntimeError(f"simulation ended with status {report.get('status')!r}: {report.get('error')}")
-    return report
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    if report.get("status") == "ok":
+        return report
+    if report:
+        raise SimulationFailed(f"simulation ended with status {report.get('status')!r}: {report.get('error')}")
+    tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
+    raise SimulationFailed(f"simulation failed (flwr run exit {result.returncode}); last lines:\n{tail}")

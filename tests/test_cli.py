@@ -1,0 +1,50 @@
+"""The command line: evaluate, simulate, and one clear error for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.checkpoints import save_checkpoint
+from common.data import dataset_classes
+from common.models import build_model
+from fedmerge.cli import main as cli_main
+
+FOG = "synthetic:?domain=fog&n=4&size=32x48&seed=5"
+NIGHT = "synthetic:?domain=night&n=4&size=32x48&seed=5"
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_model("tiny_unet", 9), path, "tiny_unet", dataset_classes("synthetic"))
+    return path
+
+
+def test_evaluate_writes_per_domain_miou_and_h(checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert cli_main(["evaluate", str(checkpoint), "--data", FOG, "--data", NIGHT, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["results"][str(checkpoint)]
+    fog, night = result["per_domain"]["fog"], result["per_domain"]["night"]
+    assert result["harmonic_mean"] == pytest.approx(2 / (1 / fog + 1 / night))
+    assert result["num_images"] == {"fog": 4, "night": 4}
+    assert "| tiny.safetensors |" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_checkpoint_of_the_wrong_kind(tmp_path, capsys):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a checkpoint")
+    assert cli_main(["evaluate", str(bogus), "--data", FOG]) == 2
+    err = capsys.readouterr().err
+    assert "bogus.safetensors" in err and err.count("\n") == 1
+
+
+def test_unknown_preset_is_one_clear_error(tmp_path, capsys):
+    assert cli_main(["simulate", "--out-dir", str(tmp_path), "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_bad_merge_option_is_one_clear_error(tmp_path, capsys):
+    assert cli_main(["merge", "a", "b", "--out", str(tmp_path / "m"), "--weights", "1,x"]) == 2
+    assert "--weights" in capsys.readouterr().err

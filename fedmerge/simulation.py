@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.checkpoints import save_checkpoint
+from common.data import DataSpec, dataset_classes
+from common.pretrain import PretrainConfig, pretrain
 from fedmerge.cli import CommandError
 from fedmerge.runtime import simulation_env
 
@@ -77,11 +80,6 @@ def list_presets() -> list[str]:
 
 def _source_weights(plan: SimulationPlan, out_dir: Path) -> str:
     """Pretrain the shared source model once per output folder."""
-    from common.checkpoints import save_checkpoint
-    from common.pretrain import PretrainConfig, pretrain
-
-    from common.data import DataSpec, dataset_classes
-
     assert plan.pretrain is not None
     path = out_dir / SOURCE_CHECKPOINT
     if path.exists():

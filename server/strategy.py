@@ -39,6 +39,10 @@ def _nbytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.values() if isinstance(rec, ArrayRecord))
 
 
+def _message(content: RecordDict, message_type: str, node_id: int, group_id: str) -> Message:
+    return Message(content=content, dst_node_id=node_id, message_type=message_type, group_id=group_id)
+
+
 def pool_bn_sums(pooled: dict[str, BNSums], sums: Mapping[str, BNSums], layers: list[str], site: str) -> None:
     """Check one site's recalibration sums, then add them to ``pooled``."""
     for layer in layers:
@@ -85,7 +89,7 @@ class OneShotMerge(Strategy):
         node_ids = self._wait_for_nodes(grid)
         config["server-round"] = server_round
         content = RecordDict({"arrays": arrays, "config": config})
-        return [grid.create_message(content, MessageType.TRAIN, nid, str(server_round)) for nid in node_ids]
+        return [_message(content, MessageType.TRAIN, nid, str(server_round)) for nid in node_ids]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -228,7 +232,7 @@ class OneShotMerge(Strategy):
         config = ConfigRecord({"bn-mode": self.config.recalibrate_mode, "phase": "recalibrate"})
         content = RecordDict({"arrays": arrays, "config": config})
         nodes = [s.node_id for s in self.report.sites]
-        messages = [grid.create_message(content, MessageType.QUERY, nid, "recalibrate") for nid in nodes]
+        messages = [_message(content, MessageType.QUERY, nid, "recalibrate") for nid in nodes]
         self._stream(grid, messages, handle)
         self.report.stop("recalibration-round")
         if len(replied) < self.config.min_sites:

@@ -35,6 +35,13 @@ def error_reply(node_id: int, code: int, reason: str) -> FakeReply:
     return FakeReply(RecordDict(), node_id, error=SimpleNamespace(code=code, reason=reason))
 
 
+def fake_message(content, dst_node_id, message_type, group_id) -> SimpleNamespace:
+    """What ``server.strategy`` builds with ``flwr.app.Message`` inside a real run."""
+    return SimpleNamespace(
+        content=content, message_type=message_type, metadata=SimpleNamespace(dst_node_id=dst_node_id)
+    )
+
+
 @dataclass
 class FakeGrid:
     """Answers each pushed message with a prepared reply, a few per pull, in a shuffled order."""

@@ -10,7 +10,14 @@ from common.merging import SiteUpdate, merge_updates, split_state
 from common.models import build_model
 from server.config import MergeConfig
 from server.strategy import MinSitesNotMet, OneShotMerge
-from tests.fakes import FakeGrid, error_reply, reply_of
+from tests.fakes import FakeGrid, error_reply, fake_message, reply_of
+
+
+@pytest.fixture(autouse=True)
+def _messages_outside_a_run(monkeypatch):
+    monkeypatch.setattr(
+        "server.strategy._message", lambda content, mtype, node, group: fake_message(content, node, mtype, group)
+    )
 
 
 def _update(site: str, seed: int) -> SiteUpdate:

@@ -13,7 +13,7 @@ from common.data import DataSpec, build_dataset, make_loader
 from common.metrics import confusion_matrix, harmonic_mean, mean_iou, per_class_iou
 from common.models import build_model
 
-__all__ = ["DomainScore", "evaluate_domain", "evaluate_domains", "evaluate_state"]
+__all__ = ["DomainScore", "StateEvaluator", "evaluate_domain", "evaluate_domains", "evaluate_state"]
 
 
 @dataclass(frozen=True)
@@ -54,22 +54,31 @@ def evaluate_domains(
     return scores, harmonic_mean({d: s.miou for d, s in scores.items()})
 
 
+class StateEvaluator:
+    """Scores state dicts of one architecture on fixed labeled sets, built once and reused."""
+
+    def __init__(
+        self, arch: str, num_classes: int, specs: Mapping[str, DataSpec], batch_size: int = 8, progress: bool = False
+    ) -> None:
+        self.model = build_model(arch, num_classes)
+        self.num_classes = num_classes
+        self.loaders = {d: make_loader(build_dataset(spec), batch_size) for d, spec in specs.items()}
+        self.progress = progress
+
+    def __call__(self, state: Mapping[str, Tensor]) -> dict[str, object]:
+        """The report's ``eval`` section: per-domain mIoU (and per class) and H."""
+        self.model.load_state_dict(dict(state), strict=True)
+        scores, h = evaluate_domains(self.model, self.loaders, self.num_classes, self.progress)
+        return {
+            "per_domain": {d: s.miou for d, s in scores.items()},
+            "per_class": {d: s.per_class for d, s in scores.items()},
+            "num_images": {d: s.num_images for d, s in scores.items()},
+            "harmonic_mean": h,
+        }
+
+
 def evaluate_state(
-    state: Mapping[str, Tensor],
-    arch: str,
-    num_classes: int,
-    specs: Mapping[str, DataSpec],
-    batch_size: int = 8,
-    progress: bool = False,
+    state: Mapping[str, Tensor], arch: str, num_classes: int, specs: Mapping[str, DataSpec], batch_size: int = 8
 ) -> dict[str, object]:
-    """The report's ``eval`` section for a state dict: per-domain mIoU and H."""
-    model = build_model(arch, num_classes)
-    model.load_state_dict(dict(state), strict=True)
-    loaders = {d: make_loader(build_dataset(spec), batch_size) for d, spec in specs.items()}
-    scores, h = evaluate_domains(model, loaders, num_classes, progress)
-    return {
-        "per_domain": {d: s.miou for d, s in scores.items()},
-        "per_class": {d: s.per_class for d, s in scores.items()},
-        "num_images": {d: s.num_images for d, s in scores.items()},
-        "harmonic_mean": h,
-    }
+    """One-off scoring; build a :class:`StateEvaluator` to score several states on the same sets."""
+    return StateEvaluator(arch, num_classes, specs, batch_size)(state)

@@ -39,8 +39,10 @@ def report_table(report: Mapping[str, Any]) -> str:
                 [[p["node_id"], p["domain"], p["kind"], p["reason"]] for p in problems],
             )
         )
-    rows = [_eval_row(name, report.get(key) or {}) for name, key in (("start", "eval_initial"), ("merged", "eval"))]
-    rows = [r for r in rows if r]
+    evals = [("start", report.get("eval_initial"))]
+    evals += [(f"site {site} alone", ev) for site, ev in (report.get("eval_sites") or {}).items()]
+    evals.append(("merged", report.get("eval")))
+    rows = [r for r in (_eval_row(name, ev or {}) for name, ev in evals) if r]
     if rows:
         domains = list(report["eval"]["per_domain"])
         parts.append(markdown_table(["model (mIoU %)", *domains, "H"], rows))

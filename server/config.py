@@ -53,6 +53,7 @@ class ServerConfig:
     merge: MergeConfig
     eval_specs: dict[str, DataSpec]
     save_updates: bool = False
+    eval_sites: bool = False
     batch_size: int = 8
     seed: int = 0
 
@@ -81,6 +82,7 @@ class ServerConfig:
             merge=merge,
             eval_specs=_eval_specs(config),
             save_updates=bool(config.get("save-updates", False)),
+            eval_sites=bool(config.get("eval-sites", False)),
             batch_size=int(config.get("batch-size", 8)),
             seed=int(config.get("seed", 0)),
         )

@@ -42,6 +42,7 @@ class MergeReport:
     recalibration: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)  # the merged model
     eval_initial: dict[str, Any] = field(default_factory=dict)  # the model every site started from
+    eval_sites: dict[str, Any] = field(default_factory=dict)  # each site's own model, when asked for
     status: str = "running"
     error: str = ""
     _clock: dict[str, float] = field(default_factory=dict, repr=False)

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 from torch import Tensor
 
-from common.evaluation import evaluate_state
+from common.evaluation import StateEvaluator
 from common.merging import SiteUpdate
 from common.models import build_model
 from common.update_format import save_site_update
@@ -47,14 +47,19 @@ def _save_state(state: dict[str, Tensor], path: Path, config: ServerConfig, site
     tmp.replace(path)
 
 
-def _update_saver(config: ServerConfig):
+def _on_update(config: ServerConfig, report: MergeReport, evaluator: StateEvaluator | None):
+    """What happens to each accepted update before it is dropped: optional saving and scoring."""
     folder = config.out_dir / UPDATES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    if config.save_updates:
+        folder.mkdir(parents=True, exist_ok=True)
 
-    def save(update: SiteUpdate) -> None:
-        save_site_update(folder / f"{update.site}.safetensors", update, config.arch, config.num_classes)
+    def handle(update: SiteUpdate) -> None:
+        if config.save_updates:
+            save_site_update(folder / f"{update.site}.safetensors", update, config.arch, config.num_classes)
+        if evaluator is not None and config.eval_sites:
+            report.eval_sites[update.site] = evaluator(update.state_dict())
 
-    return save
+    return handle
 
 
 def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
@@ -63,8 +68,10 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     report = MergeReport(config=config.describe())
     torch.manual_seed(config.seed)  # without initial weights, a seeded random start keeps runs comparable
     template = build_model(config.arch, config.num_classes, weights=config.initial_weights or None).state_dict()
-    saver = _update_saver(config) if config.save_updates else None
-    strategy = OneShotMerge(config.merge, template, report, saver)
+    evaluator = None
+    if config.eval_specs:
+        evaluator = StateEvaluator(config.arch, config.num_classes, config.eval_specs, config.batch_size)
+    strategy = OneShotMerge(config.merge, template, report, _on_update(config, report, evaluator))
     try:
         result = strategy.start(grid, ArrayRecord(template))
     except MinSitesNotMet as exc:
@@ -77,12 +84,9 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
         raise
     merged = result.arrays.to_torch_state_dict()
     _save_state(merged, config.out_dir / MERGED_FILE, config, [s.domain for s in report.sites])
-    if config.eval_specs:
+    if evaluator is not None:
         report.start("evaluation")
-        report.eval = evaluate_state(merged, config.arch, config.num_classes, config.eval_specs, config.batch_size)
-        report.eval_initial = evaluate_state(
-            template, config.arch, config.num_classes, config.eval_specs, config.batch_size
-        )
+        report.eval, report.eval_initial = evaluator(merged), evaluator(template)
         report.stop("evaluation")
     report.status = "ok"
     report.write(config.out_dir / REPORT_FILE)

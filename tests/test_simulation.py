@@ -40,6 +40,7 @@ def test_three_site_simulation_reports_counts_and_per_domain_miou(gaussian_run):
     assert all(0.0 <= v <= 1.0 for v in ev["per_domain"].values())
     values = list(ev["per_domain"].values())
     assert ev["harmonic_mean"] == pytest.approx(len(values) / sum(1 / v for v in values))
+    assert set(report["eval_sites"]) == {"fog", "night", "rain"} and report["eval_initial"]["per_domain"]
 
 
 def test_every_reply_holds_only_parameters_buffers_counts_scalars_and_domain(gaussian_run):

@@ -251,6 +251,10 @@ def build_model(
 
     Nothing is ever downloaded: torchvision's builders are called with ``weights=None``.
     """
+    if arch.startswith("hrda_"):  # HRDA's multi-resolution wrapper around any base arch
+        from common.multires import build_multires
+
+        return build_multires(arch.removeprefix("hrda_"), num_classes, weights, backbone_weights)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
     model = ARCHITECTURES[arch](num_classes)

@@ -23,6 +23,7 @@ from clients.adaptation.optim import Schedule, build_optimizer
 from clients.adaptation.sampling import RareClassSampler
 from common.data import IGNORE, DataSpec, build_dataset
 from common.models import build_model
+from common.multires import Box, MultiResSegmenter, fuse_scales, sliding_windows
 
 SIZE = (32, 48)
 NUM_CLASSES = 9
@@ -288,6 +289,142 @@ def test_selftrain_lowers_its_pseudo_label_cross_entropy(source_state, target_se
     assert metrics["train-ce"] < 0.8 * metrics["train-ce-start"]
 
 
+def _sfda_objective(model, fixed: list[torch.Tensor]) -> float:
+    """The sfda objective on a fixed easy/hard pair with fixed 'teacher' probabilities."""
+    from clients.adaptation.sfda import SFDAConfig, sfda_losses
+
+    model.train()
+    terms = sfda_losses(model, *fixed, SFDAConfig(threshold=0.6), torch.Generator().manual_seed(5))
+    return terms["loss"].item()
+
+
+def test_sfda_lowers_its_loss_and_keeps_the_classifier(source_state, target_set):
+    from clients.adaptation.norm import refresh_bn
+
+    start = _model(source_state)
+    refresh_bn(start, target_set)
+    images = torch.stack([target_set[i][0] for i in range(len(target_set))])
+    with torch.no_grad():
+        probs = start.eval()(images).softmax(1)
+    fixed = [images[:2], images[2:], probs[:2], probs[2:]]
+    before = _sfda_objective(start, fixed)
+    options = {"steps": 12, "lr": 1e-3, "threshold": 0.6, "warmup": 0, "easy_fraction": 0.5}
+    model, metrics = _adapt("sfda", source_state, target_set, options)
+    assert _sfda_objective(model, fixed) < before
+    assert metrics["train-confident"] > 0
+    final = model.final_layer()
+    torch.testing.assert_close(final.weight, source_state["classifier.1.weight"])  # frozen
+    assert final.weight.requires_grad  # and unfrozen again afterwards
+
+
+def test_easy_split_ranks_by_entropy_and_keeps_one_of_each():
+    from clients.adaptation.sfda import easy_split
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):  # sharpness grows with the image's brightness
+            scale = x.mean(dim=(1, 2, 3)).view(-1, 1, 1, 1) * 20
+            return torch.cat([scale * torch.ones_like(x[:, :1]), torch.zeros_like(x[:, :2])], 1)
+
+    target = [(torch.full((3, 4, 4), v), torch.zeros(4, 4, dtype=torch.long)) for v in (0.1, 0.9, 0.5, 0.7)]
+    assert easy_split(Fixed(), target, 0.5).tolist() == [False, True, False, True]
+    assert easy_split(Fixed(), target, 0.01).sum() == 1
+    assert easy_split(Fixed(), target, 0.99).sum() == 3
+
+
+@pytest.mark.parametrize("arch", ["hrda_tiny_unet", "tiny_unet"])
+def test_hrda_lowers_its_loss(source_state, source_set, target_set, arch):
+    model = build_model(arch, NUM_CLASSES)
+    (model.base if arch.startswith("hrda_") else model).load_state_dict(source_state)
+    method = get_method("hrda")
+    context = AdaptContext(source=source_set, progress=False)
+    options = {"steps": 12, "lr": 1e-3, "threshold": 0.6, "warmup": 0}
+    method.adapt(model, target_set, context, make_config(method, options))
+    metrics = context.metrics
+    assert metrics["multires"] == float(arch.startswith("hrda_"))
+    assert metrics["train-loss"] < metrics["train-loss-start"]
+    assert metrics["train-source"] < metrics["train-source-start"]
+
+
+def test_hrda_refuses_to_run_without_source(source_state, target_set):
+    with pytest.raises(ValueError, match="source"):
+        _adapt("hrda", source_state, target_set, {"steps": 1})
+
+
 def test_unknown_bn_mode_is_rejected():
     with pytest.raises(ValueError, match="bn mode"):
         make_config(get_method("selftrain"), {"bn": "sometimes"})
+
+
+# ---------------------------------------------------------------- multi-resolution wrapper
+
+
+def test_fusion_reduces_to_context_at_zero_and_to_detail_inside_the_crop_at_one():
+    torch.manual_seed(0)
+    context, detail = torch.randn(2, 3, 8, 10), torch.randn(2, 3, 4, 5)
+    box = Box(top=2, left=3, height=4, width=5)
+    rows, cols = box.slices()
+    fused0 = fuse_scales(context, detail, torch.zeros(2, 3, 8, 10), box)
+    torch.testing.assert_close(fused0, context)
+    fused1 = fuse_scales(context, detail, torch.ones(2, 3, 8, 10), box)
+    torch.testing.assert_close(fused1[:, :, rows, cols], detail)
+    outside = torch.ones(8, 10, dtype=torch.bool)
+    outside[rows, cols] = False
+    torch.testing.assert_close(fused1[:, :, outside], context[:, :, outside])
+    half = fuse_scales(context, detail, torch.full((2, 3, 8, 10), 0.5), box)
+    torch.testing.assert_close(half[:, :, rows, cols], 0.5 * (detail + context[:, :, rows, cols]))
+
+
+def _saturate_attention(model: MultiResSegmenter, value: float) -> None:
+    last = model.attention[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(value)
+
+
+def test_wrapper_forward_is_context_or_sliding_detail_at_the_attention_extremes():
+    torch.manual_seed(0)
+    model = build_model("hrda_tiny_unet", 4).eval()
+    x = torch.rand(2, 3, 24, 40)
+    with torch.no_grad():
+        _saturate_attention(model, -50.0)
+        torch.testing.assert_close(model(x), model.context(x)[0])
+        _saturate_attention(model, 50.0)
+        torch.testing.assert_close(model(x), model.sliding_detail(x))
+        box = Box(4, 8, 12, 20)
+        fused, detail = model.train_forward(x, box)
+        torch.testing.assert_close(fused[:, :, 4:16, 8:28], detail)
+        torch.testing.assert_close(detail, model.base(x[:, :, 4:16, 8:28]))
+
+
+def test_sliding_windows_tile_the_image_with_half_overlap():
+    from common.multires import MultiResConfig
+
+    boxes = sliding_windows(180, 240, MultiResConfig())
+    assert {(b.top, b.left) for b in boxes} == {(t, c) for t in (0, 45, 90) for c in (0, 60, 120)}
+    assert all((b.height, b.width) == (90, 120) for b in boxes)
+    odd = sliding_windows(25, 31, MultiResConfig())
+    covered = torch.zeros(25, 31)
+    for b in odd:
+        covered[b.slices()] = 1
+    assert covered.all()
+
+
+def test_plain_checkpoint_wraps_with_the_same_fresh_attention_head_everywhere(tmp_path):
+    from common.checkpoints import load_checkpoint, save_checkpoint
+    from common.multires import wrap_checkpoint_for_hrda
+
+    torch.manual_seed(1)
+    plain = build_model("tiny_unet", 4)
+    path = save_checkpoint(plain, tmp_path / "plain.safetensors", "tiny_unet", list("abcd"))
+    a = build_model("hrda_tiny_unet", 4, weights=path)
+    torch.manual_seed(2)  # the global seed must not matter
+    b = build_model("hrda_tiny_unet", 4, weights=path)
+    for (key, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, msg=key)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(a.state_dict()[f"base.{key}"], value)
+    wrapped = wrap_checkpoint_for_hrda(path, tmp_path / "wrapped.safetensors")
+    c, meta = load_checkpoint(wrapped)
+    assert meta["arch"] == "hrda_tiny_unet" and isinstance(c, MultiResSegmenter)
+    for va, vc in zip(a.state_dict().values(), c.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vc)

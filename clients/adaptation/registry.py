@@ -97,4 +97,6 @@ BUILTIN_METHOD_MODULES = [
     "clients.adaptation.adabn",
     "clients.adaptation.tent",
     "clients.adaptation.selftrain",
+    "clients.adaptation.sfda",
+    "clients.adaptation.hrda",
 ]

@@ -1,0 +1,209 @@
+"""HRDA (Hoyer et al., 2022) on DAFormer's self-training, with the labeled source at the site.
+
+Each step: supervised source loss (plus the optional ImageNet feature distance) ->
+teacher pseudo-labels on a target batch -> ClassMix of source classes into the target
+images -> strong augmentation -> weighted loss on the mixed batch -> one optimiser step
+-> EMA teacher update. On an ``hrda_<base>`` model every loss is taken on the fused
+multi-resolution prediction of a context view and a random detail crop, plus 0.1 x the
+detail crop alone, and the teacher labels with sliding-window inference; on a plain model
+the same loop runs at a single resolution (DAFormer).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from clients.adaptation.ema import EMATeacher
+from clients.adaptation.loop import TrainState, run_training
+from clients.adaptation.losses import pseudo_labels, weighted_cross_entropy
+from clients.adaptation.mixing import StrongAugment, class_mix
+from clients.adaptation.norm import check_bn_mode, refresh_bn, refresh_statistics, set_bn_mode
+from clients.adaptation.optim import Schedule, build_optimizer
+from clients.adaptation.registry import AdaptContext, register
+from clients.adaptation.sampling import RareClassSampler, labeled_batch, target_batch, uniform_indices
+from common.data import IGNORE
+from common.models import Segmenter, load_weights_file
+from common.multires import MultiResSegmenter, random_box
+
+__all__ = ["HRDAConfig", "adapt", "feature_distance", "imagenet_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HRDAConfig:
+    """Defaults follow HRDA/DAFormer, with the step budget of a short CPU run.
+
+    steps: optimisation steps (one source and one mixed batch each), 1000.
+    batch_size: source images and target images per step (each), 2.
+    lr: AdamW learning rate of the backbone, 1e-4 (head and attention x``head_lr_mult``).
+    head_lr_mult: decode-head learning-rate factor, 10.
+    weight_decay: AdamW weight decay, 0.01.
+    warmup: linear warm-up steps before the poly decay, 100.
+    threshold: probability that makes a pixel confident (pseudo-label weight), 0.968.
+    ema_max: the EMA teacher's alpha cap, 0.999.
+    detail_weight: weight of the loss on the detail crop alone, 0.1.
+    rcs: rare class sampling of source images, on.
+    rcs_temperature: RCS temperature T, 0.01.
+    rcs_min_pixels: pixels of a class an image needs to be drawn for it, 3000 at 512x512
+        (scaled by image area).
+    fd_weight: ImageNet feature-distance weight, 0.005; used only when the site has
+        backbone weights (``AdaptContext.backbone_weights``).
+    fd_classes: class ids (comma-separated) whose source pixels the feature distance covers,
+        "" = every labeled pixel (DAFormer uses the "thing" classes of Cityscapes).
+    augment: strong augmentation (colour jitter, blur) of the mixed images, on.
+    flip: random horizontal flips of the source and target images, on.
+    bn: student BN mode, "train" (batch statistics) or "frozen" (exact target statistics).
+    bn_refresh: steps between re-measuring the teacher's target statistics, 100.
+    checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 100.
+    """
+
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 1e-4
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    warmup: int = 100
+    threshold: float = 0.968
+    ema_max: float = 0.999
+    detail_weight: float = 0.1
+    rcs: bool = True
+    rcs_temperature: float = 0.01
+    rcs_min_pixels: int = 3000
+    fd_weight: float = 0.005
+    fd_classes: str = ""
+    augment: bool = True
+    flip: bool = True
+    bn: str = "train"
+    bn_refresh: int = 100
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        check_bn_mode(self.bn)
+
+    def fd_class_ids(self) -> list[int]:
+        return [int(c) for c in self.fd_classes.replace(" ", "").split(",") if c]
+
+
+def imagenet_model(model: Segmenter, weights: str) -> Segmenter:
+    """A frozen copy of ``model`` whose backbone holds the ImageNet weights in ``weights``."""
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    backbone = (frozen.base if isinstance(frozen, MultiResSegmenter) else frozen).backbone
+    state = {}
+    for key, value in load_weights_file(weights).items():
+        for prefix in ("module.", "backbone."):
+            key = key.removeprefix(prefix)
+        state[key] = value
+    missing, _ = backbone.load_state_dict(state, strict=False)
+    if len(missing) == len(backbone.state_dict()):
+        raise ValueError(f"{weights}: no tensor matches the backbone; is this the right architecture?")
+    return frozen
+
+
+def feature_distance(student: Tensor, reference: Tensor, labels: Tensor, class_ids: list[int]) -> Tensor:
+    """Mean L2 distance between feature vectors on the selected labeled pixels (DAFormer's FD).
+
+    Keeping the features of source objects near their ImageNet features counters the
+    source overfitting that erases what the pretrained backbone knew about those classes.
+    """
+    lbl = F.interpolate(labels[:, None].float(), size=student.shape[-2:], mode="nearest")[:, 0].long()
+    mask = torch.isin(lbl, torch.tensor(class_ids)) if class_ids else lbl != IGNORE
+    dist = torch.linalg.vector_norm(student - reference, dim=1)
+    return (dist * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _flip(gen: torch.Generator, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Flip each image of the batch left-right with probability 1/2 (same flip for image and label)."""
+    which = torch.rand(tensors[0].shape[0], generator=gen) < 0.5
+    return tuple(torch.where(which.view(-1, *[1] * (t.dim() - 1)), t.flip(-1), t) for t in tensors)
+
+
+def _resize(images: Tensor, labels: Tensor, size: torch.Size) -> tuple[Tensor, Tensor]:
+    images = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    labels = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+    return images.clamp(0.0, 1.0), labels
+
+
+@register("hrda", HRDAConfig, needs_source=True, summary="HRDA/DAFormer: source + ClassMix self-training, multi-res")
+def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDAConfig) -> None:
+    source = context.source
+    if source is None:
+        raise ValueError("hrda needs the labeled source set at the site (AdaptContext.source)")
+    multires = isinstance(model, MultiResSegmenter)
+    if not multires:
+        log.warning("hrda on a plain model runs single-resolution (DAFormer); wrap it as hrda_<arch> for HRDA")
+    num_classes = model.final_layer().out_channels
+    refresh_bn(model, target)  # start from AdaBN: the teacher's first labels see target statistics
+    teacher = EMATeacher(model, config.ema_max)
+    optimizer = build_optimizer(model, config.lr, config.head_lr_mult, config.weight_decay)
+    state = TrainState(model, optimizer, teacher)
+    sampler = (
+        RareClassSampler(source, num_classes, config.rcs_temperature, config.rcs_min_pixels) if config.rcs else None
+    )
+    augment = StrongAugment() if config.augment else None
+    reference = imagenet_model(model, context.backbone_weights) if context.backbone_weights else None
+    fd_classes = config.fd_class_ids()
+
+    def supervised(images: Tensor, labels: Tensor, weights: Tensor, gen: torch.Generator) -> Tensor:
+        if not multires:
+            return weighted_cross_entropy(model(images), labels, weights)
+        box = random_box(*images.shape[-2:], model.config, gen)
+        fused, detail = model.train_forward(images, box)
+        rows, cols = box.slices()
+        detail_loss = weighted_cross_entropy(detail, labels[:, rows, cols], weights[:, rows, cols])
+        return weighted_cross_entropy(fused, labels, weights) + config.detail_weight * detail_loss
+
+    def step(t: int, gen: torch.Generator) -> dict[str, float]:
+        refresh_statistics(t, config.bn_refresh, teacher.model, model, config.bn, target)
+        src_idx = (
+            sampler.sample(config.batch_size, gen) if sampler else uniform_indices(len(source), config.batch_size, gen)
+        )
+        src_images, src_labels = labeled_batch(source, src_idx)
+        tgt_images = target_batch(target, uniform_indices(len(target), config.batch_size, gen))
+        if src_images.shape[-2:] != tgt_images.shape[-2:]:  # ClassMix pastes pixel to pixel
+            src_images, src_labels = _resize(src_images, src_labels, tgt_images.shape[-2:])
+        if config.flip:
+            src_images, src_labels = _flip(gen, src_images, src_labels)
+            (tgt_images,) = _flip(gen, tgt_images)
+
+        set_bn_mode(model, config.bn)
+        optimizer.zero_grad(set_to_none=True)
+        src_loss = supervised(src_images, src_labels, torch.ones_like(src_labels, dtype=torch.float32), gen)
+        fd = torch.zeros(())
+        if reference is not None and config.fd_weight > 0:
+            small = src_images
+            if multires:
+                small = F.interpolate(src_images, scale_factor=model.config.context_scale, mode="bilinear")
+            with torch.no_grad():
+                ref_feats = reference.features(small)
+            fd = feature_distance(model.features(small), ref_feats, src_labels, fd_classes)
+        (src_loss + config.fd_weight * fd).backward()
+
+        pl, pw = pseudo_labels(teacher.probs(tgt_images), config.threshold)
+        mixed = class_mix(src_images, src_labels, tgt_images, pl, pw, gen)
+        images = augment(mixed.images, gen) if augment is not None else mixed.images
+        mix_loss = supervised(images, mixed.labels, mixed.weights, gen)
+        mix_loss.backward()
+        optimizer.step()
+        teacher.update(model, t)
+        return {
+            "loss": src_loss.item() + mix_loss.item(),
+            "source": src_loss.item(),
+            "mix": mix_loss.item(),
+            "feature-distance": fd.item(),
+            "confident": float(pw.mean()),
+        }
+
+    run_training(
+        state, step, Schedule(config.steps, config.warmup), context,
+        name="hrda", config=config, num_target=len(target), checkpoint_every=config.checkpoint_every,
+    )  # fmt: skip
+    context.metrics["multires"] = float(multires)
+    model.eval()

@@ -9,6 +9,7 @@ import sys
 
 # Each module registers its own sub-commands; order is the order of ``fedmerge --help``.
 COMMAND_MODULES = [
+    "fedmerge.commands.adapt",
     "fedmerge.commands.merge",
     "fedmerge.commands.evaluate",
     "fedmerge.commands.simulate",

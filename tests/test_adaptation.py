@@ -428,3 +428,40 @@ def test_plain_checkpoint_wraps_with_the_same_fresh_attention_head_everywhere(tm
     assert meta["arch"] == "hrda_tiny_unet" and isinstance(c, MultiResSegmenter)
     for va, vc in zip(a.state_dict().values(), c.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vc)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_lists_every_method_with_its_defaults(capsys):
+    from fedmerge.cli import main
+
+    assert main(["adapt", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("adabn", "tent", "selftrain", "sfda", "hrda [needs --source]"):
+        assert name in out
+    assert "ema-max: float = 0.999" in out
+
+
+def test_cli_adapts_a_wrapped_model_and_writes_a_site_update(tmp_path, source_state, capsys):
+    from common.checkpoints import save_checkpoint
+    from common.data import dataset_classes
+    from common.update_format import load_site_update
+    from fedmerge.cli import main
+
+    ckpt = save_checkpoint(
+        _model(source_state), tmp_path / "src.safetensors", "tiny_unet", dataset_classes("synthetic")
+    )
+    out = tmp_path / "site.safetensors"
+    code = main([
+        "adapt", "--method", "hrda", "--model", str(ckpt), "--arch", "hrda_tiny_unet",
+        "--data", "synthetic?domain=night&n=3&size=32x48", "--source", "synthetic?domain=source&n=4&size=32x48",
+        "--set", "steps=2", "--set", "rcs=false", "--out", str(out), "--quiet",
+        "--eval", "synthetic?domain=night&n=2&size=32x48&seed=9",
+    ])  # fmt: skip
+    assert code == 0
+    update, meta = load_site_update(out)
+    assert meta["arch"] == "hrda_tiny_unet" and meta["domain"] == "night"
+    assert any(k.startswith("attention.") for k in update.params)
+    assert "mIoU on synthetic" in capsys.readouterr().out
+    assert main(["adapt", "--method", "hrda", "--model", str(ckpt), "--data", "synthetic?n=2", "--out", "x"]) == 2

@@ -1,0 +1,125 @@
+"""``fedmerge adapt``: one site's local adaptation, from a checkpoint to a site-update file.
+
+The same code path as the Flower ClientApp (``clients.site.adapt_site``): the method runs,
+then the exact BN statistics pass, then the update is written with its sample counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+
+import torch
+
+from clients.adaptation import METHODS, AdaptContext, get_method, make_config
+from clients.site import SiteJob, adapt_site
+from common.checkpoints import load_checkpoint, read_checkpoint_metadata
+from common.data import DataSpec, build_dataset, dataset_classes, make_loader
+from common.evaluation import evaluate_domain
+from common.models import build_model
+from common.update_format import save_site_update
+from fedmerge.cli import CommandError
+
+log = logging.getLogger(__name__)
+
+
+def _options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--set expects key=value, got {item!r}")
+        options[key] = value
+    return options
+
+
+def describe_methods() -> str:
+    """Every registered method with its summary and its config fields, typed, with defaults."""
+    get_method("adabn")  # loads the built-in methods
+    lines = []
+    for name in sorted(METHODS):
+        method = METHODS[name]
+        needs = " [needs --source]" if method.needs_source else ""
+        lines.append(f"{name}{needs}: {method.summary}")
+        for f in dataclasses.fields(method.config_type):
+            type_name = f.type if isinstance(f.type, str) else f.type.__name__
+            lines.append(f"    {f.name.replace('_', '-')}: {type_name} = {f.default!r}")
+    return "\n".join(lines)
+
+
+def _load_model(path: str, arch: str | None, classes: list[str]) -> tuple[torch.nn.Module, str]:
+    if arch is None:
+        model, meta = load_checkpoint(path, classes)
+        return model, meta["arch"]
+    meta = read_checkpoint_metadata(path)
+    if meta.get("num_classes") and int(meta["num_classes"]) != len(classes):
+        raise CommandError(f"{path}: {meta['num_classes']} classes, the data has {len(classes)}")
+    return build_model(arch, len(classes), weights=path), arch
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        print(describe_methods())
+        return 0
+    missing = [flag for flag, value in (("--method", args.method), ("--model", args.model), ("--data", args.data),
+                                        ("--out", args.out)) if not value]  # fmt: skip
+    if missing:
+        raise CommandError(f"{', '.join(missing)} required (or --list)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method = get_method(args.method)
+    options = _options(args.set)
+    make_config(method, options)  # fail on a bad option before loading any data
+    spec = DataSpec.parse(args.data)
+    classes = dataset_classes(spec.kind, spec.root)
+    model, arch = _load_model(args.model, args.arch, classes)
+    source = None
+    if args.source:
+        source = build_dataset(DataSpec.parse(args.source))
+    elif method.needs_source:
+        raise CommandError(f"method {args.method!r} needs the labeled source set: give --source SPEC")
+    target = build_dataset(spec)
+    context = AdaptContext(
+        source=source,
+        checkpoint_dir=args.checkpoint_dir or "",
+        progress=not args.quiet,
+        seed=args.seed,
+        backbone_weights=args.backbone_weights or "",
+    )
+    domain = args.domain or spec.domain or spec.kind
+    job = SiteJob(domain, args.method, options, args.batch_size, context=context)
+    started = time.perf_counter()
+    update = adapt_site(model, target, job)
+    save_site_update(args.out, update, arch, len(classes))
+    seconds = time.perf_counter() - started
+    print(f"{args.method} on {domain} ({len(target)} images, {arch}) in {seconds:.0f} s -> {args.out}")
+    for key, value in sorted(update.metrics.items()):
+        print(f"  {key}: {value:.4g}")
+    for text in args.eval:
+        eval_spec = DataSpec.parse(text)
+        score = evaluate_domain(model, make_loader(build_dataset(eval_spec), args.batch_size), len(classes))
+        print(f"  mIoU on {eval_spec}: {100 * score.miou:.2f}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapt", help="adapt a model on one site's unlabeled images and write its site update")
+    p.add_argument("--list", action="store_true", help="list the methods, their options and defaults, and exit")
+    p.add_argument("--method", help="adaptation method (see --list)")
+    p.add_argument("--model", metavar="CKPT", help="the shared starting checkpoint")
+    p.add_argument("--arch", help="rebuild the checkpoint as this arch, e.g. hrda_small_unet to wrap a plain model")
+    p.add_argument("--data", metavar="SPEC", help="the site's target images, e.g. camvid:DIR?domain=0001TP")
+    p.add_argument("--source", metavar="SPEC", help="the labeled source set (methods that need it: hrda)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option; repeatable")
+    p.add_argument("--out", metavar="FILE", help="the site update (.safetensors)")
+    p.add_argument("--domain", help="site name recorded in the update (default: the data's domain)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch of the BN statistics pass")
+    p.add_argument("--checkpoint-dir", help="keep resumable training state here; a rerun resumes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone-weights", help="ImageNet backbone weights (HRDA's feature distance)")
+    p.add_argument("--eval", action="append", default=[], metavar="SPEC", help="score the adapted model here")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

@@ -9,10 +9,14 @@ This is the only module of ``common`` that knows Flower.
 
 from __future__ import annotations
 
+import io
+import math
+import warnings
 from collections.abc import Mapping
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.bnstats import BNSums
 from common.merging import SiteUpdate
@@ -61,8 +65,43 @@ def update_to_records(update: SiteUpdate, method: str) -> RecordDict:
     )
 
 
+_NPY_HEADER_MAX = 1 << 16  # a .npy header (version 1 or 2) of any real array fits in this prefix
+
+
+def _aliasing_tensor(array: Array) -> torch.Tensor:
+    """A tensor over the Array's own bytes, without the copy ``np.load`` makes.
+
+    A reply holds a whole model; ``Array.numpy()`` copies each tensor out of its bytes,
+    so converting a reply would cost one more model of memory and a pass over it. The
+    tensor is read-only in spirit: it shares the reply's immutable bytes.
+    Anything unusual (another serialisation, Fortran order, a foreign byte order) takes
+    Flower's own copying path, so the values are always the same as ``to_torch_state_dict``.
+    """
+    if array.stype == "numpy.ndarray":
+        head = io.BytesIO(array.data[:_NPY_HEADER_MAX])
+        version = np.lib.format.read_magic(head)
+        if version in ((1, 0), (2, 0)):
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read(head)
+            if not fortran_order and not dtype.hasobject and dtype.isnative:
+                count = math.prod(shape)
+                values = np.frombuffer(array.data, dtype=dtype, count=count, offset=head.tell()).reshape(shape)
+                return torch.from_numpy(values)
+    return torch.from_numpy(array.numpy())
+
+
+def _arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():  # torch warns once that the bytes are not writable; we never write them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {key: _aliasing_tensor(array) for key, array in record.items()}
+
+
 def records_to_update(content: RecordDict, fallback_site: str) -> SiteUpdate:
-    """Rebuild a :class:`SiteUpdate`; raises ``KeyError`` naming a missing record."""
+    """Rebuild a :class:`SiteUpdate`; raises ``KeyError`` naming a missing record.
+
+    The update's tensors share memory with the reply's arrays (no copy; they keep those
+    bytes alive): do not modify them in place.
+    """
     for name in ("params", "buffers", "counts"):
         if name not in content:
             raise KeyError(f"reply has no {name!r} record")
@@ -71,8 +110,8 @@ def records_to_update(content: RecordDict, fallback_site: str) -> SiteUpdate:
     metrics = content.get("metrics", {})
     return SiteUpdate(
         site=str(info.get("domain", fallback_site)),
-        params=content["params"].to_torch_state_dict(),
-        buffers=content["buffers"].to_torch_state_dict(),
+        params=_arrays_to_tensors(content["params"]),
+        buffers=_arrays_to_tensors(content["buffers"]),
         counts=counts,
         num_examples=num_examples,
         metrics={k: float(v) for k, v in metrics.items()},

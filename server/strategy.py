@@ -1,8 +1,9 @@
 """The one-shot merge strategy: one round out, every reply merged as it arrives.
 
 Flower's stock strategies collect every reply before aggregating, so server memory grows
-with the number of sites. Here messages are pushed once and replies pulled as they come;
-each is validated, folded into the float64 sums and dropped. A bad reply is refused with
+with the number of sites. Here messages are pushed once and replies pulled one at a time
+as they come; each is validated, folded into the sums and dropped before the next is
+pulled, so the server holds the sums and at most one reply. A bad reply is refused with
 its reason and never touches the sums. With ``recalibrate`` a second, light round asks
 each site for BN sums under the merged parameters.
 """
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor
@@ -43,6 +44,12 @@ def _message(content: RecordDict, message_type: str, node_id: int, group_id: str
     return Message(content=content, dst_node_id=node_id, message_type=message_type, group_id=group_id)
 
 
+def _node_names(grid: Grid) -> dict[int, str]:
+    """Names given at registration (``flwr supernode register --name``): they label nodes that never reply."""
+    get_nodes = getattr(grid, "get_nodes", None)  # test doubles may only list ids
+    return {int(n.node_id): str(getattr(n, "name", "")) for n in get_nodes()} if get_nodes else {}
+
+
 def pool_bn_sums(pooled: dict[str, BNSums], sums: Mapping[str, BNSums], layers: list[str], site: str) -> None:
     """Check one site's recalibration sums, then add them to ``pooled``."""
     for layer in layers:
@@ -66,17 +73,24 @@ class OneShotMerge(Strategy):
         template: Mapping[str, Tensor],
         report: MergeReport | None = None,
         on_update: Callable[[SiteUpdate], None] | None = None,
+        param_dtype: torch.dtype = torch.float64,
     ) -> None:
         self.config = config
+        self.param_dtype = param_dtype
         self.template = dict(template)
         self.report = report or MergeReport()
         self.on_update = on_update
         self.layers = bn_layer_names(self.template)
         self.accumulator = self._new_accumulator()
+        self.node_names: dict[int, str] = {}
 
     def _new_accumulator(self) -> MergeAccumulator:
         return MergeAccumulator(
-            self.template, self.config.param_weighting, self.config.buffer_mode, self.config.equal_site_stats
+            self.template,
+            self.config.param_weighting,
+            self.config.buffer_mode,
+            self.config.equal_site_stats,
+            param_dtype=self.param_dtype,
         )
 
     # ----- Message-API hooks ------------------------------------------------------------
@@ -123,7 +137,7 @@ class OneShotMerge(Strategy):
         bn_values = int(update.counts[first].reshape(-1)[0]) if first else 0
         entry = SiteEntry(
             update.site, node_id, update.num_examples, bn_values, _nbytes(reply.content), update.metrics,
-            manifest(reply.content),
+            manifest(reply.content), self.node_names.get(node_id, ""),
         )  # fmt: skip
         self.report.sites.append(entry)
         log.info("merged site %s (node %s, %d images)", update.site, node_id, update.num_examples)
@@ -132,8 +146,9 @@ class OneShotMerge(Strategy):
         return True
 
     def _incident(self, node_id: int, domain: str, kind: str, reason: str) -> None:
-        log.warning("site %s (node %s) %s: %s", domain or "?", node_id, kind, reason)
-        self.report.incidents.append(Incident(node_id, domain, kind, reason))
+        name = self.node_names.get(node_id, "")
+        log.warning("site %s (node %s %s) %s: %s", domain or "?", node_id, name, kind, reason)
+        self.report.incidents.append(Incident(node_id, domain, kind, reason, name))
 
     def finish(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = len(self.report.sites)
@@ -142,9 +157,18 @@ class OneShotMerge(Strategy):
                 f"only {accepted} usable site update(s), min-sites is {self.config.min_sites}: "
                 + ("; ".join(f"node {i.node_id} {i.kind}: {i.reason}" for i in self.report.incidents) or "no replies")
             )
-        merged = self.accumulator.result()
         metrics = {"sites": accepted, "num-examples": sum(s.num_examples for s in self.report.sites)}
-        return ArrayRecord(merged), MetricRecord(metrics)
+        return self._merged_record(), MetricRecord(metrics)
+
+    def _merged_record(self) -> ArrayRecord:
+        """The merged model serialised one tensor at a time (as ``ArrayRecord(state_dict)`` does).
+
+        Building the whole state dict first would hold a second model beside the sums.
+        """
+        record = ArrayRecord()
+        for key, tensor in self.accumulator.iter_result():
+            record[key] = Array.from_numpy_ndarray(tensor.detach().cpu().numpy())
+        return record
 
     # ----- the streaming driver --------------------------------------------------------
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -154,6 +178,7 @@ class OneShotMerge(Strategy):
             if len(nodes) >= self.config.min_sites or time.monotonic() > deadline:
                 break
             time.sleep(self.config.poll_interval)
+        self.node_names = _node_names(grid)
         if len(nodes) < self.config.min_sites:
             raise MinSitesNotMet(
                 f"only {len(nodes)} site(s) connected within {self.config.timeout:.0f}s, min-sites is "
@@ -167,13 +192,26 @@ class OneShotMerge(Strategy):
         pending = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True) if mid}
         deadline = time.monotonic() + self.config.timeout
         while pending and time.monotonic() < deadline:
-            for reply in grid.pull_messages(list(pending)):
-                node_id = pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-                handle(reply, node_id)
+            for message_id in list(pending):
+                self._pull_one(grid, message_id, pending, handle)
             if pending:
                 time.sleep(self.config.poll_interval)
         for node_id in pending.values():
             self._incident(node_id, "", "timeout", f"no reply within {self.config.timeout:.0f}s")
+
+    @staticmethod
+    def _pull_one(
+        grid: Grid, message_id: str, pending: dict[str, int], handle: Callable[[Message, int], object]
+    ) -> None:
+        """Pull and handle the reply to one message, if it is there.
+
+        ``Grid.pull_messages`` inflates every ready reply among the ids it is given, so
+        asking for all pending ids at once would hold every reply that arrived meanwhile.
+        One id per call, in a function whose locals die on return, keeps one in memory.
+        """
+        for reply in grid.pull_messages([message_id]):
+            node_id = pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            handle(reply, node_id)
 
     def start(
         self,

@@ -21,6 +21,7 @@ class SiteEntry:
     bytes_received: int
     metrics: dict[str, float] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # what the reply held: records and keys
+    node_name: str = ""  # the name its key was registered under (deployment), if any
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Incident:
     domain: str
     kind: str  # "refused" (bad update), "failed" (error reply), "timeout" (no reply in time)
     reason: str
+    node_name: str = ""  # the registered name: it labels a site that never said its domain
 
 
 @dataclass

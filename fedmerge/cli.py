@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "fedmerge.commands.merge",
     "fedmerge.commands.evaluate",
     "fedmerge.commands.simulate",
+    "fedmerge.commands.deploy",
 ]
 
 

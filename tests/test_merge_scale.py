@@ -1,0 +1,240 @@
+"""The scale path of the merge: flat sums, float32 sums, zero-copy replies, one reply in memory."""
+
+from __future__ import annotations
+
+import random
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from common.merging import MergeAccumulator, SiteUpdate, merge_updates, split_state
+from common.models import build_model
+from common.wire import records_to_update, update_to_records
+from server.config import MergeConfig
+from server.strategy import OneShotMerge
+from tests.fakes import FakeReply, fake_message
+
+
+@pytest.fixture(autouse=True)
+def _messages_outside_a_run(monkeypatch):
+    monkeypatch.setattr(
+        "server.strategy._message", lambda content, mtype, node, group: fake_message(content, node, mtype, group)
+    )
+
+
+def _update(site: str, seed: int, template: dict[str, torch.Tensor]) -> SiteUpdate:
+    gen = torch.Generator().manual_seed(seed)
+    state = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + seed
+        for k, v in template.items()
+    }
+    state = {k: v.abs() if k.endswith("running_var") else v for k, v in state.items()}
+    params, buffers = split_state(state)
+    counts = {
+        k[: -len(".running_mean")]: torch.full((v.numel(),), 50 + 7 * seed, dtype=torch.int64)
+        for k, v in buffers.items()
+        if k.endswith(".running_mean")
+    }
+    return SiteUpdate(site, params, buffers, counts, 5 + seed)
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return build_model("tiny_unet", 4).state_dict()
+
+
+@pytest.fixture(scope="module")
+def updates(template) -> list[SiteUpdate]:
+    return [_update(f"s{i}", i, template) for i in range(6)]
+
+
+def _reference_params(template, updates, weights) -> dict[str, torch.Tensor]:
+    """Per-tensor float64 sums in site order: what the flat buffer must reproduce bit for bit."""
+    total = sum(weights)
+    out = {}
+    for key in split_state(template)[0]:
+        acc = updates[0].params[key].double() * weights[0]
+        for u, w in zip(updates[1:], weights[1:], strict=True):
+            acc += u.params[key].double() * w
+        out[key] = (acc / total).to(template[key].dtype)
+    return out
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "counts", "explicit"])
+def test_flat_float64_sums_equal_per_tensor_float64_sums(template, updates, weighting):
+    weights = {"uniform": [1.0] * 6, "counts": [float(u.num_examples) for u in updates], "explicit": None}[weighting]
+    weights = weights or [0.3, 1.7, 2.0, 0.25, 5.0, 1.1]
+    merged = merge_updates(template, updates, weighting, weights=weights if weighting == "explicit" else None)
+    expected = _reference_params(template, updates, weights)
+    assert all(torch.equal(merged[k], v) for k, v in expected.items())
+    assert list(merged) == list(template) and all(merged[k].dtype == template[k].dtype for k in template)
+
+
+def test_float32_sums_stay_within_the_rounding_bound(template, updates):
+    exact = merge_updates(template, updates, "counts")
+    lean = merge_updates(template, updates, "counts", param_dtype=torch.float32)
+    weights = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    k = len(updates)
+    for key in split_state(template)[0]:
+        magnitude = sum(w * u.params[key].double().abs() for w, u in zip(weights, updates, strict=True)) / weights.sum()
+        bound = (k + 1) * 2.0**-24 * magnitude + 2.0**-24 * exact[key].double().abs()
+        assert bool(((lean[key].double() - exact[key].double()).abs() <= bound).all()), key
+    for key in template:  # BN statistics are pooled in float64 in both modes
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(lean[key], exact[key]), key
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["missing", "shape", "counts", "bn-channels"])
+def test_an_update_that_does_not_fit_changes_nothing(template, updates, param_dtype, kind):
+    acc = MergeAccumulator(template, param_dtype=param_dtype)
+    for u in updates[:3]:
+        acc.add(u)
+    before = acc.result()
+    bad = _update("bad", 9, template)
+    layer = next(iter(bad.counts))
+    if kind == "missing":
+        del bad.params[list(bad.params)[-1]]
+    elif kind == "shape":
+        key = list(bad.params)[-1]
+        bad.params[key] = torch.zeros(2, 2)
+    elif kind == "counts":
+        del bad.counts[layer]
+    else:
+        bad.buffers[f"{layer}.running_mean"] = torch.zeros(1)
+    with pytest.raises((KeyError, ValueError)):
+        acc.add(bad)
+    after = acc.result()
+    assert acc.sites == ["s0", "s1", "s2"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_result_does_not_consume_the_sums(template, updates):
+    acc = MergeAccumulator(template, param_dtype=torch.float32)
+    acc.add(updates[0])
+    first = acc.result()
+    assert all(torch.equal(first[k], v) for k, v in acc.result().items())
+    acc.add(updates[1])
+    key = next(iter(updates[0].params))
+    assert not torch.equal(acc.result()[key], first[key])
+
+
+def test_records_to_update_views_the_reply_bytes(updates):
+    content = update_to_records(updates[0], "adabn")
+    update = records_to_update(content, "fallback")
+    flower = content["params"].to_torch_state_dict()
+    for key, tensor in update.params.items():
+        assert torch.equal(tensor, flower[key]) and tensor.dtype == flower[key].dtype
+        raw = np.frombuffer(content["params"][key].data, dtype=np.uint8)
+        start = tensor.untyped_storage().data_ptr()
+        assert raw.ctypes.data <= start and start + tensor.nbytes <= raw.ctypes.data + raw.size, key
+    assert update.site == "s0" and update.num_examples == updates[0].num_examples
+    assert all(torch.equal(update.counts[k], v) for k, v in updates[0].counts.items())
+
+
+@dataclass
+class LazyGrid:
+    """A SuperLink stand-in whose replies exist only once pulled, as they would be in a real server.
+
+    ``ready_per_pull=None`` makes every reply ready at once (the worst case for memory if
+    a strategy pulls them together); an int releases that many per pull call, in an order
+    shuffled by ``seed``. It records how many replies are alive while one is merged, and
+    how many earlier replies and earlier updates' tensors are still alive at each pull.
+    """
+
+    updates: dict[int, SiteUpdate]
+    ready_per_pull: int | None = None
+    seed: int = 0
+    max_replies_alive: int = 0
+    max_tensors_alive: int = 0
+    max_replies_while_merging: int = 0
+    tensors: list[weakref.ref] = field(default_factory=list)
+    _replies: list[weakref.ref] = field(default_factory=list)
+    _node_of: dict[str, int] = field(default_factory=dict)
+    _schedule: list[str] = field(default_factory=list)
+    _ready: set[str] = field(default_factory=set)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.updates)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = [f"m{i}" for i in range(len(messages))]
+        self._node_of = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
+        self._schedule = ids.copy()
+        random.Random(self.seed).shuffle(self._schedule)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[FakeReply]:
+        self.max_replies_alive = max(self.max_replies_alive, sum(r() is not None for r in self._replies))
+        self.max_tensors_alive = max(self.max_tensors_alive, sum(t() is not None for t in self.tensors))
+        step = len(self._schedule) if self.ready_per_pull is None else self.ready_per_pull
+        self._ready.update(self._schedule[:step])
+        del self._schedule[:step]
+        out = []
+        for mid in message_ids:
+            if mid in self._ready:
+                self._ready.discard(mid)
+                node = self._node_of[mid]
+                reply = FakeReply(update_to_records(self.updates[node], "adabn"), node, mid)
+                self._replies.append(weakref.ref(reply))
+                out.append(reply)
+        return out
+
+    def watch(self, update: SiteUpdate) -> None:
+        """``on_update`` hook: follow the tensors the server built from each reply."""
+        alive = sum(r() is not None for r in self._replies)
+        self.max_replies_while_merging = max(self.max_replies_while_merging, alive)
+        self.tensors.extend(weakref.ref(t) for t in update.params.values())
+
+
+def _stream(template, grid: LazyGrid, param_dtype=torch.float64) -> tuple[OneShotMerge, dict[str, torch.Tensor]]:
+    config = MergeConfig(min_sites=len(grid.updates), poll_interval=0.0)
+    strategy = OneShotMerge(config, template, on_update=grid.watch, param_dtype=param_dtype)
+    result = strategy.start(grid, ArrayRecord(template))
+    return strategy, result.arrays.to_torch_state_dict()
+
+
+def test_streaming_holds_one_reply_even_when_all_are_ready_at_once(template, updates):
+    grid = LazyGrid({100 + i: u for i, u in enumerate(updates)})
+    strategy, merged = _stream(template, grid)
+    assert len(strategy.report.sites) == len(updates)
+    assert grid.max_replies_while_merging == 1
+    assert grid.max_replies_alive == 0  # every earlier reply was dropped before the next pull
+    assert grid.max_tensors_alive == 0 and all(t() is None for t in grid.tensors)
+    expected = merge_updates(template, updates)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.float32])
+def test_streaming_order_varies_but_the_float64_merge_does_not(template, updates, param_dtype):
+    expected = merge_updates(template, updates, param_dtype=param_dtype)
+    orders = set()
+    for seed in range(6):
+        grid = LazyGrid({100 + i: u for i, u in enumerate(updates)}, ready_per_pull=1, seed=seed)
+        strategy, merged = _stream(template, grid, param_dtype)
+        order = tuple(s.domain for s in strategy.report.sites)
+        orders.add(order)
+        assert sorted(order) == [u.site for u in updates]
+        in_order = merge_updates(
+            template, [next(u for u in updates if u.site == s) for s in order], param_dtype=param_dtype
+        )
+        assert all(torch.equal(merged[k], in_order[k]) for k in in_order)  # streaming == all-at-once, same order
+        if param_dtype == torch.float64:  # ... and float64 sums do not depend on the order at all
+            assert all(torch.equal(merged[k], expected[k]) for k in expected), order
+    assert len(orders) > 1
+
+
+def test_merged_record_matches_a_record_of_the_whole_result(template, updates):
+    strategy = OneShotMerge(MergeConfig(min_sites=2), template)
+    arrays, _ = strategy.aggregate_train(
+        1, [FakeReply(update_to_records(u, "adabn"), i) for i, u in enumerate(updates)]
+    )
+    whole = ArrayRecord(strategy.accumulator.result())
+    assert list(arrays) == list(whole)
+    assert all(arrays[k].data == whole[k].data for k in whole)
+    assert isinstance(RecordDict({"arrays": arrays})["arrays"], ArrayRecord)

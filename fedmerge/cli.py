@@ -9,6 +9,8 @@ import sys
 
 # Each module registers its own sub-commands; order is the order of ``fedmerge --help``.
 COMMAND_MODULES = [
+    "fedmerge.commands.data",
+    "fedmerge.commands.pretrain",
     "fedmerge.commands.adapt",
     "fedmerge.commands.merge",
     "fedmerge.commands.evaluate",

@@ -15,11 +15,13 @@ pedestrians), as a label-distribution shift on top of the appearance shift.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from common.data.classes import SYNTHETIC_CLASSES
@@ -31,6 +33,7 @@ __all__ = [
     "Layout",
     "SyntheticDataset",
     "render",
+    "write_synthetic_folder",
 ]
 
 DEFAULT_SIZE = (96, 128)
@@ -637,3 +640,40 @@ class SyntheticDataset(Dataset):
 
     def domain_of(self, idx: int) -> str:
         return self.items[idx][0]
+
+
+README_TEXT = """Synthetic street scenes written by `fedmerge data synth` (seed {seed}, {n} images per style, {h}x{w}).
+
+Layout (the generic folder layout, one folder per domain):
+  classes.txt               class names, one a line; label value = line index
+  <style>/images/NNNN.png   RGB image
+  <style>/labels/NNNN.png   one-channel class ids, same file name
+
+Styles: {styles}. "source" is the clean labeled domain; the others shift appearance
+(weather, light, sensor); "rain" also shifts layout (lower horizon, more cars).
+Image NNNN of every style except rain shows the same scene as source image NNNN.
+
+Read it back with the data spec  folder:{out}?domain=<style>
+or regenerate it in memory with  synthetic?domain=<style>&n={n}&seed={seed}&size={h}x{w}
+"""
+
+
+def write_synthetic_folder(
+    out: str | Path, styles: Sequence[str], num_images: int, seed: int = 0, size: tuple[int, int] = DEFAULT_SIZE
+) -> list[Path]:
+    """Write styles in the generic folder layout; returns the per-style directories."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n")
+    text = README_TEXT.format(seed=seed, n=num_images, h=size[0], w=size[1], styles=", ".join(styles), out=out)
+    (out / "README.txt").write_text(text)
+    dirs = []
+    for style in styles:
+        (out / style / "images").mkdir(parents=True, exist_ok=True)
+        (out / style / "labels").mkdir(parents=True, exist_ok=True)
+        for i in range(num_images):
+            image, label = render(style, i, seed, size)
+            Image.fromarray(image).save(out / style / "images" / f"{i:04d}.png")
+            Image.fromarray(label).save(out / style / "labels" / f"{i:04d}.png")
+        dirs.append(out / style)
+    return dirs

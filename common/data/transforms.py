@@ -28,26 +28,28 @@ def joint_resize(image: Tensor, label: Tensor, size: tuple[int, int]) -> tuple[T
 
 @dataclass(frozen=True)
 class TrainAugment:
-    """Random scale, crop back to the input size, and horizontal flip, for one (image, label).
+    """Random scale, random crop, horizontal flip, for one (image, label).
 
-    Scaling is relative to the input's shorter side; a crop larger than the scaled image is
-    padded with black and ignore labels, so the loss never trains on invented pixels.
-    Randomness comes from torch's global generator: seed it for repeatable runs.
+    Scaling is relative to the input's shorter side; the crop (default: the input size)
+    is padded with black and ignore labels where the scaled image is smaller, so the loss
+    never trains on invented pixels. Randomness comes from torch's global generator: seed
+    it for repeatable runs.
     """
 
     scale: tuple[float, float] = (0.75, 1.5)
     flip: bool = True
+    crop: tuple[int, int] | None = None
 
     def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
         h, w = image.shape[-2:]
+        crop = self.crop or (h, w)
         ops: list[v2.Transform] = []
         if self.scale != (1.0, 1.0):
             short = min(h, w)
-            lo, hi = round(short * self.scale[0]), round(short * self.scale[1])
-            ops += [
-                v2.RandomResize(lo, hi + 1, antialias=True),
-                v2.RandomCrop((h, w), pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE}),
-            ]
+            ops.append(v2.RandomResize(round(short * self.scale[0]), round(short * self.scale[1]) + 1, antialias=True))
+        if ops or tuple(crop) != (h, w):
+            fill = {tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE}
+            ops.append(v2.RandomCrop(list(crop), pad_if_needed=True, fill=fill))
         if self.flip:
             ops.append(v2.RandomHorizontalFlip())
         if not ops:

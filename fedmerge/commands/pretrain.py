@@ -1,0 +1,73 @@
+"""``fedmerge pretrain``: train the source model on a labeled set and write a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from common.checkpoints import save_checkpoint
+from common.data import DataSpec, dataset_classes, parse_size
+from common.pretrain import PretrainConfig, pretrain
+from fedmerge.cli import CommandError
+
+log = logging.getLogger(__name__)
+
+
+def _pair(text: str, kind: type) -> tuple:
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {text!r}")
+    try:
+        return tuple(kind(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = DataSpec.parse(args.data)
+    if not args.out.endswith(".safetensors"):
+        raise CommandError(f"--out must end in .safetensors, got {args.out!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    classes = dataset_classes(spec.kind, spec.root)
+    config = PretrainConfig(
+        arch=args.arch,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        scale=args.scale,
+        crop=args.crop,
+        flip=not args.no_flip,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    model = pretrain(spec, config)
+    extra = {"data": str(spec), "steps": str(args.steps), "seed": str(args.seed)}
+    path = save_checkpoint(model, args.out, args.arch, classes, extra=extra)
+    print(f"wrote {path} ({args.arch}, {len(classes)} classes, {args.steps} steps on {spec})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="train a source model on a labeled data spec")
+    p.add_argument("--data", required=True, metavar="SPEC", help="e.g. synthetic?domain=source&n=400")
+    p.add_argument("--arch", default="small_unet")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--scale", type=lambda t: _pair(t, float), default=(0.75, 1.5), metavar="LO,HI",
+                   help="random rescale range (default 0.75,1.5; 1,1 turns it off)")  # fmt: skip
+    p.add_argument("--crop", type=lambda t: parse_size(t), default=None, metavar="HxW",
+                   help="training crop (default: the image size)")  # fmt: skip
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    p.set_defaults(func=run)

@@ -50,6 +50,7 @@ def test_spec_parse_reads_every_field() -> None:
         ("synthetic?time=middle:3", "'first' or 'last'"),
         ("synthetic?time=first:1.5", r"fraction must be in \(0, 1\]"),
         ("synthetic?n=abc", "expected an integer"),
+        ("synthetic?seed=1.5", "expected an integer"),
     ],
 )
 def test_spec_parse_rejects_bad_text_with_a_clear_message(text: str, message: str) -> None:

@@ -195,9 +195,12 @@ def _query_field(key: str, value: str) -> dict[str, object]:
     if key == "size":
         return {"size": parse_size(value) if value else None}
     try:
-        number = int(float(value)) if value else None
+        number = float(value) if value else None
     except ValueError:
-        raise ValueError(f"{key}={value!r}: expected an integer") from None
+        number = 0.5
+    if number is not None and not number.is_integer():
+        raise ValueError(f"{key}={value!r}: expected an integer")
+    number = None if number is None else int(number)
     if key == "n":
         return {"num_images": number}
     return {"seed": number or 0}

@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from clients.config import SiteConfig
 from clients.site import adapt_site, recalibration_sums
 from common.data import build_dataset
+from common.fingerprint import INITIAL_SHA256, state_fingerprint
 from common.models import Segmenter, build_model
 from common.wire import sums_to_records, update_to_records
 
@@ -24,10 +25,37 @@ def _global_model(msg: Message, config: SiteConfig) -> Segmenter:
     return model
 
 
+def _initial_model(msg: Message, config: SiteConfig) -> Segmenter:
+    """The run's starting model; a site holding the shared weights locally uses its copy, if it is the same model.
+
+    The server always sends the initial model's fingerprint, and with ``send-initial-weights
+    = false`` no arrays at all: a site then needs node config ``weights`` = a local file.
+    """
+    sent = msg.content["arrays"]
+    if not config.weights:
+        if len(sent) == 0:
+            raise ValueError(
+                "the server sent no initial weights (send-initial-weights = false) and this site's node config "
+                "names no local 'weights' file"
+            )
+        return _global_model(msg, config)
+    model = build_model(config.arch, config.num_classes, weights=config.weights)
+    expected = str(msg.content["config"].get(INITIAL_SHA256, "")) if "config" in msg.content else ""
+    if not expected and len(sent) > 0:
+        expected = state_fingerprint(sent.to_torch_state_dict())
+    local = state_fingerprint(model.state_dict())
+    if local != expected:
+        raise ValueError(
+            f"local weights {config.weights} (sha256 {local[:16]}) are not the run's initial model "
+            f"(sha256 {expected[:16] or 'unknown'})"
+        )
+    return model
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = SiteConfig.from_flower(context.run_config, context.node_config)
-    model = _global_model(msg, config)
+    model = _initial_model(msg, config)
     if config.source is not None:
         config.job.context.source = build_dataset(config.source)
     update = adapt_site(model, build_dataset(config.data), config.job)

@@ -49,6 +49,7 @@ class SiteConfig:
     data: DataSpec
     source: DataSpec | None
     job: SiteJob
+    weights: str = ""  # node config: this site's local copy of the shared initial weights
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteConfig:
@@ -69,4 +70,5 @@ class SiteConfig:
                 backbone_weights=str(merged.get("backbone-weights", "")),
             ),
         )
-        return cls(str(merged.get("arch", "small_unet")), int(merged.get("num-classes", 9)), data, source, job)
+        arch, num_classes = str(merged.get("arch", "small_unet")), int(merged.get("num-classes", 9))
+        return cls(arch, num_classes, data, source, job, weights=str(node_config.get("weights", "")))

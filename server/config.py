@@ -54,6 +54,7 @@ class ServerConfig:
     eval_specs: dict[str, DataSpec]
     save_updates: bool = False
     eval_sites: bool = False
+    send_initial_weights: bool = True  # false: sites load their local copy, checked by fingerprint
     batch_size: int = 8
     seed: int = 0
 
@@ -83,6 +84,7 @@ class ServerConfig:
             eval_specs=_eval_specs(config),
             save_updates=bool(config.get("save-updates", False)),
             eval_sites=bool(config.get("eval-sites", False)),
+            send_initial_weights=bool(config.get("send-initial-weights", True)),
             batch_size=int(config.get("batch-size", 8)),
             seed=int(config.get("seed", 0)),
         )
@@ -92,6 +94,7 @@ class ServerConfig:
             "arch": self.arch,
             "num_classes": self.num_classes,
             "initial_weights": self.initial_weights,
+            "send_initial_weights": self.send_initial_weights,
             "merge": asdict(self.merge),
             "eval_domains": sorted(self.eval_specs),
         }

@@ -11,12 +11,13 @@ import logging
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 from torch import Tensor
 
 from common.evaluation import StateEvaluator
+from common.fingerprint import INITIAL_SHA256, state_fingerprint
 from common.merging import SiteUpdate
 from common.models import build_model
 from common.update_format import save_site_update
@@ -72,8 +73,10 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     if config.eval_specs:
         evaluator = StateEvaluator(config.arch, config.num_classes, config.eval_specs, config.batch_size)
     strategy = OneShotMerge(config.merge, template, report, _on_update(config, report, evaluator))
+    report.config["initial_sha256"] = fingerprint = state_fingerprint(template)
+    initial = ArrayRecord(template) if config.send_initial_weights else ArrayRecord()
     try:
-        result = strategy.start(grid, ArrayRecord(template))
+        result = strategy.start(grid, initial, train_config=ConfigRecord({INITIAL_SHA256: fingerprint}))
     except MinSitesNotMet as exc:
         report.status, report.error = "failed", str(exc)
         if strategy.accumulator.sites:

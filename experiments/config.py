@@ -1,0 +1,282 @@
+"""An experiment as one typed value, read from a TOML file.
+
+A comparison is only fair if every strategy sees the same inputs, so everything that
+shapes those inputs lives here and nowhere else: the source model, the sites and the
+data each adapts on, the local method, the evaluation sets, the seed. Strategies only
+add their own options. Data specs may name ``{data_root}``; the command line fills it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.data import DataSpec
+from fedmerge.runtime import PROJECT_ROOT
+
+__all__ = [
+    "CONFIGS_DIR",
+    "EvalSet",
+    "ExperimentConfig",
+    "LMCConfig",
+    "LocalMethod",
+    "PretrainPlan",
+    "SiteSpec",
+    "SourceModel",
+    "StrategyEntry",
+    "list_configs",
+    "resolve_config_path",
+]
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+DATA_ROOT = "{data_root}"
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """Supervised training of the shared source model, when no checkpoint is given."""
+
+    data: DataSpec
+    arch: str = "small_unet"
+    steps: int = 300
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """Where the model every site starts from comes from: a checkpoint, else a pretraining plan."""
+
+    checkpoint: str = ""
+    pretrain: PretrainPlan | None = None
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One site: its name (the domain it reports) and the unlabeled images it adapts on."""
+
+    name: str
+    data: DataSpec
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A labeled evaluation set; ``site`` names whose local parts serve it (fedbn, separate heads)."""
+
+    domain: str
+    data: DataSpec
+    site: str
+
+
+@dataclass(frozen=True)
+class LocalMethod:
+    """The adaptation every site runs, with the same options everywhere."""
+
+    name: str = "adabn"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 8
+    source: DataSpec | None = None  # the labeled source set, for methods that need it (hrda)
+
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    """One row of the comparison: a registered strategy, its options and the label it shows."""
+
+    name: str
+    label: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LMCConfig:
+    """The linear-mode-connectivity curve: the two sites and the number of points on the line."""
+
+    sites: tuple[str, str]
+    points: int = 11
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    source: SourceModel
+    sites: tuple[SiteSpec, ...]
+    eval_sets: tuple[EvalSet, ...]
+    method: LocalMethod
+    strategies: tuple[StrategyEntry, ...]
+    lmc: LMCConfig | None = None
+    seed: int = 0
+    eval_batch_size: int = 8
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name!r}: two sites share a name ({names})")
+        if not names:
+            raise ValueError(f"experiment {self.name!r}: no sites")
+        domains = [e.domain for e in self.eval_sets]
+        if len(set(domains)) != len(domains) or not domains:
+            raise ValueError(f"experiment {self.name!r}: evaluation domains must be unique and non-empty ({domains})")
+        labels = [s.label for s in self.strategies]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"experiment {self.name!r}: two strategies share the label(s) {_dupes(labels)}")
+        if self.lmc is not None and not set(self.lmc.sites) <= set(names):
+            raise ValueError(f"experiment {self.name!r}: lmc sites {self.lmc.sites} are not all among {names}")
+
+    def site(self, name: str) -> SiteSpec:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site {name!r}")
+
+    @classmethod
+    def load(cls, path: Path, data_root: str | None = None) -> ExperimentConfig:
+        """Read ``path``; ``data_root`` replaces ``{data_root}`` (else the file's ``data-root-default``)."""
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read experiment config ({exc})") from exc
+        return cls.from_dict(raw, path.stem, data_root)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], name: str, data_root: str | None = None) -> ExperimentConfig:
+        _check_keys(raw, _TOP_KEYS, name)
+        root = _data_root(raw, data_root)
+        seed = int(raw.get("seed", 0))
+        sites = tuple(SiteSpec(str(s["name"]), _spec(s["data"], root, name)) for s in raw.get("sites", []))
+        eval_sets = tuple(
+            EvalSet(str(e["domain"]), _spec(e["data"], root, name), str(e.get("site", e["domain"])))
+            for e in raw.get("eval", [])
+        )
+        lmc_raw = raw.get("lmc")
+        lmc = None
+        if lmc_raw is not None:
+            _check_keys(lmc_raw, {"sites", "points"}, f"{name} [lmc]")
+            pair = lmc_raw.get("sites") or [s.name for s in sites[:2]]
+            if len(pair) != 2:
+                raise ValueError(f"{name}: lmc.sites must name two sites, got {pair}")
+            lmc = LMCConfig((str(pair[0]), str(pair[1])), int(lmc_raw.get("points", 11)))
+        return cls(
+            name=name,
+            source=_source(raw.get("source", {}), root, name),
+            sites=sites,
+            eval_sets=eval_sets,
+            method=_method(raw.get("method", {}), root, name),
+            strategies=_strategies(raw.get("strategies", []), [s.name for s in sites]),
+            lmc=lmc,
+            seed=seed,
+            eval_batch_size=int(raw.get("eval-batch-size", 8)),
+            description=str(raw.get("description", "")),
+        )
+
+
+_TOP_KEYS = {
+    "description", "seed", "data-root-default", "eval-batch-size", "source", "method", "sites", "eval",
+    "strategies", "lmc",
+}  # fmt: skip
+
+
+def _dupes(items: list[str]) -> list[str]:
+    return sorted({x for x in items if items.count(x) > 1})
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def _data_root(raw: Mapping[str, Any], given: str | None) -> str | None:
+    """The command line's root, else the config's default when it exists on this machine."""
+    if given:
+        return str(Path(given).expanduser().resolve())
+    default = str(raw.get("data-root-default", ""))
+    if default:
+        path = (PROJECT_ROOT / default).resolve()
+        if path.exists():
+            return str(path)
+    return None
+
+
+def _spec(text: str, root: str | None, where: str) -> DataSpec:
+    if DATA_ROOT in text:
+        if root is None:
+            raise ValueError(f"{where}: the data spec {text!r} needs a data root: pass --data-root PATH")
+        text = text.replace(DATA_ROOT, root)
+    return DataSpec.parse(text)
+
+
+def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel:
+    _check_keys(raw, {"checkpoint", "pretrain"}, f"{where} [source]")
+    checkpoint = str(raw.get("checkpoint", ""))
+    if checkpoint and DATA_ROOT in checkpoint:
+        if root is None:
+            raise ValueError(f"{where}: the source checkpoint {checkpoint!r} needs a data root: pass --data-root")
+        checkpoint = checkpoint.replace(DATA_ROOT, root)
+    if checkpoint and not Path(checkpoint).is_absolute():
+        checkpoint = str((PROJECT_ROOT / checkpoint).resolve())
+    pre = raw.get("pretrain")
+    plan = None
+    if pre is not None:
+        _check_keys(pre, {"data", "arch", "steps", "batch-size", "seed"}, f"{where} [source.pretrain]")
+        plan = PretrainPlan(
+            data=_spec(pre["data"], root, where),
+            arch=str(pre.get("arch", "small_unet")),
+            steps=int(pre.get("steps", 300)),
+            batch_size=int(pre.get("batch-size", 8)),
+            seed=int(pre.get("seed", 0)),
+        )
+    if not checkpoint and plan is None:
+        raise ValueError(f"{where}: [source] needs a checkpoint or a [source.pretrain] plan")
+    return SourceModel(checkpoint, plan)
+
+
+def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod:
+    _check_keys(raw, {"name", "options", "batch-size", "source"}, f"{where} [method]")
+    source = raw.get("source")
+    return LocalMethod(
+        name=str(raw.get("name", "adabn")),
+        options=dict(raw.get("options", {})),
+        batch_size=int(raw.get("batch-size", 8)),
+        source=_spec(source, root, where) if source else None,
+    )
+
+
+def _strategies(raw: list[Any], sites: list[str]) -> tuple[StrategyEntry, ...]:
+    """Strings name a strategy with its default options; tables add options and a label.
+
+    ``single`` expands to ``single:<site>`` for every site.
+    """
+    out: list[StrategyEntry] = []
+    for item in raw:
+        if isinstance(item, str):
+            name, options, label = item, {}, item
+        else:
+            options = {k: v for k, v in item.items() if k not in ("name", "label")}
+            name = str(item["name"])
+            label = str(item.get("label", name))
+        if name == "single":
+            out += [StrategyEntry(f"single:{s}", f"single:{s}", dict(options)) for s in sites]
+        else:
+            out.append(StrategyEntry(name, label, options))
+    return tuple(out)
+
+
+def list_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A file path as given, or a shipped config's name (``experiments/configs/NAME.toml``)."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment config not found: {path}")
+        return path
+    shipped = CONFIGS_DIR / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        raise ValueError(f"unknown experiment {name_or_path!r}; shipped configs: {', '.join(list_configs())}")
+    return shipped

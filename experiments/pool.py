@@ -1,0 +1,249 @@
+"""The model pool: every site's adaptation run once, cached, and shared by every strategy.
+
+Local adaptation is the expensive part of a comparison and the part that must be
+identical across strategies, so each site's update is computed once and stored under a
+hash of everything that produced it (source weights, data, method and its full typed
+options, batch size, seed). A re-run with the same inputs reads the files back; changing
+any input changes the key, so a stale update is never reused.
+
+Besides the update a site would send (parameters, exact BN statistics, sample counts),
+the pool keeps the BN running statistics as they stood before the exact statistics
+pass: what the published merging code would read from the site's checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from clients.adaptation import AdaptContext, get_method, make_config
+from clients.site import SiteJob, unsupervised_metrics
+from common.bnstats import BNStatsConfig, exact_bn_statistics
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.data import build_dataset, dataset_classes, image_batches
+from common.merging import SiteUpdate, split_state
+from common.models import Segmenter, build_model
+from common.update_format import load_site_update, save_site_update
+from experiments.config import LocalMethod, SourceModel
+
+__all__ = [
+    "CACHE_VERSION",
+    "EMA_FROM_METHOD",
+    "EMA_FROM_TRAIN_PASS",
+    "ModelPool",
+    "PoolEntry",
+    "SourceBundle",
+    "adapt_with_ema",
+    "load_source",
+    "state_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when what a cached update means changes
+EMA_FROM_METHOD = "EMA running statistics left by the method's own training"
+EMA_FROM_TRAIN_PASS = "the method left the running statistics untouched: one PyTorch train-mode pass (momentum 0.1)"
+
+
+def state_fingerprint(state: Mapping[str, Tensor]) -> str:
+    """A hash of every tensor's name, dtype, shape and bytes: the identity of a set of weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class SourceBundle:
+    """The shared start: its weights, how to rebuild it, and the file it lives in."""
+
+    state: dict[str, Tensor]
+    arch: str
+    classes: list[str]
+    path: Path
+    fingerprint: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def model(self, state: Mapping[str, Tensor] | None = None) -> Segmenter:
+        """A fresh model with ``state`` (default: the source weights), in eval mode."""
+        model = build_model(self.arch, self.num_classes)
+        model.load_state_dict(dict(state if state is not None else self.state), strict=True)
+        return model.eval()
+
+
+def load_source(source: SourceModel, cache_dir: Path) -> SourceBundle:
+    """The checkpoint when it exists, else the pretraining plan's model (pretrained once, then cached)."""
+    if source.checkpoint and Path(source.checkpoint).is_file():
+        path = Path(source.checkpoint)
+    elif source.pretrain is not None:
+        plan = source.pretrain
+        key = hashlib.sha256(f"{plan.data}|{plan.arch}|{plan.steps}|{plan.batch_size}|{plan.seed}".encode())
+        path = cache_dir / f"source-{key.hexdigest()[:16]}.safetensors"
+        if not path.is_file():
+            from common.pretrain import PretrainConfig, pretrain
+
+            if source.checkpoint:
+                log.warning("source checkpoint %s not found; pretraining from the plan instead", source.checkpoint)
+            log.info("pretraining the source model: %s, %d steps on %s", plan.arch, plan.steps, plan.data)
+            config = PretrainConfig(
+                arch=plan.arch, steps=plan.steps, batch_size=plan.batch_size, seed=plan.seed, progress=False
+            )
+            model = pretrain(plan.data, config)
+            save_checkpoint(model, path, plan.arch, dataset_classes(plan.data.kind, plan.data.root))
+        else:
+            log.info("reusing the cached source model %s", path)
+    else:
+        raise FileNotFoundError(f"source checkpoint not found: {source.checkpoint} (and no pretraining plan)")
+    model, meta = load_checkpoint(path)
+    classes = [c for c in meta.get("classes", "").split(",") if c] or [str(i) for i in range(int(meta["num_classes"]))]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return SourceBundle(state, meta["arch"], classes, path.resolve(), state_fingerprint(state))
+
+
+def _bn_buffers(model: Segmenter) -> dict[str, Tensor]:
+    _, buffers = split_state(model.state_dict())
+    return {k: v.detach().clone() for k, v in buffers.items()}
+
+
+@torch.no_grad()
+def _train_mode_pass(model: Segmenter, target: Dataset, batch_size: int) -> dict[str, Tensor]:
+    """The running statistics one epoch of PyTorch's train-mode BN would leave (momentum as set)."""
+    probe = copy.deepcopy(model).train()
+    for images in image_batches(target, batch_size):
+        probe(images)
+    return _bn_buffers(probe)
+
+
+def adapt_with_ema(model: Segmenter, target: Dataset, job: SiteJob) -> tuple[SiteUpdate, dict[str, Tensor], str]:
+    """``clients.site.adapt_site``'s steps, keeping the running statistics before the exact pass.
+
+    Returns the update exactly as ``adapt_site`` builds it, the EMA buffers the published
+    code would merge, and where those came from (see ``EMA_FROM_*``).
+    """
+    if len(target) == 0:
+        raise ValueError(f"site {job.domain!r} has no target images")
+    method = get_method(job.method)
+    config = make_config(method, job.method_options)
+    if method.needs_source and job.context.source is None:
+        raise ValueError(f"method {job.method!r} needs the labeled source set at the site; none was given")
+    before = _bn_buffers(model)
+    started = time.perf_counter()
+    method.adapt(model, target, job.context, config)
+    adapted = time.perf_counter()
+    ema = _bn_buffers(model)
+    untouched = all(torch.equal(before[k], ema[k]) for k in before if k.endswith(".num_batches_tracked"))
+    note = EMA_FROM_METHOD
+    if untouched:
+        ema, note = _train_mode_pass(model, target, job.batch_size), EMA_FROM_TRAIN_PASS
+    counts = exact_bn_statistics(model, image_batches(target, job.batch_size), BNStatsConfig(job.bn_mode))
+    metrics = {**job.context.metrics, **unsupervised_metrics(model, target, job.batch_size)}
+    metrics.update({"adapt-seconds": adapted - started, "bn-seconds": time.perf_counter() - adapted})
+    params, buffers = split_state(model.state_dict())
+    return SiteUpdate(job.domain, params, buffers, counts, len(target), metrics), ema, note
+
+
+@dataclass
+class PoolEntry:
+    """One site's cached work."""
+
+    update: SiteUpdate
+    ema_buffers: dict[str, Tensor]
+    ema_note: str
+    key: str
+    cached: bool  # read back from the cache in this run
+    adapt_seconds: float  # wall time of the adaptation when it was computed
+
+    def ema_update(self) -> SiteUpdate:
+        """The update as the published code would see it: same parameters, EMA statistics."""
+        u = self.update
+        return SiteUpdate(u.site, u.params, self.ema_buffers, u.counts, u.num_examples, u.metrics)
+
+
+class ModelPool:
+    """Site updates keyed by everything that produced them; computed on first request, then read back."""
+
+    def __init__(self, source: SourceBundle, method: LocalMethod, seed: int, cache_dir: Path) -> None:
+        self.source, self.method, self.seed = source, method, seed
+        self.folder = cache_dir / "updates"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._source_data: Dataset | None = None
+        self.computed: list[str] = []  # keys adapted (not read back) in this process
+
+    def key(self, data_id: str) -> str:
+        """Hash of source weights, data, method with its full typed options, batch size and seed."""
+        method = get_method(self.method.name)
+        options = make_config(method, self.method.options)
+        recipe = {
+            "version": CACHE_VERSION,
+            "source": self.source.fingerprint,
+            "arch": self.source.arch,
+            "data": data_id,
+            "method": self.method.name,
+            "options": repr(options),
+            "batch_size": self.method.batch_size,
+            "method_source": str(self.method.source) if self.method.source else "",
+            "seed": self.seed,
+        }
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _context(self) -> AdaptContext:
+        if self.method.source is not None and self._source_data is None:
+            self._source_data = build_dataset(self.method.source)
+        return AdaptContext(source=self._source_data, progress=False, seed=self.seed)
+
+    def get(self, site: str, target: Dataset, data_id: str) -> PoolEntry:
+        """``site``'s update on ``target`` (described by ``data_id``), from the cache when present."""
+        key = self.key(data_id)
+        files = self._files(key)
+        if files["meta"].is_file():
+            return self._read(site, key, files)
+        log.info("adapting site %s with %s on %d images (cache key %s)", site, self.method.name, len(target), key)
+        torch.manual_seed(self.seed)
+        model = self.source.model()
+        job = SiteJob(
+            site, self.method.name, dict(self.method.options), self.method.batch_size, context=self._context()
+        )
+        started = time.perf_counter()
+        update, ema, note = adapt_with_ema(model, target, job)
+        seconds = time.perf_counter() - started
+        save_site_update(files["update"], update, self.source.arch, self.source.num_classes)
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(files["ema"]))
+        meta = {"site": site, "data": data_id, "method": self.method.name, "options": dict(self.method.options),
+                "seed": self.seed, "source": str(self.source.path), "adapt_seconds": seconds,
+                "metrics": update.metrics, "ema_note": note}  # fmt: skip
+        tmp = files["meta"].with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
+        tmp.replace(files["meta"])  # the metadata file is written last: its presence marks a complete entry
+        self.computed.append(key)
+        return PoolEntry(update, ema, note, key, cached=False, adapt_seconds=seconds)
+
+    def _files(self, key: str) -> dict[str, Path]:
+        return {
+            "update": self.folder / f"{key}.safetensors",
+            "ema": self.folder / f"{key}.ema.safetensors",
+            "meta": self.folder / f"{key}.json",
+        }
+
+    def _read(self, site: str, key: str, files: dict[str, Path]) -> PoolEntry:
+        meta = json.loads(files["meta"].read_text())
+        update, _ = load_site_update(files["update"], site=site)
+        update.metrics = {k: float(v) for k, v in meta.get("metrics", {}).items()}
+        log.info("site %s: reusing cached update %s", site, key)
+        return PoolEntry(
+            update, load_file(str(files["ema"])), meta["ema_note"], key, True, float(meta["adapt_seconds"])
+        )

@@ -1,0 +1,520 @@
+"""The strategy registry: how the same site updates become the model(s) that get evaluated.
+
+Each strategy is a function of (shared start, site updates, typed options). The maths is
+written as pure functions on name-keyed tensors (tensors in, tensors out); the registry
+entries wrap them and say what each one costs and needs. A few strategies cannot be
+computed from the updates alone: ``recalibrate`` asks every site again (BN sums under the
+merged parameters), ``data-combination`` needs all targets' images in one place and
+``fedavg-rounds`` trains over several rounds. They reach the sites through
+:class:`SiteServices`, which the orchestrator provides, so the maths here stays pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from common.bnstats import BNSums
+from common.merging import MergeAccumulator, SiteUpdate, bn_layer_names, merge_updates, split_state
+
+__all__ = [
+    "STRATEGIES",
+    "MergeInputs",
+    "Outcome",
+    "SiteServices",
+    "Strategy",
+    "average_all",
+    "bn_keys",
+    "fedbn",
+    "gaussian",
+    "get_strategy",
+    "head_keys",
+    "interpolate",
+    "make_options",
+    "params_only",
+    "reference",
+    "separate_heads",
+    "task_arithmetic",
+    "task_vectors",
+    "ties",
+    "with_pooled_statistics",
+]
+
+State = dict[str, Tensor]
+BUFFER_RULES = ("average", "gaussian", "first")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def bn_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """Every tensor of every BN layer: affine weight and bias, running statistics, batch count."""
+    leaves = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    return [f"{layer}.{leaf}" for layer in bn_layer_names(state) for leaf in leaves if f"{layer}.{leaf}" in state]
+
+
+def head_keys(state: Mapping[str, Tensor], prefix: str = "classifier.") -> list[str]:
+    """The decode head's tensors (``Segmenter.classifier``), parameters and buffers alike."""
+    keys = [k for k in state if k.startswith(prefix)]
+    if not keys:
+        raise ValueError(f"no tensor starts with {prefix!r}: cannot separate the head")
+    return keys
+
+
+def _cast_like(values: Mapping[str, Tensor], template: Mapping[str, Tensor]) -> State:
+    return {k: values[k].to(template[k].dtype).reshape(template[k].shape) for k in template}
+
+
+def _check_updates(updates: Sequence[SiteUpdate]) -> None:
+    if not updates:
+        raise ValueError("no site updates to merge")
+
+
+# ----------------------------------------------------------------------------- plain merges
+
+
+def average_all(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> State:
+    """Every tensor averaged like a weight, BN statistics included: FedAvg's and the toolkits' rule."""
+    _check_updates(updates)
+    return merge_updates(base, updates, "uniform", "average")
+
+
+def params_only(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> State:
+    """Parameters averaged, the first site's BN statistics kept: the published default without buffer merging."""
+    _check_updates(updates)
+    return merge_updates(base, updates, "uniform", "first")
+
+
+def reference(base: Mapping[str, Tensor], ema_updates: Sequence[SiteUpdate]) -> State:
+    """The published buffer merge: Gaussian pooling with n = ``num_batches_tracked`` on EMA statistics.
+
+    Give it the updates whose buffers are the sites' EMA running statistics, as the
+    published code would find them in the checkpoints it merges.
+    """
+    _check_updates(ema_updates)
+    return merge_updates(base, ema_updates, "uniform", "reference")
+
+
+def gaussian(
+    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], weighting: str = "uniform", equal_sites: bool = False
+) -> State:
+    """Parameters averaged (``uniform`` or by ``counts``); BN statistics pooled as Gaussians.
+
+    With exact statistics and sample counts the pooled mean and variance are those of the
+    union of the sites' values (as each site's parameters saw them); ``equal_sites``
+    gives every site the same weight in that pooling instead of its sample count.
+    """
+    _check_updates(updates)
+    acc = MergeAccumulator(base, weighting, "gaussian", equal_site_stats=equal_sites)
+    for update in updates:
+        acc.add(update)
+    return acc.result()
+
+
+def _buffers_by_rule(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], rule: str) -> State:
+    if rule not in BUFFER_RULES:
+        raise ValueError(f"buffer rule must be one of {', '.join(BUFFER_RULES)}, not {rule!r}")
+    merged = merge_updates(base, updates, "uniform", rule)
+    _, buffers = split_state(merged)
+    return buffers
+
+
+# ----------------------------------------------------------------------------- task vectors
+
+
+def task_vectors(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> list[State]:
+    """τ_i = θ_i - θ₀ for every parameter (float64); BN statistics are not task vectors."""
+    params, _ = split_state(base)
+    return [{k: u.params[k].double() - params[k].double() for k in params} for u in updates]
+
+
+def task_arithmetic(
+    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], lam: float, buffers: str = "average"
+) -> State:
+    """θ₀ + λ Σ τ_i on the parameters; BN buffers by ``buffers`` (the toolkits average them)."""
+    _check_updates(updates)
+    params, _ = split_state(base)
+    taus = task_vectors(base, updates)
+    merged = {k: params[k].double() + lam * sum(t[k] for t in taus) for k in params}
+    merged.update(_buffers_by_rule(base, updates, buffers))
+    return _cast_like(merged, base)
+
+
+def _trim(tau: State, keep: float) -> State:
+    """Keep the top ``keep`` fraction of entries by magnitude over the whole task vector."""
+    flat = torch.cat([v.abs().reshape(-1) for v in tau.values()])
+    n_keep = max(1, round(keep * flat.numel()))
+    if n_keep >= flat.numel():
+        return dict(tau)
+    threshold = torch.kthvalue(flat, flat.numel() - n_keep + 1).values
+    return {k: torch.where(v.abs() >= threshold, v, torch.zeros_like(v)) for k, v in tau.items()}
+
+
+def ties(
+    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], k: float, lam: float, buffers: str = "average"
+) -> State:
+    """TIES-Merging: trim each τ_i to its top-k magnitudes, elect a sign, average the agreeing values.
+
+    Trimming is over the whole task vector (all parameters together), as in the TIES code;
+    the elected sign per entry is the sign of Σ_i τ̂_i; the merged entry is the mean of the
+    trimmed values with that sign (zero where none agrees); θ = θ₀ + λ τ_m.
+    """
+    _check_updates(updates)
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"ties: k (fraction of entries kept) must be in (0, 1], not {k}")
+    params, _ = split_state(base)
+    trimmed = [_trim(t, k) for t in task_vectors(base, updates)]
+    merged: State = {}
+    for key in params:
+        stack = torch.stack([t[key] for t in trimmed])
+        sign = torch.sign(stack.sum(0))
+        agree = (torch.sign(stack) == sign) & (stack != 0)
+        count = agree.sum(0)
+        mean = torch.where(agree, stack, torch.zeros_like(stack)).sum(0) / count.clamp_min(1)
+        merged[key] = params[key].double() + lam * mean
+    merged.update(_buffers_by_rule(base, updates, buffers))
+    return _cast_like(merged, base)
+
+
+# ----------------------------------------------------------------------------- per-domain models
+
+
+def fedbn(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> dict[str, State]:
+    """FedBN: everything but BN averaged; each domain keeps its own BN layers (affine and statistics)."""
+    _check_updates(updates)
+    shared = average_all(base, updates)
+    local = bn_keys(base)
+    return {u.site: {**shared, **{k: u.state_dict()[k].clone() for k in local}} for u in updates}
+
+
+def separate_heads(
+    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], head_prefix: str = "classifier."
+) -> dict[str, State]:
+    """Backbone merged (parameters averaged, BN Gaussian-pooled); each domain keeps its own decode head."""
+    shared = gaussian(base, updates)
+    heads = head_keys(base, head_prefix)
+    return {u.site: {**shared, **{k: u.state_dict()[k].clone() for k in heads}} for u in updates}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def with_pooled_statistics(state: Mapping[str, Tensor], pooled: Mapping[str, BNSums]) -> State:
+    """``state`` with every BN layer's running statistics replaced by the pooled sums' mean and variance."""
+    out = dict(state)
+    for layer in bn_layer_names(state):
+        if layer not in pooled:
+            raise KeyError(f"no pooled statistics for BN layer {layer!r}")
+        s = pooled[layer]
+        out[f"{layer}.running_mean"] = s.mean().to(state[f"{layer}.running_mean"].dtype)
+        out[f"{layer}.running_var"] = s.var().to(state[f"{layer}.running_var"].dtype)
+    return out
+
+
+def interpolate(a: SiteUpdate, b: SiteUpdate, alpha: float, buffers: str = "gaussian") -> State:
+    """The model at ``alpha`` on the line from site a (0) to site b (1).
+
+    Parameters: (1-alpha)·θ_a + alpha·θ_b. BN statistics: ``linear`` interpolates mean and variance
+    like weights; ``gaussian`` takes the moments of the mixture with weights (1-alpha, alpha), which
+    adds the between-model term alpha(1-alpha)(μ_a - μ_b)² to the variance. Both agree at the ends.
+    """
+    if buffers not in ("linear", "gaussian"):
+        raise ValueError(f"buffers must be linear or gaussian, not {buffers!r}")
+    sa, sb = a.state_dict(), b.state_dict()
+    out: State = {}
+    for key, va in sa.items():
+        vb = sb[key]
+        if key.endswith(".num_batches_tracked"):
+            out[key] = va.clone() if alpha < 0.5 else vb.clone()
+            continue
+        out[key] = ((1 - alpha) * va.double() + alpha * vb.double()).to(va.dtype)
+    if buffers == "gaussian":
+        for layer in bn_layer_names(sa):
+            ma, mb = sa[f"{layer}.running_mean"].double(), sb[f"{layer}.running_mean"].double()
+            va, vb = sa[f"{layer}.running_var"].double(), sb[f"{layer}.running_var"].double()
+            var = (1 - alpha) * va + alpha * vb + alpha * (1 - alpha) * (ma - mb) ** 2
+            out[f"{layer}.running_var"] = var.to(sa[f"{layer}.running_var"].dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+class SiteServices(Protocol):
+    """What a strategy may ask of the sites beyond their one-shot updates (see ``experiments.compare``)."""
+
+    def bn_sums(self, site: str, state: Mapping[str, Tensor], mode: str) -> tuple[dict[str, BNSums], int, float]:
+        """A site's BN sums under ``state`` on its own images, the bytes of that reply, and its seconds."""
+        ...
+
+    def combined(self) -> tuple[SiteUpdate, dict[str, int], float]:
+        """One model adapted on every target's images together, the image bytes each site gave up, seconds."""
+        ...
+
+    def fedavg(self, rounds: int, split_steps: bool, buffers: str) -> Outcome:
+        """FedAvg over ``rounds`` rounds of the same local method, through Flower."""
+        ...
+
+
+@dataclass
+class MergeInputs:
+    """The same inputs for every strategy: the shared start and each site's one update."""
+
+    base: State  # the source model every site started from
+    updates: list[SiteUpdate]  # exact statistics and sample counts, in the config's site order
+    ema_updates: list[SiteUpdate]  # same parameters, the EMA running statistics the published code would see
+    update_bytes: dict[str, int]  # what each site's update weighs on the wire
+    adapt_seconds: dict[str, float]  # each site's adaptation time
+    sites: SiteServices | None = None
+
+    def update(self, site: str) -> SiteUpdate:
+        for u in self.updates:
+            if u.site == site:
+                return u
+        raise KeyError(f"no update from site {site!r}; sites: {', '.join(u.site for u in self.updates)}")
+
+
+@dataclass
+class Outcome:
+    """A strategy's result: one model, or one per domain (the domain must then be known at test time)."""
+
+    state: State | None = None
+    per_site: dict[str, State] | None = None
+    rounds: int = 1
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # site -> bytes it sent, all rounds
+    site_seconds: float = 0.0  # site-side compute on the critical path (the slowest site), all rounds
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    run: Callable[[MergeInputs, Any], Outcome]
+    options: type
+    needs: str  # what it needs beyond one update per site
+    test_time_domain: bool = False
+    summary: str = ""
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(
+    name: str, options: type, needs: str = "", test_time_domain: bool = False, summary: str = ""
+) -> Callable[[Callable[[MergeInputs, Any], Outcome]], Callable[[MergeInputs, Any], Outcome]]:
+    def wrap(fn: Callable[[MergeInputs, Any], Outcome]) -> Callable[[MergeInputs, Any], Outcome]:
+        STRATEGIES[name] = Strategy(name, fn, options, needs, test_time_domain, summary)
+        return fn
+
+    return wrap
+
+
+_ALIASES = {"lambda": "lam"}
+
+
+def make_options(strategy: Strategy, options: Mapping[str, Any]) -> Any:
+    """The strategy's typed options from kebab- or snake-case keys; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(strategy.options)}
+    kwargs = {}
+    for key, value in options.items():
+        name = _ALIASES.get(key, key.replace("-", "_"))
+        if name not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise ValueError(f"strategy {strategy.name!r} has no option {key!r}; options: {known}")
+        kwargs[name] = value
+    return strategy.options(**kwargs)
+
+
+def get_strategy(name: str) -> tuple[Strategy, dict[str, Any]]:
+    """The registered strategy for ``name``; ``single:<site>`` also returns ``{"site": <site>}``."""
+    head, sep, arg = name.partition(":")
+    if head not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    if head == "single":
+        if not sep or not arg:
+            raise ValueError("strategy 'single' needs a site: single:<site>")
+        return STRATEGIES[head], {"site": arg}
+    if sep:
+        raise ValueError(f"strategy {head!r} takes no ':' argument")
+    return STRATEGIES[head], {}
+
+
+def _one_shot(inputs: MergeInputs, state: State, notes: str = "") -> Outcome:
+    return Outcome(
+        state=state,
+        rounds=1,
+        bytes_sent=dict(inputs.update_bytes),
+        site_seconds=max(inputs.adapt_seconds.values()),
+        notes=notes,
+    )
+
+
+def _services(inputs: MergeInputs, strategy: str) -> SiteServices:
+    if inputs.sites is None:
+        raise ValueError(f"strategy {strategy!r} needs the sites again; no SiteServices were given")
+    return inputs.sites
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class SingleOptions:
+    site: str
+
+
+@dataclass(frozen=True)
+class TaskArithmeticOptions:
+    lam: float = 0.3  # the scaling the Task Arithmetic paper found best on its tasks
+    buffers: str = "average"
+
+
+@dataclass(frozen=True)
+class TiesOptions:
+    k: float = 0.2  # fraction of each task vector kept (TIES's default top-20%)
+    lam: float = 1.0
+    buffers: str = "average"
+
+
+@dataclass(frozen=True)
+class RecalibrateOptions:
+    mode: str = "batch"  # how the sites' statistics pass normalises (BNStatsConfig.mode)
+
+
+@dataclass(frozen=True)
+class SeparateHeadsOptions:
+    head_prefix: str = "classifier."
+
+
+@dataclass(frozen=True)
+class FedAvgOptions:
+    rounds: int = 3
+    split_steps: bool = True  # divide the method's ``steps`` over the rounds: same local compute in all
+    buffers: str = "gaussian"  # how the server pools BN statistics each round
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"fedavg-rounds: rounds must be at least 1, not {self.rounds}")
+
+
+@register("source-only", NoOptions, "nothing", summary="the shared start, unadapted")
+def _source_only(inputs: MergeInputs, options: NoOptions) -> Outcome:
+    return Outcome(state=dict(inputs.base), rounds=0)
+
+
+@register("single", SingleOptions, "one site's update", summary="one site's adapted model, used everywhere")
+def _single(inputs: MergeInputs, options: SingleOptions) -> Outcome:
+    update = inputs.update(options.site)
+    return Outcome(
+        state=update.state_dict(),
+        rounds=1,
+        bytes_sent={options.site: inputs.update_bytes[options.site]},
+        site_seconds=inputs.adapt_seconds[options.site],
+    )
+
+
+@register("average", NoOptions, summary="every tensor averaged like weights (FedAvg, merging toolkits)")
+def _average(inputs: MergeInputs, options: NoOptions) -> Outcome:
+    return _one_shot(inputs, average_all(inputs.base, inputs.updates))
+
+
+@register("params-only", NoOptions, summary="parameters averaged, site 1's BN statistics kept")
+def _params_only(inputs: MergeInputs, options: NoOptions) -> Outcome:
+    return _one_shot(inputs, params_only(inputs.base, inputs.updates), f"BN statistics of {inputs.updates[0].site}")
+
+
+@register("reference", NoOptions, summary="published rule: BN pooled with n = num_batches_tracked on EMA statistics")
+def _reference(inputs: MergeInputs, options: NoOptions) -> Outcome:
+    return _one_shot(inputs, reference(inputs.base, inputs.ema_updates), "EMA statistics, n = num_batches_tracked")
+
+
+@register("gaussian", NoOptions, summary="ours: exact statistics pooled by sample counts")
+def _gaussian(inputs: MergeInputs, options: NoOptions) -> Outcome:
+    return _one_shot(inputs, gaussian(inputs.base, inputs.updates))
+
+
+@register("gaussian-equal", NoOptions, summary="exact statistics pooled, every site weighted equally")
+def _gaussian_equal(inputs: MergeInputs, options: NoOptions) -> Outcome:
+    return _one_shot(inputs, gaussian(inputs.base, inputs.updates, equal_sites=True))
+
+
+@register("weighted", NoOptions, summary="parameters weighted by image counts; statistics pooled by counts")
+def _weighted(inputs: MergeInputs, options: NoOptions) -> Outcome:
+    return _one_shot(inputs, gaussian(inputs.base, inputs.updates, weighting="counts"))
+
+
+@register("task-arithmetic", TaskArithmeticOptions, "the shared start", summary="θ₀ + λ Σ τ_i")
+def _task_arithmetic(inputs: MergeInputs, options: TaskArithmeticOptions) -> Outcome:
+    state = task_arithmetic(inputs.base, inputs.updates, options.lam, options.buffers)
+    return _one_shot(inputs, state, f"λ={options.lam:g}, BN {options.buffers}")
+
+
+@register("ties", TiesOptions, "the shared start", summary="TIES: trim top-k, elect sign, disjoint mean, λ")
+def _ties(inputs: MergeInputs, options: TiesOptions) -> Outcome:
+    state = ties(inputs.base, inputs.updates, options.k, options.lam, options.buffers)
+    return _one_shot(inputs, state, f"k={options.k:g}, λ={options.lam:g}, BN {options.buffers}")
+
+
+@register("fedbn", NoOptions, test_time_domain=True, summary="BN layers stay local; the rest averaged")
+def _fedbn(inputs: MergeInputs, options: NoOptions) -> Outcome:
+    outcome = _one_shot(inputs, {})
+    outcome.state, outcome.per_site = None, fedbn(inputs.base, inputs.updates)
+    return outcome
+
+
+@register("separate-heads", SeparateHeadsOptions, test_time_domain=True, summary="backbone merged, heads per domain")
+def _separate_heads(inputs: MergeInputs, options: SeparateHeadsOptions) -> Outcome:
+    outcome = _one_shot(inputs, {})
+    outcome.state, outcome.per_site = None, separate_heads(inputs.base, inputs.updates, options.head_prefix)
+    return outcome
+
+
+@register(
+    "recalibrate", RecalibrateOptions, "a second round: BN sums under the merged parameters",
+    summary="merged parameters go back; sites return Σx, Σx², n per BN channel; the server pools them",
+)  # fmt: skip
+def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
+    from server.strategy import pool_bn_sums  # the real strategy's pooling, so both compute the same thing
+
+    services = _services(inputs, "recalibrate")
+    merged = gaussian(inputs.base, inputs.updates)
+    layers = bn_layer_names(merged)
+    pooled: dict[str, BNSums] = {}
+    outcome = _one_shot(inputs, merged)
+    second_round = 0.0
+    for update in inputs.updates:
+        sums, nbytes, seconds = services.bn_sums(update.site, merged, options.mode)
+        pool_bn_sums(pooled, sums, layers, update.site)
+        outcome.bytes_sent[update.site] += nbytes
+        second_round = max(second_round, seconds)
+    outcome.state = with_pooled_statistics(merged, pooled)
+    outcome.rounds, outcome.site_seconds = 2, outcome.site_seconds + second_round
+    outcome.notes = f"second round: {options.mode}-mode BN sums"
+    return outcome
+
+
+@register(
+    "data-combination", NoOptions, "all targets' images in one place (not private)",
+    summary="one model adapted on every target's images together",
+)  # fmt: skip
+def _data_combination(inputs: MergeInputs, options: NoOptions) -> Outcome:
+    update, image_bytes, seconds = _services(inputs, "data-combination").combined()
+    return Outcome(
+        state=update.state_dict(),
+        rounds=0,
+        bytes_sent=image_bytes,
+        site_seconds=seconds,
+        notes="bytes: the sites' images (uint8 RGB)",
+    )
+
+
+@register("fedavg-rounds", FedAvgOptions, "R training rounds", summary="Flower FedAvg over R rounds, same method")
+def _fedavg_rounds(inputs: MergeInputs, options: FedAvgOptions) -> Outcome:
+    return _services(inputs, "fedavg-rounds").fedavg(options.rounds, options.split_steps, options.buffers)

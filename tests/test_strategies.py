@@ -1,0 +1,241 @@
+"""The strategies' maths on tiny models and hand-made tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import ConcatDataset
+
+from clients.site import SiteJob, adapt_site
+from common.bnstats import BNStatsConfig, collect_bn_sums
+from common.data import DataSpec, build_dataset, image_batches
+from common.merging import SiteUpdate, bn_layer_names, split_state
+from common.models import build_model
+from experiments.compare import LocalSites
+from experiments.config import ExperimentConfig
+from experiments.pool import SourceBundle
+from experiments.strategies import (
+    STRATEGIES,
+    MergeInputs,
+    average_all,
+    fedbn,
+    gaussian,
+    get_strategy,
+    head_keys,
+    interpolate,
+    make_options,
+    separate_heads,
+    task_arithmetic,
+    ties,
+)
+
+SIZE = (16, 24)
+BATCH = 2
+
+
+def _data(style: str, n: int):
+    return build_dataset(DataSpec("synthetic", domain=style, num_images=n, size=SIZE, seed=3))
+
+
+@pytest.fixture(scope="module")
+def source() -> SourceBundle:
+    torch.manual_seed(0)
+    model = build_model("tiny_unet", 9)
+    # Non-trivial BN statistics and affine parameters, so that every merge rule gives a different answer.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "weight" in name and p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return SourceBundle(state, "tiny_unet", [str(i) for i in range(9)], __import__("pathlib").Path("none"), "fp")
+
+
+@pytest.fixture(scope="module")
+def site_data():
+    return {"fog": _data("fog", 4), "night": _data("night", 6)}
+
+
+@pytest.fixture(scope="module")
+def adabn_updates(source, site_data) -> list[SiteUpdate]:
+    """AdaBN at two sites: identical parameters, exact statistics of each site's images."""
+    return [
+        adapt_site(source.model(), data, SiteJob(site, "adabn", batch_size=BATCH)) for site, data in site_data.items()
+    ]
+
+
+def _update(site: str, base: dict[str, torch.Tensor], seed: int, n: int) -> SiteUpdate:
+    """A hand-made update: every float tensor moved at random, variances kept positive."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in base.items():
+        if not value.is_floating_point():
+            state[key] = value.clone() + seed
+        elif key.endswith("running_var"):
+            state[key] = value + torch.rand(value.shape, generator=gen)
+        else:
+            state[key] = value + torch.randn(value.shape, generator=gen)
+    params, buffers = split_state(state)
+    counts = {layer: torch.full((base[f"{layer}.running_mean"].numel(),), n, dtype=torch.int64)
+              for layer in bn_layer_names(base)}  # fmt: skip
+    return SiteUpdate(site, params, buffers, counts, n)
+
+
+def _inputs(source: SourceBundle, updates: list[SiteUpdate], sites=None) -> MergeInputs:
+    return MergeInputs(source.state, updates, updates, {u.site: 1 for u in updates}, {u.site: 1.0 for u in updates},
+                       sites)  # fmt: skip
+
+
+def test_gaussian_with_identical_parameters_reproduces_the_pooled_statistics(source, site_data, adabn_updates):
+    merged = gaussian(source.state, adabn_updates)
+    pooled_images = ConcatDataset(list(site_data.values()))  # sizes are multiples of BATCH: the same batches
+    sums = collect_bn_sums(source.model(), image_batches(pooled_images, BATCH), BNStatsConfig("batch"))
+    for layer, s in sums.items():
+        torch.testing.assert_close(merged[f"{layer}.running_mean"], s.mean().float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(merged[f"{layer}.running_var"], s.var().float(), rtol=1e-5, atol=1e-6)
+    # and not what plain averaging gives: the sites' statistics really differ
+    avg = average_all(source.state, adabn_updates)
+    layer = next(iter(sums))
+    assert not torch.allclose(avg[f"{layer}.running_var"], merged[f"{layer}.running_var"], rtol=1e-3)
+
+
+def test_average_differs_from_gaussian_exactly_by_the_between_site_term(source):
+    updates = [_update(f"s{i}", source.state, seed=i + 1, n=50) for i in range(3)]  # equal counts
+    avg, gauss = average_all(source.state, updates), gaussian(source.state, updates)
+    for layer in bn_layer_names(source.state):
+        means = torch.stack([u.buffers[f"{layer}.running_mean"].double() for u in updates])
+        between = ((means - means.mean(0)) ** 2).mean(0)
+        torch.testing.assert_close(gauss[f"{layer}.running_mean"], avg[f"{layer}.running_mean"])
+        diff = gauss[f"{layer}.running_var"].double() - avg[f"{layer}.running_var"].double()
+        torch.testing.assert_close(diff, between, rtol=1e-4, atol=1e-5)
+        assert bool((between > 0).all())
+    params, _ = split_state(source.state)
+    for key in params:
+        torch.testing.assert_close(gauss[key], avg[key])
+
+
+def test_count_weighting_tilts_statistics_and_equal_weighting_does_not(source):
+    small, large = _update("small", source.state, 1, n=10), _update("large", source.state, 2, n=90)
+    layer = bn_layer_names(source.state)[0]
+    mu_s, mu_l = small.buffers[f"{layer}.running_mean"], large.buffers[f"{layer}.running_mean"]
+    counted = gaussian(source.state, [small, large])[f"{layer}.running_mean"]
+    equal = gaussian(source.state, [small, large], equal_sites=True)[f"{layer}.running_mean"]
+    torch.testing.assert_close(counted, 0.1 * mu_s + 0.9 * mu_l)
+    torch.testing.assert_close(equal, 0.5 * mu_s + 0.5 * mu_l)
+
+
+@pytest.mark.parametrize("mode,sizes", [("eval", (3, 5)), ("batch", (4, 6))])
+def test_recalibrate_equals_statistics_of_the_pooled_images_under_the_merged_parameters(source, mode, sizes):
+    data = {"fog": _data("fog", sizes[0]), "night": _data("night", sizes[1])}
+    updates = [_update("fog", source.state, 1, sizes[0]), _update("night", source.state, 2, sizes[1])]
+    raw = {
+        "source": {"checkpoint": "unused.safetensors"},
+        "method": {"name": "adabn", "batch-size": BATCH},
+        "sites": [{"name": s, "data": "synthetic"} for s in data],
+        "eval": [{"domain": "fog", "data": "synthetic"}],
+    }
+    config = ExperimentConfig.from_dict(raw, "t")
+    services = LocalSites(config, source, pool=None, data=data, cache_dir=None)  # type: ignore[arg-type]
+    strategy, _ = get_strategy("recalibrate")
+    outcome = strategy.run(_inputs(source, updates, services), make_options(strategy, {"mode": mode}))
+    merged = gaussian(source.state, updates)
+    sums = collect_bn_sums(source.model(merged), image_batches(ConcatDataset(list(data.values())), BATCH),
+                           BNStatsConfig(mode))  # fmt: skip
+    for layer, s in sums.items():
+        torch.testing.assert_close(outcome.state[f"{layer}.running_mean"], s.mean().float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(outcome.state[f"{layer}.running_var"], s.var().float(), rtol=1e-5, atol=1e-6)
+    params, _ = split_state(merged)
+    for key in params:
+        torch.testing.assert_close(outcome.state[key], merged[key])
+    assert outcome.rounds == 2
+    assert all(outcome.bytes_sent[s] > 1 for s in data)  # the update plus the second reply
+
+
+def test_task_arithmetic_with_lambda_one_over_m_is_the_uniform_average(source):
+    updates = [_update(f"s{i}", source.state, seed=i + 1, n=10 * (i + 1)) for i in range(4)]
+    ta = task_arithmetic(source.state, updates, lam=1 / 4, buffers="average")
+    avg = average_all(source.state, updates)
+    for key in avg:
+        torch.testing.assert_close(ta[key].double(), avg[key].double(), rtol=1e-5, atol=1e-5)
+    other = task_arithmetic(source.state, updates, lam=0.5, buffers="average")
+    key = next(k for k in split_state(source.state)[0])
+    assert not torch.allclose(other[key], avg[key])
+
+
+def _ties_pair(t1: dict[str, list[float]], t2: dict[str, list[float]]) -> list[SiteUpdate]:
+    return [SiteUpdate(s, {k: torch.tensor(v) for k, v in t.items()}, {}, {}, 1) for s, t in (("x", t1), ("y", t2))]
+
+
+def test_ties_trims_elects_signs_and_takes_the_disjoint_mean():
+    base = {"a.weight": torch.zeros(4), "b.weight": torch.zeros(2)}
+    # k = 0.5 keeps 3 of the 6 entries of each task vector, ranked over both tensors together:
+    # τ̂1 = [1.5, 0, 0, 2 | 0, -5]; τ̂2 = [0, -4, 0, -2.5 | 0, 6]   (τ2's -2 is trimmed)
+    # elected sign = sign of Σ τ̂ = [+, -, 0, -, 0, +]  (the untrimmed sum would elect - at entry 0)
+    # disjoint mean over the values agreeing with it = [1.5, -4, 0, -2.5 | 0, 6]
+    updates = _ties_pair(
+        {"a.weight": [1.5, -1.0, 0.5, 2.0], "b.weight": [0.2, -5.0]},
+        {"a.weight": [-2.0, -4.0, 1.0, -2.5], "b.weight": [0.3, 6.0]},
+    )
+    merged = ties(base, updates, k=0.5, lam=1.0)
+    torch.testing.assert_close(merged["a.weight"], torch.tensor([1.5, -4.0, 0.0, -2.5]))
+    torch.testing.assert_close(merged["b.weight"], torch.tensor([0.0, 6.0]))
+    # trimming ranks the whole task vector, not each tensor: here τ1's b entries push its 1.5 out
+    updates = _ties_pair(
+        {"a.weight": [1.5, -1.0, 0.5, 2.0], "b.weight": [4.0, -5.0]},
+        {"a.weight": [-2.0, -4.0, 1.0, -2.5], "b.weight": [0.3, 6.0]},
+    )
+    merged = ties(base, updates, k=0.5, lam=1.0)
+    torch.testing.assert_close(merged["a.weight"], torch.tensor([0.0, -4.0, 0.0, -2.5]))
+    torch.testing.assert_close(merged["b.weight"], torch.tensor([4.0, 6.0]))
+    # agreeing values are averaged; λ scales the merged task vector
+    updates = _ties_pair(
+        {"a.weight": [2.0, 0, 0, 0], "b.weight": [0, 0]}, {"a.weight": [4.0, 0, 0, 0], "b.weight": [0, 0]}
+    )
+    torch.testing.assert_close(ties(base, updates, k=1 / 6, lam=0.5)["a.weight"], torch.tensor([1.5, 0.0, 0.0, 0.0]))
+
+
+def test_fedbn_and_separate_heads_keep_each_domains_own_parts(source):
+    updates = [_update("fog", source.state, 1, 10), _update("night", source.state, 2, 30)]
+    per_site = fedbn(source.state, updates)
+    avg = average_all(source.state, updates)
+    layer = bn_layer_names(source.state)[0]
+    conv = next(k for k in source.state if k.endswith(".weight") and source.state[k].dim() == 4)
+    for u in updates:
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            torch.testing.assert_close(per_site[u.site][f"{layer}.{leaf}"], u.state_dict()[f"{layer}.{leaf}"])
+        torch.testing.assert_close(per_site[u.site][conv], avg[conv])
+    heads = separate_heads(source.state, updates)
+    merged = gaussian(source.state, updates)
+    for u in updates:
+        for key in head_keys(source.state):
+            torch.testing.assert_close(heads[u.site][key], u.state_dict()[key])
+        torch.testing.assert_close(heads[u.site][conv], merged[conv])
+    assert STRATEGIES["fedbn"].test_time_domain and STRATEGIES["separate-heads"].test_time_domain
+
+
+def test_interpolation_ends_at_the_sites_and_the_gaussian_rule_adds_the_spread(source):
+    a, b = _update("a", source.state, 1, 10), _update("b", source.state, 2, 10)
+    for rule in ("linear", "gaussian"):
+        for key, value in interpolate(a, b, 0.0, rule).items():
+            torch.testing.assert_close(value, a.state_dict()[key])
+        for key, value in interpolate(a, b, 1.0, rule).items():
+            torch.testing.assert_close(value, b.state_dict()[key])
+    layer = bn_layer_names(source.state)[0]
+    lin, gau = interpolate(a, b, 0.5, "linear"), interpolate(a, b, 0.5, "gaussian")
+    spread = 0.25 * (a.buffers[f"{layer}.running_mean"] - b.buffers[f"{layer}.running_mean"]) ** 2
+    torch.testing.assert_close(gau[f"{layer}.running_var"] - lin[f"{layer}.running_var"], spread, rtol=1e-4, atol=1e-6)
+    # at alpha = 1/2 with equal counts the Gaussian point is the gaussian merge
+    torch.testing.assert_close(gau[f"{layer}.running_var"], gaussian(source.state, [a, b])[f"{layer}.running_var"])
+
+
+def test_registry_options_are_typed_and_checked():
+    strategy, implied = get_strategy("single:fog")
+    assert make_options(strategy, implied).site == "fog"
+    ties_strategy, _ = get_strategy("ties")
+    options = make_options(ties_strategy, {"k": 0.1, "lambda": 0.7})
+    assert (options.k, options.lam) == (0.1, 0.7)
+    with pytest.raises(ValueError, match="no option"):
+        make_options(ties_strategy, {"topk": 0.1})
+    with pytest.raises(ValueError, match="unknown strategy"):
+        get_strategy("soup")
+    with pytest.raises(ValueError, match=r"k \(fraction"):
+        ties({"w": torch.zeros(1)}, [SiteUpdate("x", {"w": torch.ones(1)}, {}, {}, 1)], k=0.0, lam=1.0)

@@ -6,17 +6,28 @@ scalars leave the site (see ``common.wire``); images and labels never do.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.config import SiteConfig
 from clients.site import adapt_site, recalibration_sums
-from common.data import build_dataset
+from common.data import DataSpec, build_dataset
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
 from common.models import Segmenter, build_model
 from common.wire import sums_to_records, update_to_records
 
 app = ClientApp()
+
+
+def _site_config(context: Context) -> SiteConfig:
+    """The site's config; in simulation a run-config ``site-data`` list may give each partition its own data."""
+    config = SiteConfig.from_flower(context.run_config, context.node_config)
+    specs = [s.strip() for s in str(context.run_config.get("site-data", "")).split(";") if s.strip()]
+    if specs and "partition-id" in context.node_config:
+        config = replace(config, data=DataSpec.parse(specs[int(context.node_config["partition-id"])]))
+    return config
 
 
 def _global_model(msg: Message, config: SiteConfig) -> Segmenter:
@@ -54,7 +65,7 @@ def _initial_model(msg: Message, config: SiteConfig) -> Segmenter:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = SiteConfig.from_flower(context.run_config, context.node_config)
+    config = _site_config(context)
     model = _initial_model(msg, config)
     if config.source is not None:
         config.job.context.source = build_dataset(config.source)
@@ -65,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def recalibrate(msg: Message, context: Context) -> Message:
     """Second round: BN sums under the merged parameters, and nothing else."""
-    config = SiteConfig.from_flower(context.run_config, context.node_config)
+    config = _site_config(context)
     model = _global_model(msg, config)
     target = build_dataset(config.data)
     mode = str(msg.content["config"].get("bn-mode", "batch")) if "config" in msg.content else "batch"

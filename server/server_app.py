@@ -99,4 +99,10 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_merge(grid, ServerConfig.from_run_config(context.run_config))
+    config = ServerConfig.from_run_config(context.run_config)
+    if str(context.run_config.get("strategy", "one-shot")) == "fedavg":  # the multi-round baseline
+        from server.fedavg import run_fedavg
+
+        run_fedavg(grid, config, int(context.run_config.get("num-rounds", 1)))
+        return
+    run_merge(grid, config)

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "fedmerge.commands.merge",
     "fedmerge.commands.evaluate",
     "fedmerge.commands.simulate",
+    "fedmerge.commands.compare",
     "fedmerge.commands.deploy",
 ]
 

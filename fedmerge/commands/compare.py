@@ -1,0 +1,53 @@
+"""``fedmerge compare``: every merging strategy on the same site updates, scored on the same data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from fedmerge.tables import markdown_table
+
+
+def compare(args: argparse.Namespace) -> int:
+    from experiments.compare import run_compare
+    from experiments.config import ExperimentConfig, resolve_config_path
+    from experiments.plots import write_plots
+    from experiments.report import write_results
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the Flower processes of fedavg-rounds inherit it
+    out_dir = Path(args.out_dir).resolve()
+    config = ExperimentConfig.load(resolve_config_path(args.config), args.data_root)
+    cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else out_dir / "cache"
+    result = run_compare(config, cache_dir)
+    plots = write_plots(result, out_dir)
+    command = "fedmerge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.record_command else ""
+    paths = write_results(result, out_dir, command, plots)
+    domains = [e.domain for e in config.eval_sets]
+    rows = [[r.label, *[f"{100 * r.per_domain[d]:.1f}" for d in domains], f"{100 * r.harmonic_mean:.1f}"]
+            for r in result.rows]  # fmt: skip
+    print(markdown_table(["strategy (mIoU %)", *domains, "H"], rows))
+    print(
+        f"\n{result.wall_seconds:.0f} s; wrote {', '.join(p.name for p in paths)} and {', '.join(plots)} to {out_dir}"
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from experiments.config import list_configs
+
+    p = sub.add_parser("compare", help="compare merging strategies on the same cached site updates")
+    p.add_argument("--config", required=True, help=f"a TOML file or a shipped name: {', '.join(list_configs())}")
+    p.add_argument("--out-dir", required=True, help="where results.{json,csv,md} and the plots go")
+    p.add_argument("--data-root", help="fills {data_root} in the config's data specs (e.g. the CamVid folder)")
+    p.add_argument("--cache-dir", help="where site updates are cached (default: OUT_DIR/cache)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-record-command", dest="record_command", action="store_false",
+                   help="leave the command line out of results.md")  # fmt: skip
+    p.set_defaults(func=compare)

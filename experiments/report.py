@@ -123,6 +123,7 @@ def results_markdown(result: CompareResult, command: str = "", plots: list[str] 
     notes = [(r.label, r.notes) for r in result.rows if r.notes]
     if notes:
         lines += ["Notes per strategy:", ""] + [f"- `{label}`: {note}" for label, note in notes] + [""]
+    lines += _weighting_section(result)
     lines += _reading_notes(result)
     if result.lmc is not None:
         lmc = result.lmc
@@ -146,6 +147,38 @@ def results_markdown(result: CompareResult, command: str = "", plots: list[str] 
     for plot in plots or []:
         lines += [f"![{plot}]({plot})", ""]
     return "\n".join(lines)
+
+
+def _weighting_section(result: CompareResult) -> list[str]:
+    """Count-weighted vs equally weighted pooling of the statistics, domain by domain, beside the site sizes.
+
+    Count weighting tilts the merged statistics toward the larger sites; whether that helps
+    or hurts a domain is a measurement, so the section shows it rather than asserting it.
+    """
+    rows = {r.label: r for r in result.rows}
+    if "gaussian" not in rows or "gaussian-equal" not in rows:
+        return []
+    counted, equal = rows["gaussian"], rows["gaussian-equal"]
+    sizes = {s.name: s.num_examples for s in result.sites}
+    table = []
+    for e in result.config.eval_sets:
+        c, q = counted.per_domain[e.domain], equal.per_domain[e.domain]
+        better = "counts" if c > q else "equal" if q > c else "tie"
+        table.append([e.domain, sizes.get(e.site, "-"), f"{_pct(c):.1f}", f"{_pct(q):.1f}",
+                      f"{_pct(c) - _pct(q):+.1f}", better])  # fmt: skip
+    table.append(["H", sum(sizes.values()), f"{_pct(counted.harmonic_mean):.1f}", f"{_pct(equal.harmonic_mean):.1f}",
+                  f"{_pct(counted.harmonic_mean) - _pct(equal.harmonic_mean):+.1f}",
+                  "counts" if counted.harmonic_mean > equal.harmonic_mean else "equal"])  # fmt: skip
+    return [
+        "## Statistics pooled by sample counts or with equal site weights",
+        "",
+        "Same parameters (uniform average) in both; only the weight of each site's exact statistics differs.",
+        "",
+        markdown_table(
+            ["domain", "site images", "gaussian (counts)", "gaussian-equal", "counts - equal", "better"], table
+        ),
+        "",
+    ]
 
 
 def _reading_notes(result: CompareResult) -> list[str]:

@@ -344,9 +344,13 @@ def get_strategy(name: str) -> tuple[Strategy, dict[str, Any]]:
     return STRATEGIES[head], {}
 
 
-def _one_shot(inputs: MergeInputs, state: State, notes: str = "") -> Outcome:
+def _one_shot(
+    inputs: MergeInputs, state: State | None, notes: str = "", per_site: dict[str, State] | None = None
+) -> Outcome:
+    """One round: every site sent its update once."""
     return Outcome(
         state=state,
+        per_site=per_site,
         rounds=1,
         bytes_sent=dict(inputs.update_bytes),
         site_seconds=max(inputs.adapt_seconds.values()),
@@ -464,16 +468,12 @@ def _ties(inputs: MergeInputs, options: TiesOptions) -> Outcome:
 
 @register("fedbn", NoOptions, test_time_domain=True, summary="BN layers stay local; the rest averaged")
 def _fedbn(inputs: MergeInputs, options: NoOptions) -> Outcome:
-    outcome = _one_shot(inputs, {})
-    outcome.state, outcome.per_site = None, fedbn(inputs.base, inputs.updates)
-    return outcome
+    return _one_shot(inputs, None, per_site=fedbn(inputs.base, inputs.updates))
 
 
 @register("separate-heads", SeparateHeadsOptions, test_time_domain=True, summary="backbone merged, heads per domain")
 def _separate_heads(inputs: MergeInputs, options: SeparateHeadsOptions) -> Outcome:
-    outcome = _one_shot(inputs, {})
-    outcome.state, outcome.per_site = None, separate_heads(inputs.base, inputs.updates, options.head_prefix)
-    return outcome
+    return _one_shot(inputs, None, per_site=separate_heads(inputs.base, inputs.updates, options.head_prefix))
 
 
 @register(

@@ -8,6 +8,7 @@ process we start is stopped by its PID, and Flower's state lives in a private FL
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -21,10 +22,19 @@ from pathlib import Path
 import psutil
 import tomli_w
 
-__all__ = ["PROJECT_ROOT", "FlowerEnv", "Process", "free_port", "simulation_env", "wait_for_port"]
+__all__ = [
+    "PROJECT_ROOT",
+    "FlowerEnv",
+    "Process",
+    "format_node_config",
+    "free_port",
+    "simulation_env",
+    "wait_for_port",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _BIN = Path(sys.executable).parent
+NodeConfigValue = str | int | float | bool
 
 
 def free_port() -> int:
@@ -63,12 +73,26 @@ class Process:
     def pid(self) -> int:
         return self.popen.pid
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Stop the process and every descendant, detached ones included (Flower detaches its SuperExec)."""
-        procs: list[psutil.Process] = []
+    def tree(self) -> list[psutil.Process]:
+        """The process and its descendants, detached ones included (Flower detaches its SuperExec)."""
         with contextlib.suppress(psutil.NoSuchProcess):
             root = psutil.Process(self.popen.pid)
-            procs = [root, *root.children(recursive=True)]
+            return [root, *root.children(recursive=True)]
+        return []
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree at once, with no chance to say goodbye: a site that crashes mid-work."""
+        procs = self.tree()
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(procs, timeout=5.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(1)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the process and every descendant: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        procs = self.tree()
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             alive = [p for p in procs if _alive(p)]
             for p in alive:
@@ -92,11 +116,12 @@ class FlowerEnv:
     def __post_init__(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
 
-    def env(self) -> dict[str, str]:
+    def env(self, home: Path | None = None) -> dict[str, str]:
+        """The environment of every Flower process; ``home`` gives a SuperNode its own FLWR_HOME."""
         env = dict(os.environ)
         env.update(
             {
-                "FLWR_HOME": str(self.home),
+                "FLWR_HOME": str(home or self.home),
                 "FLWR_TELEMETRY_ENABLED": "0",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -107,17 +132,19 @@ class FlowerEnv:
         )
         return env
 
-    def spawn(self, name: str, args: Sequence[str]) -> Process:
-        log_path = self.home / f"{name}.log"
+    def spawn(self, name: str, args: Sequence[str], home: Path | None = None) -> Process:
+        """Start ``args`` in its own session, logging to ``<home>/<name>.log``, cwd and FLWR_HOME ``home``."""
+        home = home or self.home
+        log_path = home / f"{name}.log"
         with log_path.open("w") as log:
             popen = subprocess.Popen(
                 [str(_BIN / args[0]), *args[1:]],
-                env=self.env(),
+                env=self.env(home),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                cwd=self.home,
+                cwd=home,
             )
         proc = Process(name, popen, log_path)
         self.processes.append(proc)
@@ -172,6 +199,62 @@ class FlowerEnv:
         config.setdefault("superlink", {})[name] = entry
         path.write_text(tomli_w.dumps(config))
 
+    def supernode(
+        self,
+        name: str,
+        superlink_port: int,
+        node_config: Mapping[str, NodeConfigValue],
+        *,
+        root_cert: Path | None = None,
+        auth_key: Path | None = None,
+    ) -> Process:
+        """Start ``flower-supernode`` with its own FLWR_HOME and ClientApp port; TLS when ``root_cert``."""
+        home = self.home / "supernodes" / name
+        home.mkdir(parents=True, exist_ok=True)
+        args = [
+            "flower-supernode",
+            "--superlink", f"127.0.0.1:{superlink_port}",
+            "--port", str(free_port()),
+            "--node-config", format_node_config(node_config),
+        ]  # fmt: skip
+        args += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
+        if auth_key is not None:
+            args += ["--auth-supernode-private-key", str(auth_key)]
+        return self.spawn(name, args, home)
+
+    def register_supernode(self, public_key: Path, connection: str, name: str = "") -> int:
+        """``flwr supernode register``: allow this key to connect; returns the node id it will get."""
+        args = ["supernode", "register", str(public_key), connection, "--format", "json"]
+        log_name = f"register-{public_key.stem}"
+        result = self.flwr([*args, *(["--name", name] if name else [])], timeout=60, log_name=log_name)
+        reply = _json_tail(result)
+        if result.returncode != 0 or not reply.get("success"):
+            raise RuntimeError(f"registering {public_key} failed: {(result.stdout + result.stderr).strip()[-500:]}")
+        return int(reply["node-id"])
+
+    def unregister_supernode(self, node_id: int, connection: str) -> None:
+        """``flwr supernode unregister``: the key may no longer connect, and runs stop counting the node."""
+        args = ["supernode", "unregister", str(node_id), connection]
+        result = self.flwr(args, timeout=60, log_name=f"unregister-{node_id}")
+        if result.returncode != 0:
+            raise RuntimeError(f"unregistering node {node_id} failed: {(result.stdout + result.stderr).strip()[-500:]}")
+
+    def supernodes(self, connection: str) -> list[dict[str, object]]:
+        """``flwr supernode list --format json``: the nodes the SuperLink knows, with their status."""
+        result = self.flwr(["supernode", "list", connection, "--format", "json"], timeout=60, log_name="list")
+        return list(_json_tail(result).get("nodes", []))
+
+    def wait_for_supernodes(self, connection: str, node_ids: Sequence[int], timeout: float = 60) -> None:
+        """Block until every node in ``node_ids`` is online: a run only reaches nodes connected at its start."""
+        deadline = time.monotonic() + timeout
+        while True:
+            online = {int(n["node-id"]) for n in self.supernodes(connection) if n.get("status") == "online"}
+            if set(node_ids) <= online:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SuperNodes {sorted(set(node_ids) - online)} not online after {timeout:.0f}s")
+            time.sleep(0.5)
+
     def flwr(self, args: Sequence[str], timeout: float, log_name: str = "flwr") -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command to completion; its output is kept in ``<log_name>.log``."""
         result = subprocess.run(
@@ -206,6 +289,26 @@ class FlowerEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def format_node_config(config: Mapping[str, NodeConfigValue]) -> str:
+    """``key="value" n=3`` as ``--node-config`` parses it (TOML values, space separated)."""
+    items = []
+    for key, value in config.items():
+        if isinstance(value, str) and ('"' in value or "\\" in value):
+            raise ValueError(f"node config {key}: quotes and backslashes cannot pass --node-config: {value!r}")
+        items.append(f"{key}={tomli_w.dumps({'v': value}).split('=', 1)[1].strip()}")
+    return " ".join(items)
+
+
+def _json_tail(result: subprocess.CompletedProcess) -> dict:
+    """The JSON object ``flwr ... --format json`` prints last (log lines may come before it)."""
+    text = result.stdout
+    start = text.find("{")
+    try:
+        return json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 @contextlib.contextmanager

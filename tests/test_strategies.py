@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, MessageType
 from torch.utils.data import ConcatDataset
 
-from clients.site import SiteJob, adapt_site
+from clients.site import SiteJob, adapt_site, recalibration_sums
 from common.bnstats import BNStatsConfig, collect_bn_sums
 from common.data import DataSpec, build_dataset, image_batches
 from common.merging import SiteUpdate, bn_layer_names, split_state
 from common.models import build_model
+from common.wire import sums_to_records
 from experiments.compare import LocalSites
 from experiments.config import ExperimentConfig
 from experiments.pool import SourceBundle
@@ -28,6 +30,9 @@ from experiments.strategies import (
     task_arithmetic,
     ties,
 )
+from server.config import MergeConfig
+from server.strategy import OneShotMerge
+from tests.fakes import FakeReply, fake_message, reply_of
 
 SIZE = (16, 24)
 BATCH = 2
@@ -148,6 +153,61 @@ def test_recalibrate_equals_statistics_of_the_pooled_images_under_the_merged_par
         torch.testing.assert_close(outcome.state[key], merged[key])
     assert outcome.rounds == 2
     assert all(outcome.bytes_sent[s] > 1 for s in data)  # the update plus the second reply
+
+
+class _AnsweringGrid:
+    """Answers train messages with prepared updates and recalibration queries with BN sums measured on the spot."""
+
+    def __init__(self, source: SourceBundle, updates: dict[int, SiteUpdate], data: dict[int, object]) -> None:
+        self.source, self.updates, self.data = source, updates, data
+        self.queue: dict[str, FakeReply] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.updates)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if msg.message_type == MessageType.TRAIN:
+                reply = reply_of(self.updates[node], node)
+            else:  # what the ClientApp's query handler does: BN sums under the arrays it was sent
+                model = self.source.model(msg.content["arrays"].to_torch_state_dict())
+                sums = recalibration_sums(model, self.data[node], BATCH, str(msg.content["config"]["bn-mode"]))
+                reply = FakeReply(sums_to_records(sums, len(self.data[node]), self.updates[node].site), node)
+            reply.reply_to = f"{msg.message_type}-{node}"
+            self.queue[reply.reply_to] = reply
+            ids.append(reply.reply_to)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[FakeReply]:
+        return [self.queue.pop(i) for i in message_ids if i in self.queue]
+
+
+def test_recalibrate_gives_the_model_the_flower_strategys_second_round_gives(source, monkeypatch):
+    monkeypatch.setattr("server.strategy._message", lambda c, mtype, node, group: fake_message(c, node, mtype, group))
+    data = {"fog": _data("fog", 3), "night": _data("night", 5)}
+    updates = [_update("fog", source.state, 1, 3), _update("night", source.state, 2, 5)]
+    grid = _AnsweringGrid(source, {7: updates[0], 9: updates[1]}, {7: data["fog"], 9: data["night"]})
+    flower = OneShotMerge(MergeConfig(min_sites=2, recalibrate=True, poll_interval=0.0), source.state)
+    flower_state = flower.start(grid, ArrayRecord(source.state)).arrays.to_torch_state_dict()
+    assert flower.report.recalibration["applied"] is True
+    raw = {
+        "source": {"checkpoint": "unused.safetensors"},
+        "method": {"name": "adabn", "batch-size": BATCH},
+        "sites": [{"name": s, "data": "synthetic"} for s in data],
+        "eval": [{"domain": "fog", "data": "synthetic"}],
+    }
+    config = ExperimentConfig.from_dict(raw, "t")
+    services = LocalSites(config, source, pool=None, data=data, cache_dir=None)  # type: ignore[arg-type]
+    strategy, _ = get_strategy("recalibrate")
+    ours = strategy.run(_inputs(source, updates, services), make_options(strategy, {})).state
+    assert set(ours) == set(flower_state)
+    for key, value in flower_state.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-7)
+    gauss = gaussian(source.state, updates)  # and the second round did change the statistics
+    layer = bn_layer_names(source.state)[-1]
+    assert not torch.allclose(ours[f"{layer}.running_var"], gauss[f"{layer}.running_var"])
 
 
 def test_task_arithmetic_with_lambda_one_over_m_is_the_uniform_average(source):

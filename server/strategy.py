@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor
@@ -23,7 +23,7 @@ from torch import Tensor
 from common.bnstats import BNSums
 from common.merging import MergeAccumulator, SiteUpdate, bn_layer_names
 from common.validation import UpdateRejected, validate_update
-from common.wire import manifest, records_to_sums, records_to_update
+from common.wire import manifest, numpy_to_array, records_to_sums, records_to_update
 from server.config import MergeConfig
 from server.report import Incident, MergeReport, SiteEntry
 
@@ -167,7 +167,7 @@ class OneShotMerge(Strategy):
         """
         record = ArrayRecord()
         for key, tensor in self.accumulator.iter_result():
-            record[key] = Array.from_numpy_ndarray(tensor.detach().cpu().numpy())
+            record[key] = numpy_to_array(tensor.detach().cpu().numpy())
         return record
 
     # ----- the streaming driver --------------------------------------------------------

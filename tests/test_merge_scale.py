@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from common.merging import MergeAccumulator, SiteUpdate, merge_updates, split_state
 from common.models import build_model
-from common.wire import records_to_update, update_to_records
+from common.wire import numpy_to_array, records_to_update, update_to_records
 from server.config import MergeConfig
 from server.strategy import OneShotMerge
 from tests.fakes import FakeReply, fake_message
@@ -135,6 +135,40 @@ def test_records_to_update_views_the_reply_bytes(updates):
         assert raw.ctypes.data <= start and start + tensor.nbytes <= raw.ctypes.data + raw.size, key
     assert update.site == "s0" and update.num_examples == updates[0].num_examples
     assert all(torch.equal(update.counts[k], v) for k, v in updates[0].counts.items())
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.random.default_rng(0).standard_normal((64, 3, 7, 7)).astype(np.float32),
+        np.array(7, dtype=np.int64),
+        np.zeros((0, 5), dtype=np.float32),
+        np.ones(3, dtype=np.float16),
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.arange(20.0)[::2],
+    ],
+    ids=["conv", "0-d", "empty", "half", "fortran", "strided"],
+)
+def test_numpy_to_array_writes_flowers_bytes(values):
+    ours, flowers = numpy_to_array(values), Array.from_numpy_ndarray(values)
+    assert (ours.data, ours.dtype, ours.shape, ours.stype) == (
+        flowers.data,
+        flowers.dtype,
+        flowers.shape,
+        flowers.stype,
+    )
+
+
+def test_half_precision_updates_add_into_either_sum(template, updates):
+    half = [SiteUpdate(u.site, {k: v.half() for k, v in u.params.items()}, u.buffers, u.counts, 1) for u in updates]
+    template_half = {k: v.half() if k in half[0].params else v for k, v in template.items()}
+    expected = _reference_params(template_half, half, [1.0] * len(half))
+    exact = merge_updates(template_half, half)
+    lean = merge_updates(template_half, half, param_dtype=torch.float32)
+    for key, value in expected.items():
+        assert exact[key].dtype == lean[key].dtype == torch.float16
+        assert torch.equal(exact[key], value), key
+        torch.testing.assert_close(lean[key], value, rtol=1e-3, atol=1e-3)
 
 
 @dataclass

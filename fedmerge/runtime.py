@@ -74,21 +74,20 @@ class Process:
         return self.popen.pid
 
     def tree(self) -> list[psutil.Process]:
-        """The process and its descendants, detached ones included (Flower detaches its SuperExec)."""
+        """The process, its descendants (Flower detaches its SuperExec) and every process left in its session.
+
+        Each process is started in a session of its own, so children it orphaned (a SuperNode
+        stopped mid-round leaves its ClientApp running) are still found after it exits.
+        """
+        found: dict[int, psutil.Process] = {}
         with contextlib.suppress(psutil.NoSuchProcess):
             root = psutil.Process(self.popen.pid)
-            return [root, *root.children(recursive=True)]
-        return []
-
-    def kill(self) -> None:
-        """SIGKILL the whole tree at once, with no chance to say goodbye: a site that crashes mid-work."""
-        procs = self.tree()
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(procs, timeout=5.0)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(1)
+            found = {p.pid: p for p in [root, *root.children(recursive=True)]}
+        for proc in psutil.process_iter():
+            with contextlib.suppress(OSError, psutil.Error):
+                if proc.pid not in found and os.getsid(proc.pid) == self.popen.pid:
+                    found[proc.pid] = proc
+        return [p for p in found.values() if _alive(p)]
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop the process and every descendant: SIGTERM, then SIGKILL after ``grace`` seconds."""

@@ -306,7 +306,7 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(link):
     finally:
         proc.stop()
         link.env.processes.remove(proc)
-    assert code != 0
+    assert code == 1
     assert "Exit Code: 305" in proc.log() and "Failed to activate SuperNode" in proc.log()
     assert _gone(proc)
 

@@ -53,8 +53,7 @@ class SiteConfig:
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteConfig:
-        # pyproject declares `num-images = 0` for "every image"; DataSpec reads a missing key that way
-        merged = {k: v for k, v in {**run_config, **node_config}.items() if not (k.endswith("num-images") and v == 0)}
+        merged = {**run_config, **node_config}
         domain = _domain(merged)
         data = DataSpec.from_config({**merged, "domain": domain})
         source = DataSpec.from_config(merged, prefix="source-") if str(merged.get("source-dataset", "")) else None

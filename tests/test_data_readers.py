@@ -328,3 +328,13 @@ def test_missing_root_and_missing_split_directory_are_named(tmp_path) -> None:
     _camvid_tree(tmp_path)
     with pytest.raises(DataError, match=r"nosplit: no CamVid nosplit directory; .* holds: test, testannot"):
         build_dataset(DataSpec("camvid", str(tmp_path), split="nosplit"))
+
+
+def test_flower_config_num_images_zero_means_every_image():
+    """pyproject declares num-images = 0 (typed default); a site or an eval set that leaves it must still run."""
+    from common.data import DataSpec
+
+    spec = DataSpec.from_config(
+        {"eval-dataset": "synthetic", "eval-num-images": 0, "eval-domain": "fog"}, prefix="eval-"
+    )
+    assert spec.num_images is None and spec.domain == "fog"

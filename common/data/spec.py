@@ -160,11 +160,14 @@ class DataSpec:
     @classmethod
     def from_config(cls, config: Mapping[str, object], prefix: str = "") -> DataSpec:
         """Read ``<prefix>dataset``, ``data-root``, ``split``, ``domain``, ``time-split``, ``size``,
-        ``num-images`` and ``seed`` from a flat Flower config; ``""`` or a missing key means unset."""
+        ``num-images`` and ``seed`` from a flat Flower config; ``""`` or a missing key means unset,
+        and so does ``num-images = 0`` (Flower config keys need a typed default: 0 = every image)."""
 
         def get(key: str) -> str | None:
             value = config.get(prefix + key)
             if value is None or (isinstance(value, str) and not value.strip()):
+                return None
+            if key == "num-images" and str(value).strip() in ("0", "0.0"):
                 return None
             return str(value).strip()
 

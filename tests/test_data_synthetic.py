@@ -96,10 +96,10 @@ def test_all_styles_when_no_domain_and_size_is_rendered_natively() -> None:
 
 
 def test_generation_is_fast_enough_for_a_default_domain() -> None:
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: other processes on a busy machine do not count
     for i in range(48):
         render("night", i)
-    assert time.perf_counter() - start < 5.0  # typically ~0.5 s on one core
+    assert time.process_time() - start < 3.0  # typically ~0.5 s on one core
 
 
 def test_loaders_are_deterministic_and_image_batches_hold_images_only() -> None:

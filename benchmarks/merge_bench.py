@@ -168,15 +168,17 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def reset_peak_rss(trim: bool = True) -> int:
+def reset_peak_rss(trim: bool = True, collect: bool = False) -> int:
     """Reset the kernel's RSS high-water mark (after giving freed heap back); return the RSS in bytes.
 
     Trimming keeps memory that the benchmark's own reply generation freed (but malloc
     kept) from being counted as the merge's. It is skipped before ``finish``: a trimmed
     heap makes the merged record's allocations fault in fresh pages, which a server that
-    just freed a reply would not pay.
+    just freed a reply would not pay. A full garbage collection (0.2 s here) is only
+    needed once, for the baseline: replies are freed by reference counting.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     if trim:
         _LIBC.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -254,8 +256,8 @@ def merge(template: dict[str, torch.Tensor], replies: Callable[[int], Reply], k:
     strategy = OneShotMerge(MergeConfig(min_sites=1), template, param_dtype=PRECISIONS[precision])
     timers = Timers(strategy)
     receive, finish, check = Clock(), Clock(), Clock()
-    baseline = reset_peak_rss()
-    merge_peak = generation_peak = 0
+    baseline = reset_peak_rss(collect=True)
+    streaming_peak = generation_peak = 0
     for site in range(k):
         reset_peak_rss(trim=False)
         reply = replies(site)
@@ -263,19 +265,19 @@ def merge(template: dict[str, torch.Tensor], replies: Callable[[int], Reply], k:
         reset_peak_rss()
         if not receive.time(strategy.receive, reply, site):
             raise RuntimeError(f"site {site} refused: {strategy.report.incidents[-1].reason}")
-        merge_peak = max(merge_peak, peak_rss() - baseline)
+        streaming_peak = max(streaming_peak, peak_rss() - baseline)
         check.time(finite_check, reply.content)
         del reply
-    streaming_peak = merge_peak
     reset_peak_rss(trim=False)
     arrays, _ = finish.time(strategy.finish)
-    merge_peak = max(merge_peak, peak_rss() - baseline)
+    finish_peak = peak_rss() - baseline
     del arrays
     out: dict[str, Any] = {
         "baseline_bytes": baseline,
         "streaming_peak_bytes": streaming_peak,
-        "peak_bytes": merge_peak,
-        "peak_with_generation_bytes": max(merge_peak, generation_peak),
+        "finish_peak_bytes": finish_peak,
+        "peak_bytes": max(streaming_peak, finish_peak),
+        "peak_with_generation_bytes": max(streaming_peak, finish_peak, generation_peak),
         **receive.as_dict("receive"),
         **finish.as_dict("finish"),
         **check.as_dict("finite_check"),
@@ -285,7 +287,9 @@ def merge(template: dict[str, torch.Tensor], replies: Callable[[int], Reply], k:
     return out
 
 
-def worker_stream(k: int, precision: str) -> dict:
+def worker_stream(k: int, precision: str, skip_validate: bool) -> dict:
+    if skip_validate:  # a what-if, reported as such: the merge without common/validation.py's checks
+        strategy_module.validate_update = lambda update, template: None
     template = deeplab_template()
     size = model_bytes(template)
     floor = Floor(size)
@@ -294,7 +298,8 @@ def worker_stream(k: int, precision: str) -> dict:
     result = merge(template, ReplyMaker(template), k, precision)
     after = floor.run(k)
     best = min(before, after, key=lambda c: c.cpu)
-    return {"k": k, "precision": precision, "model_bytes": size, **best.as_dict("floor"), **result}
+    out = {"k": k, "precision": precision, "skip_validate": skip_validate, "model_bytes": size}
+    return {**out, **best.as_dict("floor"), **result}
 
 
 def merge_without_validation(template: dict[str, torch.Tensor], replies: list[Reply], precision: str) -> Clock:
@@ -358,7 +363,7 @@ def time_table(rows: list[dict]) -> str:
         cpu, wall, floor = _merge_cpu(r), _merge_wall(r), r["floor_cpu"]
         rest_cpu, rest_wall = cpu - r["validate_cpu"], wall - r["validate_wall"]
         lines.append(
-            f"| {r['precision']} | {r['k']} | {floor:.3f} | {cpu:.2f} | {cpu / floor:.1f} | "
+            f"| {_label(r)} | {r['k']} | {floor:.3f} | {cpu:.2f} | {cpu / floor:.1f} | "
             f"{wall / r['floor_wall']:.1f} | {r['validate_cpu']:.2f} | {rest_cpu / floor:.2f} | "
             f"{rest_wall / r['floor_wall']:.2f} | {(rest_cpu - r['serialise_cpu']) / floor:.2f} | "
             f"{r['convert_cpu']:.3f} | {r['add_cpu']:.3f} | {r['finish_cpu'] - r['serialise_cpu']:.3f} | "
@@ -370,17 +375,21 @@ def time_table(rows: list[dict]) -> str:
 def memory_table(rows: list[dict]) -> str:
     lines = [
         "| sums | K | baseline RSS MB | merge peak over baseline MB | merge peak / model | "
-        "while streaming / model | with reply generation / model |",
-        "|---|---|---|---|---|---|---|",
+        "while streaming / model | finish / model | with reply generation / model |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         size = r["model_bytes"]
         lines.append(
-            f"| {r['precision']} | {r['k']} | {r['baseline_bytes'] / MB:.0f} | {r['peak_bytes'] / MB:.0f} | "
+            f"| {_label(r)} | {r['k']} | {r['baseline_bytes'] / MB:.0f} | {r['peak_bytes'] / MB:.0f} | "
             f"{r['peak_bytes'] / size:.2f} | {r['streaming_peak_bytes'] / size:.2f} | "
-            f"{r['peak_with_generation_bytes'] / size:.2f} |"
+            f"{r['finish_peak_bytes'] / size:.2f} | {r['peak_with_generation_bytes'] / size:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _label(row: dict) -> str:
+    return row["precision"] + (", validate_update off (what-if)" if row.get("skip_validate") else "")
 
 
 def fedavg_table(rows: list[dict], streamed: list[dict]) -> str:
@@ -393,7 +402,7 @@ def fedavg_table(rows: list[dict], streamed: list[dict]) -> str:
         fc, fw = r["fedavg_cpu"], r["fedavg_wall"]
         full = []
         for precision in PRECISIONS:
-            match = [s for s in streamed if s["k"] == r["k"] and s["precision"] == precision]
+            match = [s for s in streamed if (s["k"], s["precision"], s["skip_validate"]) == (r["k"], precision, False)]
             full.append(f"{_merge_cpu(match[0]) / fc:.1f}" if match else "-")
         lines.append(
             f"| {r['k']} | {fc:.2f} | {r['float64_cpu']:.2f} | {r['float64_cpu'] / fc:.2f} | "
@@ -416,10 +425,14 @@ def main() -> None:
     parser.add_argument("--worker", choices=["stream", "fedavg"], help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-validate", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-validate-sites", default="2,64", help="K values for a what-if run with validate_update switched off"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker == "stream":
-        print(json.dumps(worker_stream(args.k, args.precision)))
+        print(json.dumps(worker_stream(args.k, args.precision, args.skip_validate)))
         return
     if args.worker == "fedavg":
         print(json.dumps(worker_fedavg(args.k)))
@@ -428,11 +441,15 @@ def main() -> None:
     start = time.perf_counter()
     print(f"torch {torch.__version__} ({args.threads} intra-op thread(s)), numpy {np.__version__}", flush=True)
     rows = []
-    for precision, sites in (("float64", args.sites), ("float32", args.float32_sites)):
+    plan = [("float64", args.sites, []), ("float32", args.float32_sites, [])]
+    plan += [(p, args.no_validate_sites, ["--skip-validate"]) for p in PRECISIONS]
+    for precision, sites, extra in plan:
         for k in _ints(sites):
             worker = ["--worker", "stream", "--k", str(k), "--precision", precision, "--threads", str(args.threads)]
-            rows.append(run_worker(worker))
-            print(f"  stream {precision} K={k}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+            rows.append(run_worker(worker + extra))
+            print(
+                f"  stream {precision} K={k} {extra}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True
+            )
     if rows:
         print(f"\nmodel: deeplabv3_resnet50, 19 classes, {rows[0]['model_bytes'] / MB:.1f} MB per site update\n")
         print(time_table(rows))

@@ -5,9 +5,10 @@ Runs a simulation preset (default ``tiny``: 3 synthetic sites, tiny_unet, AdaBN)
 its wall time with the report the ServerApp writes:
 
 * the sites' adaptation (``adapt-seconds`` per site) and BN-statistics/metrics pass
-  (``bn-seconds``): work a site does whatever the framework. Sites run concurrently
-  (one CPU each), so the adaptation they overlap is somewhere between the longest
-  site's and the sum; the overhead is printed against both;
+  (``bn-seconds``; for AdaBN that pass is the adaptation): work a site does whatever
+  the framework. Sites run concurrently (one CPU each, 2 cores), so the work they
+  overlap is somewhere between the longest site's and the sum; the overhead is printed
+  against both;
 * the server's train round (push, wait, validate and merge each reply as it comes),
   the merge finish, and any server-side evaluation (``timings`` in the report);
 * the rest: starting the SuperLink and SuperExec, ``flwr run``, Ray and the ClientApp
@@ -16,8 +17,8 @@ its wall time with the report the ServerApp writes:
 Server-side evaluation is switched off unless ``--keep-eval``, so the run measures the
 merge, not scoring.
 
-    .venv/bin/python benchmarks/sim_overhead.py                 # ~1 min on 2 shared cores
-    .venv/bin/python benchmarks/sim_overhead.py --repeats 3 --keep-eval
+    .venv/bin/python benchmarks/sim_overhead.py --repeats 3     # ~4 min on 2 shared cores
+    .venv/bin/python benchmarks/sim_overhead.py --keep-eval
 """
 
 from __future__ import annotations
@@ -53,18 +54,17 @@ def one_run(plan: SimulationPlan, keep_eval: bool) -> dict[str, Any]:
 
 
 def breakdown(run: dict[str, Any]) -> list[tuple[str, float]]:
-    """Rows of (what, seconds) for one run."""
+    """Rows of (what, seconds) for one run; a site's own work is its adaptation plus its BN pass."""
     wall, adapt, bn, timings = run["wall"], run["adapt"], run["bn"], run["timings"]
-    server = sum(timings.values())
+    work = [a + b for a, b in zip(adapt, bn, strict=True)]
     rows = [("wall time of the run", wall)]
-    rows += [(f"site {i} adaptation (adapt-seconds)", a) for i, a in enumerate(adapt)]
-    rows += [(f"site {i} BN statistics and metrics (bn-seconds)", b) for i, b in enumerate(bn)]
+    for i, (a, b) in enumerate(zip(adapt, bn, strict=True)):
+        rows += [(f"site {i}: adaptation (adapt-seconds)", a), (f"site {i}: BN statistics and metrics (bn-seconds)", b)]
     rows += [(f"server {name}", seconds) for name, seconds in sorted(timings.items())]
     rows += [
-        ("wall - longest adaptation (overhead if sites fully overlap)", wall - max(adapt, default=0.0)),
-        ("wall - sum of adaptations (overhead if sites run one after another)", wall - sum(adapt)),
-        ("wall - sum of adaptations - sum of bn-seconds", wall - sum(adapt) - sum(bn)),
-        ("wall - server phases (train round, finish, eval): runtime start, transport, teardown", wall - server),
+        ("overhead = wall - longest site's work (sites fully overlapped)", wall - max(work, default=0.0)),
+        ("overhead = wall - all sites' work (sites one after another)", wall - sum(work)),
+        ("wall - server phases: runtime start-up, ClientApp start, transport, teardown", wall - sum(timings.values())),
     ]
     return rows
 

@@ -58,7 +58,7 @@ def test_plain_torch_state_dict_falls_back_to_num_batches_tracked(tmp_path, capl
 def test_corrupt_file_is_one_clear_error(tmp_path):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(b"\x00" * 40)
-    with pytest.raises(ValueError, match="broken.safetensors"):
+    with pytest.raises(ValueError, match=r"broken\.safetensors"):
         load_site_update(path)
 
 

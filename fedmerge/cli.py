@@ -25,7 +25,10 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmerge", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedmerge",
+        description="One-shot, BN-aware federated merging of domain-adapted segmentation models, on Flower.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

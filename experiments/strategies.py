@@ -42,6 +42,7 @@ __all__ = [
     "task_arithmetic",
     "task_vectors",
     "ties",
+    "unit_weight",
     "with_pooled_statistics",
 ]
 
@@ -214,6 +215,11 @@ def with_pooled_statistics(state: Mapping[str, Tensor], pooled: Mapping[str, BNS
         out[f"{layer}.running_mean"] = s.mean().to(state[f"{layer}.running_mean"].dtype)
         out[f"{layer}.running_var"] = s.var().to(state[f"{layer}.running_var"].dtype)
     return out
+
+
+def unit_weight(sums: Mapping[str, BNSums]) -> dict[str, BNSums]:
+    """One site's sums rescaled to weight 1 (its mean and E[x²] with n = 1), so pooled sites count equally."""
+    return {layer: BNSums(s.sum / s.count, s.sum_sq / s.count, torch.ones_like(s.count)) for layer, s in sums.items()}
 
 
 def interpolate(a: SiteUpdate, b: SiteUpdate, alpha: float, buffers: str = "gaussian") -> State:
@@ -390,6 +396,7 @@ class TiesOptions:
 @dataclass(frozen=True)
 class RecalibrateOptions:
     mode: str = "batch"  # how the sites' statistics pass normalises (BNStatsConfig.mode)
+    equal_sites: bool = False  # pool the sites' sums with equal weights instead of by their counts
 
 
 @dataclass(frozen=True)
@@ -491,12 +498,13 @@ def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
     second_round = 0.0
     for update in inputs.updates:
         sums, nbytes, seconds = services.bn_sums(update.site, merged, options.mode)
-        pool_bn_sums(pooled, sums, layers, update.site)
+        pool_bn_sums(pooled, unit_weight(sums) if options.equal_sites else sums, layers, update.site)
         outcome.bytes_sent[update.site] += nbytes
         second_round = max(second_round, seconds)
     outcome.state = with_pooled_statistics(merged, pooled)
     outcome.rounds, outcome.site_seconds = 2, outcome.site_seconds + second_round
-    outcome.notes = f"second round: {options.mode}-mode BN sums"
+    weights = "equal site weights" if options.equal_sites else "pooled by counts"
+    outcome.notes = f"second round: {options.mode}-mode BN sums, {weights}"
     return outcome
 
 

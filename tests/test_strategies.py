@@ -210,6 +210,31 @@ def test_recalibrate_gives_the_model_the_flower_strategys_second_round_gives(sou
     assert not torch.allclose(ours[f"{layer}.running_var"], gauss[f"{layer}.running_var"])
 
 
+def test_recalibrate_with_equal_site_weights_averages_the_sites_moments(source):
+    data = {"fog": _data("fog", 2), "night": _data("night", 6)}
+    updates = [_update("fog", source.state, 1, 2), _update("night", source.state, 2, 6)]
+    raw = {
+        "source": {"checkpoint": "unused.safetensors"},
+        "method": {"name": "adabn", "batch-size": BATCH},
+        "sites": [{"name": s, "data": "synthetic"} for s in data],
+        "eval": [{"domain": "fog", "data": "synthetic"}],
+    }
+    services = LocalSites(ExperimentConfig.from_dict(raw, "t"), source, pool=None, data=data, cache_dir=None)  # type: ignore[arg-type]
+    strategy, _ = get_strategy("recalibrate")
+    options = make_options(strategy, {"mode": "eval", "equal-sites": True})
+    state = strategy.run(_inputs(source, updates, services), options).state
+    model = source.model(gaussian(source.state, updates))
+    per_site = [collect_bn_sums(model, image_batches(d, BATCH), BNStatsConfig("eval")) for d in data.values()]
+    for layer in per_site[0]:
+        means = [s[layer].mean() for s in per_site]
+        second = [s[layer].var() + s[layer].mean() ** 2 for s in per_site]
+        mean = sum(means) / 2
+        torch.testing.assert_close(state[f"{layer}.running_mean"], mean.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            state[f"{layer}.running_var"], (sum(second) / 2 - mean**2).float(), rtol=1e-4, atol=1e-5
+        )
+
+
 def test_task_arithmetic_with_lambda_one_over_m_is_the_uniform_average(source):
     updates = [_update(f"s{i}", source.state, seed=i + 1, n=10 * (i + 1)) for i in range(4)]
     ta = task_arithmetic(source.state, updates, lam=1 / 4, buffers="average")

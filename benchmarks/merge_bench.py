@@ -253,7 +253,7 @@ def merge(template: dict[str, torch.Tensor], replies: Callable[[int], Reply], k:
     what the server holds (sums, the reply in hand, the merge's temporaries). Windows
     around the benchmark's own reply generation give the peak with generation included.
     """
-    strategy = OneShotMerge(MergeConfig(min_sites=1), template, param_dtype=PRECISIONS[precision])
+    strategy = OneShotMerge(MergeConfig(min_sites=1, param_precision=precision), template)
     timers = Timers(strategy)
     receive, finish, check = Clock(), Clock(), Clock()
     baseline = reset_peak_rss(collect=True)
@@ -304,7 +304,7 @@ def worker_stream(k: int, precision: str, skip_validate: bool) -> dict:
 
 def merge_without_validation(template: dict[str, torch.Tensor], replies: list[Reply], precision: str) -> Clock:
     """Our per-reply conversion and sums, then the serialised result, on replies already in memory."""
-    strategy = OneShotMerge(MergeConfig(min_sites=1), template, param_dtype=PRECISIONS[precision])
+    strategy = OneShotMerge(MergeConfig(min_sites=1, param_precision=precision), template)
     clock = Clock()
     for reply in replies:
         clock.time(lambda r: strategy.accumulator.add(records_to_update(r.content, "site")), reply)

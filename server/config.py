@@ -7,10 +7,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from common.data import DataSpec
 from common.merging import BUFFER_MODES
 
 __all__ = ["MergeConfig", "ServerConfig"]
+
+_PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,9 @@ class MergeConfig:
     equal_site_stats: bool = False  # gaussian pooling with every site weighted equally
     recalibrate: bool = False  # second round: BN sums under the merged parameters
     recalibrate_mode: str = "batch"
+    # float64: exact sums, bit-identical in any arrival order, 2 models of memory;
+    # float32: 1 model and about half the time, last bits depend on the order
+    param_precision: str = "float64"
     poll_interval: float = 0.2
 
     def __post_init__(self) -> None:
@@ -35,6 +42,12 @@ class MergeConfig:
             raise ValueError(f"param-weighting must be uniform or counts, not {self.param_weighting!r}")
         if self.buffer_mode not in BUFFER_MODES:
             raise ValueError(f"buffer-mode must be one of {', '.join(BUFFER_MODES)}, not {self.buffer_mode!r}")
+        if self.param_precision not in _PRECISIONS:
+            raise ValueError(f"param-precision must be float64 or float32, not {self.param_precision!r}")
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return _PRECISIONS[self.param_precision]
 
 
 def _eval_specs(config: Mapping[str, Any]) -> dict[str, DataSpec]:
@@ -74,6 +87,7 @@ class ServerConfig:
             equal_site_stats=bool(config.get("equal-site-stats", False)),
             recalibrate=bool(config.get("recalibrate", False)),
             recalibrate_mode=str(config.get("recalibrate-mode", "batch")),
+            param_precision=str(config.get("param-precision", "float64")),
         )
         return cls(
             arch=str(config.get("arch", "small_unet")),

@@ -73,10 +73,8 @@ class OneShotMerge(Strategy):
         template: Mapping[str, Tensor],
         report: MergeReport | None = None,
         on_update: Callable[[SiteUpdate], None] | None = None,
-        param_dtype: torch.dtype = torch.float64,
     ) -> None:
         self.config = config
-        self.param_dtype = param_dtype
         self.template = dict(template)
         self.report = report or MergeReport()
         self.on_update = on_update
@@ -90,7 +88,7 @@ class OneShotMerge(Strategy):
             self.config.param_weighting,
             self.config.buffer_mode,
             self.config.equal_site_stats,
-            param_dtype=self.param_dtype,
+            param_dtype=self.config.param_dtype,
         )
 
     # ----- Message-API hooks ------------------------------------------------------------

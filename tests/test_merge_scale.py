@@ -227,8 +227,9 @@ class LazyGrid:
 
 
 def _stream(template, grid: LazyGrid, param_dtype=torch.float64) -> tuple[OneShotMerge, dict[str, torch.Tensor]]:
-    config = MergeConfig(min_sites=len(grid.updates), poll_interval=0.0)
-    strategy = OneShotMerge(config, template, on_update=grid.watch, param_dtype=param_dtype)
+    precision = {torch.float64: "float64", torch.float32: "float32"}[param_dtype]
+    config = MergeConfig(min_sites=len(grid.updates), poll_interval=0.0, param_precision=precision)
+    strategy = OneShotMerge(config, template, on_update=grid.watch)
     result = strategy.start(grid, ArrayRecord(template))
     return strategy, result.arrays.to_torch_state_dict()
 
@@ -272,3 +273,14 @@ def test_merged_record_matches_a_record_of_the_whole_result(template, updates):
     assert list(arrays) == list(whole)
     assert all(arrays[k].data == whole[k].data for k in whole)
     assert isinstance(RecordDict({"arrays": arrays})["arrays"], ArrayRecord)
+
+
+def test_param_precision_is_chosen_from_the_run_config(tmp_path):
+    from server.config import ServerConfig
+
+    config = ServerConfig.from_run_config({"out-dir": str(tmp_path), "param-precision": "float32"})
+    assert config.merge.param_dtype == torch.float32
+    assert OneShotMerge(config.merge, {"w": torch.zeros(3)}).accumulator.param_dtype == torch.float32
+    assert ServerConfig.from_run_config({"out-dir": str(tmp_path)}).merge.param_dtype == torch.float64
+    with pytest.raises(ValueError, match="param-precision must be float64 or float32, not 'float16'"):
+        ServerConfig.from_run_config({"out-dir": str(tmp_path), "param-precision": "float16"})

@@ -20,14 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from clients.adaptation.ema import EMATeacher
-from clients.adaptation.loop import TrainState, run_training
 from clients.adaptation.losses import pseudo_labels, weighted_cross_entropy
 from clients.adaptation.mixing import StrongAugment, class_mix
-from clients.adaptation.norm import check_bn_mode, refresh_bn, refresh_statistics, set_bn_mode
-from clients.adaptation.optim import Schedule, build_optimizer
+from clients.adaptation.norm import refresh_statistics, set_bn_mode
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import RareClassSampler, labeled_batch, target_batch, uniform_indices
+from clients.adaptation.teacher_student import TeacherStudentConfig, run_teacher_student, start_teacher_student
 from common.data import IGNORE
 from common.models import Segmenter, load_weights_file
 from common.multires import MultiResSegmenter, random_box
@@ -38,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class HRDAConfig:
+class HRDAConfig(TeacherStudentConfig):
     """Defaults follow HRDA/DAFormer, with the step budget of a short CPU run.
 
     steps: optimisation steps (one source and one mixed batch each), 1000.
@@ -66,13 +64,7 @@ class HRDAConfig:
     """
 
     steps: int = 1000
-    batch_size: int = 2
-    lr: float = 1e-4
-    head_lr_mult: float = 10.0
-    weight_decay: float = 0.01
     warmup: int = 100
-    threshold: float = 0.968
-    ema_max: float = 0.999
     detail_weight: float = 0.1
     rcs: bool = True
     rcs_temperature: float = 0.01
@@ -81,12 +73,6 @@ class HRDAConfig:
     fd_classes: str = ""
     augment: bool = True
     flip: bool = True
-    bn: str = "train"
-    bn_refresh: int = 100
-    checkpoint_every: int = 100
-
-    def __post_init__(self) -> None:
-        check_bn_mode(self.bn)
 
     def fd_class_ids(self) -> list[int]:
         return [int(c) for c in self.fd_classes.replace(" ", "").split(",") if c]
@@ -140,10 +126,8 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDA
     if not multires:
         log.warning("hrda on a plain model runs single-resolution (DAFormer); wrap it as hrda_<arch> for HRDA")
     num_classes = model.final_layer().out_channels
-    refresh_bn(model, target)  # start from AdaBN: the teacher's first labels see target statistics
-    teacher = EMATeacher(model, config.ema_max)
-    optimizer = build_optimizer(model, config.lr, config.head_lr_mult, config.weight_decay)
-    state = TrainState(model, optimizer, teacher)
+    state, teacher = start_teacher_student(model, target, config)
+    optimizer = state.optimizer
     sampler = (
         RareClassSampler(source, num_classes, config.rcs_temperature, config.rcs_min_pixels) if config.rcs else None
     )
@@ -201,9 +185,6 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDA
             "confident": float(pw.mean()),
         }
 
-    run_training(
-        state, step, Schedule(config.steps, config.warmup), context,
-        name="hrda", config=config, num_target=len(target), checkpoint_every=config.checkpoint_every,
-    )  # fmt: skip
+    run_teacher_student(state, step, context, config, "hrda", len(target))
     context.metrics["multires"] = float(multires)
     model.eval()

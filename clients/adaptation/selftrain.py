@@ -12,21 +12,19 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from clients.adaptation.ema import EMATeacher
-from clients.adaptation.loop import TrainState, run_training
 from clients.adaptation.losses import pseudo_labels, weighted_cross_entropy
 from clients.adaptation.mixing import StrongAugment
-from clients.adaptation.norm import check_bn_mode, refresh_bn, refresh_statistics, set_bn_mode
-from clients.adaptation.optim import Schedule, build_optimizer
+from clients.adaptation.norm import refresh_statistics, set_bn_mode
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
+from clients.adaptation.teacher_student import TeacherStudentConfig, run_teacher_student, start_teacher_student
 from common.models import Segmenter
 
 __all__ = ["SelfTrainConfig", "adapt"]
 
 
 @dataclass(frozen=True)
-class SelfTrainConfig:
+class SelfTrainConfig(TeacherStudentConfig):
     """Defaults follow the DAFormer self-training recipe, scaled to a short CPU run.
 
     steps: optimisation steps, 600.
@@ -45,30 +43,14 @@ class SelfTrainConfig:
     checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 100.
     """
 
-    steps: int = 600
-    batch_size: int = 2
-    lr: float = 1e-4
-    head_lr_mult: float = 10.0
-    weight_decay: float = 0.01
-    warmup: int = 50
-    threshold: float = 0.968
     ema: bool = True
-    ema_max: float = 0.999
     augment: bool = False
-    bn: str = "train"
-    bn_refresh: int = 100
-    checkpoint_every: int = 100
-
-    def __post_init__(self) -> None:
-        check_bn_mode(self.bn)
 
 
 @register("selftrain", SelfTrainConfig, summary="pseudo-label self-training on the target, no mixing (EMA teacher)")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: SelfTrainConfig) -> None:
-    refresh_bn(model, target)  # start from AdaBN: the teacher's first labels see target statistics
-    teacher = EMATeacher(model, config.ema_max if config.ema else 0.0)
-    optimizer = build_optimizer(model, config.lr, config.head_lr_mult, config.weight_decay)
-    state = TrainState(model, optimizer, teacher)
+    state, teacher = start_teacher_student(model, target, config, ema_max=None if config.ema else 0.0)
+    optimizer = state.optimizer
     augment = StrongAugment()
 
     def step(t: int, gen: torch.Generator) -> dict[str, float]:
@@ -89,8 +71,5 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: Self
         ce = weighted_cross_entropy(logits.detach(), labels, torch.ones_like(weights))
         return {"loss": loss.item(), "ce": ce.item(), "confident": float(weights.mean())}
 
-    run_training(
-        state, step, Schedule(config.steps, config.warmup), context,
-        name="selftrain", config=config, num_target=len(target), checkpoint_every=config.checkpoint_every,
-    )  # fmt: skip
+    run_teacher_student(state, step, context, config, "selftrain", len(target))
     model.eval()

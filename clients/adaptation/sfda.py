@@ -18,8 +18,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from clients.adaptation.ema import EMATeacher
-from clients.adaptation.loop import TrainState, run_training
 from clients.adaptation.losses import (
     focal_entropy,
     negative_label_loss,
@@ -29,10 +27,10 @@ from clients.adaptation.losses import (
     weighted_diversity,
 )
 from clients.adaptation.mixing import StrongAugment, class_mix
-from clients.adaptation.norm import BN_PASS_BATCH, check_bn_mode, refresh_bn, refresh_statistics, set_bn_mode
-from clients.adaptation.optim import Schedule, build_optimizer
+from clients.adaptation.norm import BN_PASS_BATCH, refresh_statistics, set_bn_mode
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
+from clients.adaptation.teacher_student import TeacherStudentConfig, run_teacher_student, start_teacher_student
 from common.data import image_batches
 from common.models import Segmenter
 
@@ -40,7 +38,7 @@ __all__ = ["SFDAConfig", "adapt", "easy_split", "sfda_losses"]
 
 
 @dataclass(frozen=True)
-class SFDAConfig:
+class SFDAConfig(TeacherStudentConfig):
     """Defaults follow the DAS3/ATP code, with a step budget for a short CPU run.
 
     steps: optimisation steps, 600.
@@ -65,14 +63,6 @@ class SFDAConfig:
     checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 100.
     """
 
-    steps: int = 600
-    batch_size: int = 2
-    lr: float = 1e-4
-    head_lr_mult: float = 10.0
-    weight_decay: float = 0.01
-    warmup: int = 50
-    threshold: float = 0.968
-    ema_max: float = 0.999
     easy_fraction: float = 0.3
     focal_gamma: float = 5.0
     diversity_alpha: float = 3.0
@@ -81,12 +71,9 @@ class SFDAConfig:
     negative_threshold: float = 0.04
     negative_weight: float = 1.0
     augment: bool = True
-    bn: str = "train"
-    bn_refresh: int = 100
-    checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
-        check_bn_mode(self.bn)
+        super().__post_init__()
         if not 0.0 < self.easy_fraction < 1.0:
             raise ValueError(f"easy_fraction must be in (0, 1), not {self.easy_fraction}")
 
@@ -159,12 +146,9 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: SFDA
 
 
 def _adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: SFDAConfig) -> None:
-    refresh_bn(model, target)  # start from AdaBN: the teacher's first labels see target statistics
-    teacher = EMATeacher(model, config.ema_max)
-    optimizer = build_optimizer(model, config.lr, config.head_lr_mult, config.weight_decay)
-    state = TrainState(
-        model, optimizer, teacher, extras={"easy": easy_split(teacher.model, target, config.easy_fraction)}
-    )
+    state, teacher = start_teacher_student(model, target, config)
+    optimizer = state.optimizer
+    state.extras["easy"] = easy_split(teacher.model, target, config.easy_fraction)
 
     def step(t: int, gen: torch.Generator) -> dict[str, float]:
         if refresh_statistics(t, config.bn_refresh, teacher.model, model, config.bn, target):
@@ -184,7 +168,4 @@ def _adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: SFD
         teacher.update(model, t)
         return {k: v.item() for k, v in terms.items()}
 
-    run_training(
-        state, step, Schedule(config.steps, config.warmup), context,
-        name="sfda", config=config, num_target=len(target), checkpoint_every=config.checkpoint_every,
-    )  # fmt: skip
+    run_teacher_student(state, step, context, config, "sfda", len(target))

@@ -1,0 +1,70 @@
+"""What the mean-teacher methods (selftrain, sfda, hrda) share: options, start, schedule.
+
+All three start from AdaBN so that the teacher's first labels already see target
+statistics, learn with AdamW (head x10, warm-up then poly), and label with an EMA
+teacher kept on exact target statistics. Keeping that in one place means the three
+differ only in their step function, which is where they really differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from clients.adaptation.ema import EMATeacher
+from clients.adaptation.loop import StepFn, TrainState, run_training
+from clients.adaptation.norm import check_bn_mode, refresh_bn
+from clients.adaptation.optim import Schedule, build_optimizer
+from clients.adaptation.registry import AdaptContext
+from common.models import Segmenter
+
+__all__ = ["TeacherStudentConfig", "run_teacher_student", "start_teacher_student"]
+
+
+@dataclass(frozen=True)
+class TeacherStudentConfig:
+    """The options every mean-teacher method has (each method documents its own defaults)."""
+
+    steps: int = 600
+    batch_size: int = 2
+    lr: float = 1e-4
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    warmup: int = 50
+    threshold: float = 0.968
+    ema_max: float = 0.999
+    bn: str = "train"
+    bn_refresh: int = 100
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        check_bn_mode(self.bn)
+
+
+def start_teacher_student(
+    model: Segmenter,
+    target: Dataset,
+    config: TeacherStudentConfig,
+    ema_max: float | None = None,
+) -> tuple[TrainState, EMATeacher]:
+    """AdaBN on the target, then the EMA teacher (a copy) and the student's optimiser."""
+    refresh_bn(model, target)
+    teacher = EMATeacher(model, config.ema_max if ema_max is None else ema_max)
+    optimizer = build_optimizer(model, config.lr, config.head_lr_mult, config.weight_decay)
+    return TrainState(model, optimizer, teacher), teacher
+
+
+def run_teacher_student(
+    state: TrainState,
+    step: StepFn,
+    context: AdaptContext,
+    config: TeacherStudentConfig,
+    name: str,
+    num_target: int,
+) -> dict[str, float]:
+    """The resumable loop on the method's step, with the shared warm-up + poly schedule."""
+    return run_training(
+        state, step, Schedule(config.steps, config.warmup), context,
+        name=name, config=config, num_target=num_target, checkpoint_every=config.checkpoint_every,
+    )  # fmt: skip

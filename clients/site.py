@@ -55,6 +55,17 @@ def unsupervised_metrics(model: Segmenter, target: Dataset, batch_size: int) -> 
 
 def adapt_site(model: Segmenter, target: Dataset, job: SiteJob) -> SiteUpdate:
     """Adapt ``model`` in place on ``target`` and return what may leave the site."""
+    seconds = run_adaptation(model, target, job)
+    log.info("site %s: %s done in %.1fs on %d images", job.domain, job.method, seconds, len(target))
+    return package_update(model, target, job, seconds)
+
+
+def run_adaptation(model: Segmenter, target: Dataset, job: SiteJob) -> float:
+    """The first half of :func:`adapt_site`: the method alone, in place; returns its seconds.
+
+    Split out so that an experiment can look at the model between the method and the
+    exact statistics pass (e.g. at the running statistics the method left).
+    """
     if len(target) == 0:
         raise ValueError(f"site {job.domain!r} has no target images")
     method = get_method(job.method)
@@ -63,12 +74,16 @@ def adapt_site(model: Segmenter, target: Dataset, job: SiteJob) -> SiteUpdate:
         raise ValueError(f"method {job.method!r} needs the labeled source set at the site; none was given")
     started = time.perf_counter()
     method.adapt(model, target, job.context, config)
-    adapted = time.perf_counter()
+    return time.perf_counter() - started
+
+
+def package_update(model: Segmenter, target: Dataset, job: SiteJob, adapt_seconds: float) -> SiteUpdate:
+    """The second half: the exact BN statistics pass, the label-free metrics, the update."""
+    started = time.perf_counter()
     counts = exact_bn_statistics(model, image_batches(target, job.batch_size), BNStatsConfig(job.bn_mode))
     metrics = {**job.context.metrics, **unsupervised_metrics(model, target, job.batch_size)}
-    metrics.update({"adapt-seconds": adapted - started, "bn-seconds": time.perf_counter() - adapted})
+    metrics.update({"adapt-seconds": adapt_seconds, "bn-seconds": time.perf_counter() - started})
     params, buffers = split_state(model.state_dict())
-    log.info("site %s: %s done in %.1fs on %d images", job.domain, job.method, adapted - started, len(target))
     return SiteUpdate(job.domain, params, buffers, counts, len(target), metrics)
 
 

@@ -28,8 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from clients.adaptation import AdaptContext, get_method, make_config
-from clients.site import SiteJob, unsupervised_metrics
-from common.bnstats import BNStatsConfig, exact_bn_statistics
+from clients.site import SiteJob, package_update, run_adaptation
 from common.checkpoints import load_checkpoint, save_checkpoint
 from common.data import build_dataset, dataset_classes, image_batches
 from common.merging import SiteUpdate, split_state
@@ -135,26 +134,14 @@ def adapt_with_ema(model: Segmenter, target: Dataset, job: SiteJob) -> tuple[Sit
     Returns the update exactly as ``adapt_site`` builds it, the EMA buffers the published
     code would merge, and where those came from (see ``EMA_FROM_*``).
     """
-    if len(target) == 0:
-        raise ValueError(f"site {job.domain!r} has no target images")
-    method = get_method(job.method)
-    config = make_config(method, job.method_options)
-    if method.needs_source and job.context.source is None:
-        raise ValueError(f"method {job.method!r} needs the labeled source set at the site; none was given")
     before = _bn_buffers(model)
-    started = time.perf_counter()
-    method.adapt(model, target, job.context, config)
-    adapted = time.perf_counter()
+    seconds = run_adaptation(model, target, job)
     ema = _bn_buffers(model)
     untouched = all(torch.equal(before[k], ema[k]) for k in before if k.endswith(".num_batches_tracked"))
     note = EMA_FROM_METHOD
     if untouched:
         ema, note = _train_mode_pass(model, target, job.batch_size), EMA_FROM_TRAIN_PASS
-    counts = exact_bn_statistics(model, image_batches(target, job.batch_size), BNStatsConfig(job.bn_mode))
-    metrics = {**job.context.metrics, **unsupervised_metrics(model, target, job.batch_size)}
-    metrics.update({"adapt-seconds": adapted - started, "bn-seconds": time.perf_counter() - adapted})
-    params, buffers = split_state(model.state_dict())
-    return SiteUpdate(job.domain, params, buffers, counts, len(target), metrics), ema, note
+    return package_update(model, target, job, seconds), ema, note
 
 
 @dataclass

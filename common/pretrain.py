@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from common.checkpoints import save_checkpoint
 from common.data import DataSpec, build_dataset, dataset_classes, make_loader
 from common.data.classes import IGNORE
 from common.data.transforms import TrainAugment
 from common.models import Segmenter, build_model
 
-__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "train_segmenter"]
+__all__ = ["PretrainConfig", "PretrainPlan", "PretrainResult", "pretrain", "pretrain_to_file", "train_segmenter"]
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +124,28 @@ def pretrain(spec: DataSpec, config: PretrainConfig) -> Segmenter:
     log.info("pretrained %s on %s: %d steps in %.0f s, final loss %.3f", config.arch, spec, config.steps,
              result.seconds, result.losses[-1])  # fmt: skip
     return model
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """A source model to make when no checkpoint is at hand: what an experiment or preset names."""
+
+    data: DataSpec
+    arch: str = "small_unet"
+    steps: int = 300
+    batch_size: int = 8
+    seed: int = 0
+
+    def key(self) -> str:
+        """Everything that decides the weights, for naming a cached checkpoint."""
+        return f"{self.data}|{self.arch}|{self.steps}|{self.batch_size}|{self.seed}"
+
+
+def pretrain_to_file(plan: PretrainPlan, path: str | Path, progress: bool = True) -> Path:
+    """Pretrain by ``plan`` and write a ``checkpoint/1`` file that records the plan."""
+    config = PretrainConfig(
+        arch=plan.arch, steps=plan.steps, batch_size=plan.batch_size, seed=plan.seed, progress=progress
+    )
+    model = pretrain(plan.data, config)
+    meta = {"data": str(plan.data), "steps": str(plan.steps), "seed": str(plan.seed)}
+    return save_checkpoint(model, path, plan.arch, dataset_classes(plan.data.kind, plan.data.root), meta)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data import DataSpec
+from common.pretrain import PretrainPlan
 from fedmerge.runtime import PROJECT_ROOT
 
 __all__ = [
@@ -33,17 +34,6 @@ __all__ = [
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 DATA_ROOT = "{data_root}"
-
-
-@dataclass(frozen=True)
-class PretrainPlan:
-    """Supervised training of the shared source model, when no checkpoint is given."""
-
-    data: DataSpec
-    arch: str = "small_unet"
-    steps: int = 300
-    batch_size: int = 8
-    seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,11 @@ from torch.utils.data import Dataset
 
 from clients.adaptation import AdaptContext, get_method, make_config
 from clients.site import SiteJob, package_update, run_adaptation
-from common.checkpoints import load_checkpoint, save_checkpoint
-from common.data import build_dataset, dataset_classes, image_batches
+from common.checkpoints import load_checkpoint
+from common.data import build_dataset, image_batches
 from common.merging import SiteUpdate, split_state
 from common.models import Segmenter, build_model
+from common.pretrain import pretrain_to_file
 from common.update_format import load_site_update, save_site_update
 from experiments.config import LocalMethod, SourceModel
 
@@ -91,19 +92,12 @@ def load_source(source: SourceModel, cache_dir: Path) -> SourceBundle:
         path = Path(source.checkpoint)
     elif source.pretrain is not None:
         plan = source.pretrain
-        key = hashlib.sha256(f"{plan.data}|{plan.arch}|{plan.steps}|{plan.batch_size}|{plan.seed}".encode())
-        path = cache_dir / f"source-{key.hexdigest()[:16]}.safetensors"
+        path = cache_dir / f"source-{hashlib.sha256(plan.key().encode()).hexdigest()[:16]}.safetensors"
         if not path.is_file():
-            from common.pretrain import PretrainConfig, pretrain
-
             if source.checkpoint:
                 log.warning("source checkpoint %s not found; pretraining from the plan instead", source.checkpoint)
             log.info("pretraining the source model: %s, %d steps on %s", plan.arch, plan.steps, plan.data)
-            config = PretrainConfig(
-                arch=plan.arch, steps=plan.steps, batch_size=plan.batch_size, seed=plan.seed, progress=False
-            )
-            model = pretrain(plan.data, config)
-            save_checkpoint(model, path, plan.arch, dataset_classes(plan.data.kind, plan.data.root))
+            pretrain_to_file(plan, path, progress=False)
         else:
             log.info("reusing the cached source model %s", path)
     else:

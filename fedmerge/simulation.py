@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.checkpoints import save_checkpoint
-from common.data import DataSpec, dataset_classes
-from common.pretrain import PretrainConfig, pretrain
+from common.data import DataSpec
+from common.pretrain import PretrainPlan, pretrain_to_file
 from fedmerge.cli import CommandError
 from fedmerge.runtime import simulation_env
 
@@ -29,14 +28,6 @@ SOURCE_CHECKPOINT = "source.safetensors"
 
 class SimulationFailed(CommandError):
     """The Flower run did not produce a merged model; the message carries its last log lines."""
-
-
-@dataclass(frozen=True)
-class PretrainPlan:
-    data: str
-    arch: str = "small_unet"
-    steps: int = 300
-    batch_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -57,7 +48,7 @@ class SimulationPlan:
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         pre = raw.get("pretrain")
-        pretrain = PretrainPlan(**{k.replace("-", "_"): v for k, v in pre.items()}) if pre else None
+        pretrain = _pretrain_plan(pre, path) if pre else None
         return cls(
             path.stem,
             int(raw.get("num-sites", 3)),
@@ -74,6 +65,14 @@ class SimulationPlan:
         return cls.load(path)
 
 
+def _pretrain_plan(raw: dict[str, Any], path: Path) -> PretrainPlan:
+    options = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = set(options) - {"data", "arch", "steps", "batch_size", "seed"}
+    if unknown or "data" not in options:
+        raise ValueError(f"{path}: [pretrain] needs 'data' and takes arch, steps, batch-size, seed; got {sorted(raw)}")
+    return PretrainPlan(**{**options, "data": DataSpec.parse(str(options["data"]))})
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
@@ -85,12 +84,7 @@ def _source_weights(plan: SimulationPlan, out_dir: Path) -> str:
     if path.exists():
         log.info("reusing source model %s", path)
         return str(path)
-    spec = DataSpec.parse(plan.pretrain.data)
-    classes = dataset_classes(spec.kind, spec.root)
-    config = PretrainConfig(arch=plan.pretrain.arch, steps=plan.pretrain.steps, batch_size=plan.pretrain.batch_size)
-    model = pretrain(spec, config)
-    save_checkpoint(model, path, plan.pretrain.arch, classes)
-    return str(path)
+    return str(pretrain_to_file(plan.pretrain, path))
 
 
 def run_simulation(plan: SimulationPlan, out_dir: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

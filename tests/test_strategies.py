@@ -128,10 +128,8 @@ def test_count_weighting_tilts_statistics_and_equal_weighting_does_not(source):
     torch.testing.assert_close(equal, 0.5 * mu_s + 0.5 * mu_l)
 
 
-@pytest.mark.parametrize("mode,sizes", [("eval", (3, 5)), ("batch", (4, 6))])
-def test_recalibrate_equals_statistics_of_the_pooled_images_under_the_merged_parameters(source, mode, sizes):
-    data = {"fog": _data("fog", sizes[0]), "night": _data("night", sizes[1])}
-    updates = [_update("fog", source.state, 1, sizes[0]), _update("night", source.state, 2, sizes[1])]
+def _local_sites(source, data: dict) -> LocalSites:
+    """The comparison harness's sites over in-memory data (no pool, no cache)."""
     raw = {
         "source": {"checkpoint": "unused.safetensors"},
         "method": {"name": "adabn", "batch-size": BATCH},
@@ -139,7 +137,14 @@ def test_recalibrate_equals_statistics_of_the_pooled_images_under_the_merged_par
         "eval": [{"domain": "fog", "data": "synthetic"}],
     }
     config = ExperimentConfig.from_dict(raw, "t")
-    services = LocalSites(config, source, pool=None, data=data, cache_dir=None)  # type: ignore[arg-type]
+    return LocalSites(config, source, pool=None, data=data, cache_dir=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode,sizes", [("eval", (3, 5)), ("batch", (4, 6))])
+def test_recalibrate_equals_statistics_of_the_pooled_images_under_the_merged_parameters(source, mode, sizes):
+    data = {"fog": _data("fog", sizes[0]), "night": _data("night", sizes[1])}
+    updates = [_update("fog", source.state, 1, sizes[0]), _update("night", source.state, 2, sizes[1])]
+    services = _local_sites(source, data)
     strategy, _ = get_strategy("recalibrate")
     outcome = strategy.run(_inputs(source, updates, services), make_options(strategy, {"mode": mode}))
     merged = gaussian(source.state, updates)
@@ -192,14 +197,7 @@ def test_recalibrate_gives_the_model_the_flower_strategys_second_round_gives(sou
     flower = OneShotMerge(MergeConfig(min_sites=2, recalibrate=True, poll_interval=0.0), source.state)
     flower_state = flower.start(grid, ArrayRecord(source.state)).arrays.to_torch_state_dict()
     assert flower.report.recalibration["applied"] is True
-    raw = {
-        "source": {"checkpoint": "unused.safetensors"},
-        "method": {"name": "adabn", "batch-size": BATCH},
-        "sites": [{"name": s, "data": "synthetic"} for s in data],
-        "eval": [{"domain": "fog", "data": "synthetic"}],
-    }
-    config = ExperimentConfig.from_dict(raw, "t")
-    services = LocalSites(config, source, pool=None, data=data, cache_dir=None)  # type: ignore[arg-type]
+    services = _local_sites(source, data)
     strategy, _ = get_strategy("recalibrate")
     ours = strategy.run(_inputs(source, updates, services), make_options(strategy, {})).state
     assert set(ours) == set(flower_state)

@@ -6,14 +6,12 @@ scalars leave the site (see ``common.wire``); images and labels never do.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.config import SiteConfig
 from clients.site import adapt_site, recalibration_sums
-from common.data import DataSpec, build_dataset
+from common.data import build_dataset
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
 from common.models import Segmenter, build_model
 from common.wire import sums_to_records, update_to_records
@@ -22,12 +20,7 @@ app = ClientApp()
 
 
 def _site_config(context: Context) -> SiteConfig:
-    """The site's config; in simulation a run-config ``site-data`` list may give each partition its own data."""
-    config = SiteConfig.from_flower(context.run_config, context.node_config)
-    specs = [s.strip() for s in str(context.run_config.get("site-data", "")).split(";") if s.strip()]
-    if specs and "partition-id" in context.node_config:
-        config = replace(config, data=DataSpec.parse(specs[int(context.node_config["partition-id"])]))
-    return config
+    return SiteConfig.from_flower(context.run_config, context.node_config)
 
 
 def _global_model(msg: Message, config: SiteConfig) -> Segmenter:

@@ -3,7 +3,7 @@
 Node config (set by each site's operator with ``--node-config``) wins over run config
 (set by whoever starts the run), so data paths and the domain stay with the site. In
 simulation, where node config is only ``partition-id``, the run config's ``domains``
-list maps partitions to domains.
+list maps partitions to domains, and its ``site-data`` list, when given, to whole data specs.
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ def _domain(config: Mapping[str, Any]) -> str:
     return domains[pid]
 
 
+def _partition_data(config: Mapping[str, Any]) -> DataSpec | None:
+    """In simulation a run-config ``site-data`` list (";"-separated) may give each partition its own data."""
+    specs = [s.strip() for s in str(config.get("site-data", "")).split(";") if s.strip()]
+    if not specs or "partition-id" not in config:
+        return None
+    pid = int(config["partition-id"])
+    if pid >= len(specs):
+        raise ValueError(f"partition {pid} has no data: run config 'site-data' lists only {len(specs)} specs")
+    return DataSpec.parse(specs[pid])
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     arch: str
@@ -55,7 +66,7 @@ class SiteConfig:
     def from_flower(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteConfig:
         merged = {**run_config, **node_config}
         domain = _domain(merged)
-        data = DataSpec.from_config({**merged, "domain": domain})
+        data = _partition_data(merged) or DataSpec.from_config({**merged, "domain": domain})
         source = DataSpec.from_config(merged, prefix="source-") if str(merged.get("source-dataset", "")) else None
         options = parse_options(str(merged.get("method-options", "")))
         job = SiteJob(

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -135,8 +136,6 @@ def test_site_uses_its_local_weights_only_when_their_fingerprint_is_the_runs(tmp
 
 # ----- the site's configuration ------------------------------------------------------------------------
 def test_site_configuration_comes_from_node_config_over_the_declared_run_config():
-    import tomllib
-
     declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     node = {
         "dataset": "acdc",
@@ -152,6 +151,16 @@ def test_site_configuration_comes_from_node_config_over_the_declared_run_config(
     assert (config.job.domain, config.job.method, dict(config.job.method_options)) == ("fog", "tent", {"steps": "5"})
     assert config.weights == "/models/source.safetensors"
     assert SiteConfig.from_flower(declared, {**node, "num-images": 4}).data.num_images == 4
+
+
+def test_site_data_gives_each_simulated_partition_its_own_spec():
+    declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    run = {**declared, "domains": "day,dusk", "site-data": "camvid:/d?domain=0016E5; camvid:/d?domain=0001TP"}
+    dusk = SiteConfig.from_flower(run, {"partition-id": 1})
+    assert (dusk.job.domain, dusk.data.kind, dusk.data.domain) == ("dusk", "camvid", "0001TP")
+    assert SiteConfig.from_flower({**run, "site-data": ""}, {"partition-id": 1}).data.kind == "synthetic"
+    with pytest.raises(ValueError, match="partition 2 has no data: run config 'site-data' lists only 2 specs"):
+        SiteConfig.from_flower({**run, "domains": "a,b,c"}, {"partition-id": 2})
 
 
 # ----- a real SuperLink with TLS and SuperNode authentication ----------------------------------------

@@ -14,10 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import psutil
 import tomli_w
@@ -254,8 +256,16 @@ class FlowerEnv:
                 raise TimeoutError(f"SuperNodes {sorted(set(node_ids) - online)} not online after {timeout:.0f}s")
             time.sleep(0.5)
 
-    def flwr(self, args: Sequence[str], timeout: float, log_name: str = "flwr") -> subprocess.CompletedProcess:
-        """Run a ``flwr`` CLI command to completion; its output is kept in ``<log_name>.log``."""
+    def flwr(
+        self, args: Sequence[str], timeout: float, log_name: str = "flwr", echo: TextIO | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run a ``flwr`` CLI command to completion; its output is kept in ``<log_name>.log``.
+
+        With ``echo``, every output line is also written there as it arrives (stdout and
+        stderr interleaved, all in ``stdout`` of the result), so a long run shows progress.
+        """
+        if echo is not None:
+            return self._flwr_streaming(args, timeout, self.home / f"{log_name}.log", echo)
         result = subprocess.run(
             [str(_BIN / "flwr"), *args],
             env=self.env(),
@@ -268,15 +278,49 @@ class FlowerEnv:
         (self.home / f"{log_name}.log").write_text(result.stdout + result.stderr)
         return result
 
+    def _flwr_streaming(
+        self, args: Sequence[str], timeout: float, log_path: Path, echo: TextIO
+    ) -> subprocess.CompletedProcess:
+        command = [str(_BIN / "flwr"), *args]
+        lines: list[str] = []
+        with (
+            log_path.open("w") as log_file,
+            subprocess.Popen(
+                command, env=self.env(), cwd=self.home, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            ) as proc,
+        ):  # fmt: skip
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    lines.append(line)
+                    log_file.write(line)
+                    log_file.flush()
+                    echo.write(line)
+                    echo.flush()
+                returncode = proc.wait()
+            finally:
+                timed_out = not timer.is_alive()
+                timer.cancel()
+        if timed_out:
+            raise subprocess.TimeoutExpired(command, timeout, output="".join(lines))
+        return subprocess.CompletedProcess(command, returncode, "".join(lines), "")
+
     def run_app(
-        self, connection: str, run_config: Mapping[str, object], timeout: float, app_dir: Path = PROJECT_ROOT
+        self,
+        connection: str,
+        run_config: Mapping[str, object],
+        timeout: float,
+        app_dir: Path = PROJECT_ROOT,
+        echo: TextIO | None = None,
     ) -> subprocess.CompletedProcess:
         """``flwr run APP CONNECTION --run-config FILE --stream``, waiting for the run to end."""
         config_file = self.home / "run-config.toml"
         config_file.write_text(tomli_w.dumps(dict(run_config)))
-        return self.flwr(
-            ["run", str(app_dir), connection, "--run-config", str(config_file), "--stream"], timeout, "run"
-        )
+        args = ["run", str(app_dir), connection, "--run-config", str(config_file), "--stream"]
+        return self.flwr(args, timeout, "run", echo)
 
     def stop_all(self) -> None:
         for proc in reversed(self.processes):

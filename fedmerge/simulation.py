@@ -12,7 +12,7 @@ import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from common.data import DataSpec
 from common.pretrain import PretrainPlan, pretrain_to_file
@@ -87,8 +87,13 @@ def _source_weights(plan: SimulationPlan, out_dir: Path) -> str:
     return str(pretrain_to_file(plan.pretrain, path))
 
 
-def run_simulation(plan: SimulationPlan, out_dir: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the plan; returns the report the ServerApp wrote. Raises with Flower's log on failure."""
+def run_simulation(
+    plan: SimulationPlan, out_dir: Path, overrides: dict[str, Any] | None = None, echo: TextIO | None = None
+) -> dict[str, Any]:
+    """Run the plan; returns the report the ServerApp wrote. Raises with Flower's log on failure.
+
+    ``echo`` receives Flower's output line by line while the run goes (e.g. ``sys.stderr``).
+    """
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     run_config = {**plan.run_config, **(overrides or {}), "out-dir": str(out_dir)}
@@ -99,7 +104,7 @@ def run_simulation(plan: SimulationPlan, out_dir: Path, overrides: dict[str, Any
     report_path = out_dir / "report.json"
     report_path.unlink(missing_ok=True)  # never mistake an earlier run's report for this one's
     with simulation_env(out_dir / ".flwr", plan.num_sites) as (env, connection):
-        result = env.run_app(connection, run_config, timeout=timeout)
+        result = env.run_app(connection, run_config, timeout=timeout, echo=echo)
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     if report.get("status") == "ok":
         return report

@@ -97,8 +97,20 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     return report
 
 
+def _log_through_flower() -> None:
+    """Send this project's INFO logs where Flower's go, so ``flwr run --stream`` shows the merge's progress."""
+    handlers = logging.getLogger("flwr").handlers
+    for name in ("server", "common"):
+        logger = logging.getLogger(name)
+        if handlers and not logger.handlers:
+            logger.handlers = list(handlers)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _log_through_flower()
     config = ServerConfig.from_run_config(context.run_config)
     if str(context.run_config.get("strategy", "one-shot")) == "fedavg":  # the multi-round baseline
         from server.fedavg import run_fedavg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -20,8 +21,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gaussian_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sim-gaussian")
-    run_simulation(SimulationPlan.preset("tiny"), out, {"save-updates": True})
+    echo = io.StringIO()
+    run_simulation(SimulationPlan.preset("tiny"), out, {"save-updates": True}, echo=echo)
+    (out / "echoed.log").write_text(echo.getvalue())
     return out
+
+
+def test_flower_output_is_echoed_live_and_kept_in_the_run_log(gaussian_run):
+    echoed = (gaussian_run / "echoed.log").read_text()
+    assert echoed == (gaussian_run / ".flwr" / "run.log").read_text()
+    assert sum("merged site" in line for line in echoed.splitlines()) == 3
 
 
 def _report(out: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from fedmerge.simulation import SimulationPlan, list_presets, run_simulation
@@ -33,7 +34,8 @@ def _overrides(items: list[str]) -> dict[str, object]:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    report = run_simulation(_plan(args), Path(args.out_dir), _overrides(args.set))
+    echo = None if args.quiet else sys.stderr
+    report = run_simulation(_plan(args), Path(args.out_dir), _overrides(args.set), echo=echo)
     print(report_table(report))
     print(f"\nmerged model: {Path(args.out_dir).resolve() / 'merged.safetensors'}")
     return 0
@@ -51,9 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--preset", default=DEMO_PRESET, help=f"one of: {', '.join(list_presets())}")
     src.add_argument("--config", help="a simulation TOML file (see fedmerge/presets/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
+    p.add_argument("--quiet", action="store_true", help="do not echo Flower's log while the run goes")
     p.set_defaults(func=simulate)
 
     d = sub.add_parser("demo", help=f"simulate the embedded synthetic default ({DEMO_PRESET}) and print the table")
     d.add_argument("--out-dir", default="runs/demo")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
+    d.add_argument("--quiet", action="store_true", help="do not echo Flower's log while the run goes")
     d.set_defaults(func=demo)

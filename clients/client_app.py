@@ -56,9 +56,19 @@ def _initial_model(msg: Message, config: SiteConfig) -> Segmenter:
     return model
 
 
+def round_seed(msg: Message, seed: int) -> int:
+    """The adaptation seed of this round: ``seed`` in round 1 (the one-shot merge), then seed + round - 1.
+
+    A multi-round run (FedAvg) must not replay the same batches and augmentations every round.
+    """
+    server_round = int(msg.content["config"].get("server-round", 1)) if "config" in msg.content else 1
+    return seed + max(server_round, 1) - 1
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = _site_config(context)
+    config.job.context.seed = round_seed(msg, config.job.context.seed)
     model = _initial_model(msg, config)
     if config.source is not None:
         config.job.context.source = build_dataset(config.source)

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load_file, save_file
 
-from clients.client_app import _initial_model
+from clients.client_app import _initial_model, round_seed
 from clients.config import SiteConfig
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
 from common.models import build_model
@@ -151,6 +151,15 @@ def test_site_configuration_comes_from_node_config_over_the_declared_run_config(
     assert (config.job.domain, config.job.method, dict(config.job.method_options)) == ("fog", "tent", {"steps": "5"})
     assert config.weights == "/models/source.safetensors"
     assert SiteConfig.from_flower(declared, {**node, "num-images": 4}).data.num_images == 4
+
+
+def test_each_round_of_a_multi_round_run_adapts_with_its_own_seed():
+    def message(config: dict) -> SimpleNamespace:
+        return SimpleNamespace(content=RecordDict({"config": ConfigRecord(config)}))
+
+    assert round_seed(message({"server-round": 1}), 7) == 7  # the one-shot merge's seed
+    assert round_seed(message({"server-round": 3}), 7) == 9
+    assert round_seed(message({}), 7) == 7
 
 
 def test_site_data_gives_each_simulated_partition_its_own_spec():

@@ -6,15 +6,17 @@ checkpoint can be loaded, merged or evaluated without any side file or guess.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 from common.models import Segmenter, build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "read_checkpoint_metadata", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "read_checkpoint_metadata", "save_checkpoint", "save_state"]
 
 CHECKPOINT_FORMAT = "checkpoint/1"
 
@@ -29,16 +31,22 @@ def save_checkpoint(
         raise ValueError(f"{len(classes)} class names for a model with {num_classes} outputs")
     if any("," in name for name in classes):
         raise ValueError("class names are stored comma-separated and must not contain commas")
-    metadata = {
-        "fedmerge.format": CHECKPOINT_FORMAT,
-        "arch": arch,
-        "num_classes": str(num_classes),
-        "classes": ",".join(classes),
-        **(extra or {}),
-    }
+    return save_state(model.state_dict(), path, arch, num_classes, {"classes": ",".join(classes), **(extra or {})})
+
+
+def save_state(
+    state: Mapping[str, Tensor], path: str | Path, arch: str, num_classes: int, extra: dict[str, str] | None = None
+) -> Path:
+    """Write a state dict as a ``checkpoint/1`` file, atomically: a crash never leaves half a file.
+
+    The one writer of the format, for a trained model, a merged one and a merge from files.
+    """
+    path = Path(path)
+    metadata = {"fedmerge.format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": str(num_classes), **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
     return path
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save_file
 from torch import Tensor
 
+from common.checkpoints import save_state
 from common.evaluation import StateEvaluator
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
 from common.merging import SiteUpdate
@@ -37,15 +37,7 @@ app = ServerApp()
 
 
 def _save_state(state: dict[str, Tensor], path: Path, config: ServerConfig, sites: list[str]) -> None:
-    meta = {
-        "fedmerge.format": "checkpoint/1",
-        "arch": config.arch,
-        "num_classes": str(config.num_classes),
-        "merged_from": ",".join(sites),
-    }
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_state(state, path, config.arch, config.num_classes, {"merged_from": ",".join(sites)})
 
 
 def _on_update(config: ServerConfig, report: MergeReport, evaluator: StateEvaluator | None):

@@ -48,3 +48,26 @@ def test_unknown_preset_is_one_clear_error(tmp_path, capsys):
 def test_bad_merge_option_is_one_clear_error(tmp_path, capsys):
     assert cli_main(["merge", "a", "b", "--out", str(tmp_path / "m"), "--weights", "1,x"]) == 2
     assert "--weights" in capsys.readouterr().err
+
+
+def test_merge_of_plain_state_dicts_needs_the_model_named(tmp_path, capsys):
+    import torch
+
+    from common.checkpoints import load_checkpoint
+
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        path = tmp_path / f"site{seed}.pt"
+        state = build_model("tiny_unet", 9).state_dict()
+        for key in [k for k in state if k.endswith("num_batches_tracked")]:
+            state[key] = torch.tensor(10)  # the BN counts of a file without explicit ones
+        torch.save(state, path)
+        paths.append(str(path))
+    out = tmp_path / "merged.safetensors"
+    assert cli_main(["merge", *paths, "--out", str(out)]) == 2
+    assert "pass --arch and --num-classes" in capsys.readouterr().err and not out.exists()
+    assert cli_main(["merge", *paths, "--out", str(out), "--arch", "tiny_unet", "--num-classes", "9"]) == 0
+    model, meta = load_checkpoint(out)
+    assert model.final_layer().out_channels == 9
+    assert (meta["arch"], meta["merged_from"]) == ("tiny_unet", "site1,site2")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from safetensors.torch import save_file
-
+from common.checkpoints import save_state
 from common.merging import BUFFER_MODES, MergeAccumulator
 from common.update_format import load_site_update
 from common.validation import validate_update
@@ -31,21 +29,16 @@ def _weighting(text: str, n: int) -> tuple[str, list[float] | None]:
 def merge(args: argparse.Namespace) -> int:
     weighting, weights = _weighting(args.weights, len(args.sites))
     first, meta = load_site_update(args.sites[0])
+    arch, num_classes = args.arch or meta.get("arch", ""), args.num_classes or int(meta.get("num_classes") or 0)
+    if not arch or num_classes < 1:
+        raise CommandError(f"{args.sites[0]} does not say which model it is: pass --arch and --num-classes")
     acc = MergeAccumulator(first.state_dict(), weighting, args.buffers)
     for i, path in enumerate(args.sites):
         update, _ = (first, meta) if i == 0 else load_site_update(path)
         validate_update(update, first.state_dict())
         acc.add(update, None if weights is None else weights[i])
         del update
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "fedmerge.format": "checkpoint/1",
-        "arch": meta.get("arch", ""),
-        "num_classes": meta.get("num_classes", ""),
-        "merged_from": ",".join(acc.sites),
-    }
-    save_file({k: v.contiguous() for k, v in acc.result().items()}, str(out), metadata=metadata)
+    out = save_state(acc.result(), args.out, arch, num_classes, {"merged_from": ",".join(acc.sites)})
     print(f"merged {len(acc.sites)} sites ({', '.join(acc.sites)}) into {out}")
     return 0
 
@@ -56,4 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the merged checkpoint (.safetensors)")
     p.add_argument("--weights", default="uniform", help="uniform | counts | a comma list, one weight per site")
     p.add_argument("--buffers", default="gaussian", choices=BUFFER_MODES, help="how BN statistics merge")
+    p.add_argument("--arch", default="", help="the model, for site updates that do not record it (plain .pt)")
+    p.add_argument("--num-classes", type=int, default=0, help="with --arch")
     p.set_defaults(func=merge)

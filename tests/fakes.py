@@ -44,13 +44,19 @@ def fake_message(content, dst_node_id, message_type, group_id) -> SimpleNamespac
 
 @dataclass
 class FakeGrid:
-    """Answers each pushed message with a prepared reply, a few per pull, in a shuffled order."""
+    """Answers each pushed message with a prepared reply, arriving in a shuffled order.
+
+    Each ``pull_messages`` call lets time pass: the next ``per_pull`` replies of the
+    shuffled queue arrive, and the call returns those of the asked-for ids that have
+    arrived. So a strategy that pulls one id at a time still sees the shuffled order.
+    """
 
     replies: dict[int, FakeReply | None]  # node id -> reply (None: never answers)
     per_pull: int = 1
     seed: int = 0
     pushed: list[SimpleNamespace] = field(default_factory=list)
     _queue: list[FakeReply] = field(default_factory=list)
+    _arrived: list[FakeReply] = field(default_factory=list)
 
     def get_node_ids(self) -> list[int]:
         return list(self.replies)
@@ -74,8 +80,10 @@ class FakeGrid:
         return ids
 
     def pull_messages(self, message_ids) -> list[FakeReply]:
+        self._arrived += self._queue[: self.per_pull]
+        del self._queue[: self.per_pull]
         wanted = set(message_ids)
-        ready = [r for r in self._queue if r.reply_to in wanted][: self.per_pull]
+        ready = [r for r in self._arrived if r.reply_to in wanted]
         for r in ready:
-            self._queue.remove(r)
+            self._arrived.remove(r)
         return ready

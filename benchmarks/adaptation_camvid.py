@@ -24,18 +24,10 @@ then the exact BN statistics pass on the target frames it adapted on.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-from adaptation_runner import (  # benchmarks/, beside this file
-    Target,
-    describe,
-    parse_overrides,
-    run_method,
-    save_runs,
-    table,
-)
+from adaptation_runner import Target, add_common_arguments, run_all  # benchmarks/, beside this file
 from torch.utils.data import Dataset, Subset
 
 from common.data import DataSpec, TimeSplit, build_dataset, dataset_classes
@@ -94,33 +86,16 @@ def main() -> None:
     parser.add_argument("--source-model", default=SOURCE_MODEL, help="small_unet checkpoint pretrained on 0016E5")
     parser.add_argument("--pretrain-steps", type=int, default=600, help="when the source model is made here")
     parser.add_argument("--root", default=ROOT)
-    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--targets", default="dusk,day", help=f"comma list of {', '.join(SPLITS)}")
-    parser.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE")
-    parser.add_argument("--seed", type=int, default=0, help="adaptation seed")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default="runs/adapt_camvid/results.json", help="every run, written as it ends")
-    parser.add_argument("--quiet", action="store_true")
+    add_common_arguments(parser, METHODS, "runs/adapt_camvid/results.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not Path(args.root).is_dir():
         parser.error(f"no CamVid at {args.root} (--root)")
     checkpoint = str(source_checkpoint(Path(args.source_model), args.root, args.pretrain_steps))
-    overrides = parse_overrides(args.set)
-    num_classes = len(dataset_classes("camvid"))
     source = build_dataset(DataSpec.parse(f"camvid:{args.root}?split=train&domain=0016E5"))
     targets = [camvid_target(name, args.root) for name in args.targets.split(",")]
-    runs = []
-    started = time.perf_counter()
-    for method in args.methods.split(","):
-        for target in targets:
-            run = run_method(method, overrides.get(method, {}), checkpoint, num_classes, target,
-                             source if method == "hrda" else None, args.seed, not args.quiet)  # fmt: skip
-            runs.append(run)
-            print(describe(run), flush=True)
-            save_runs(args.json, runs, vars(args))
-    print(f"\n{len(runs)} runs in {time.perf_counter() - started:.0f} s; threads {args.threads}\n")
-    print(table(runs, [t.name for t in targets]))
+    run_all(args, checkpoint, len(dataset_classes("camvid")), targets, source)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,10 @@ with a fresh attention head) with the 400 labeled source images at the site.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-from adaptation_runner import (  # benchmarks/, beside this file
-    Target,
-    describe,
-    parse_overrides,
-    run_method,
-    save_runs,
-    table,
-)
+from adaptation_runner import Target, add_common_arguments, run_all  # benchmarks/, beside this file
 
 from common.data import DataSpec, build_dataset, dataset_classes
 from common.pretrain import PretrainPlan, pretrain_to_file
@@ -43,21 +35,15 @@ def source_checkpoint(path: Path, images: int, steps: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--targets", default="fog,night,rain")
-    parser.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE")
     parser.add_argument("--source-images", type=int, default=400)
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--adapt-images", type=int, default=48)
     parser.add_argument("--eval-images", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0, help="adaptation seed")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work-dir", default="runs/adapt_synthetic")
-    parser.add_argument("--json", default="", help="write every run here (default: WORK_DIR/results.json)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--work-dir", default="runs/adapt_synthetic", help="the cached source model goes here")
+    add_common_arguments(parser, METHODS, "runs/adapt_synthetic/results.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = parse_overrides(args.set)
     work = Path(args.work_dir)
     ckpt = source_checkpoint(work / "source.safetensors", args.source_images, args.pretrain_steps)
     num_classes = len(dataset_classes("synthetic"))
@@ -70,17 +56,7 @@ def main() -> None:
         )
         for style in args.targets.split(",")
     ]
-    runs = []
-    started = time.perf_counter()
-    for method in args.methods.split(","):
-        for target in targets:
-            run = run_method(method, overrides.get(method, {}), str(ckpt), num_classes, target,
-                             source if method == "hrda" else None, args.seed, not args.quiet)  # fmt: skip
-            runs.append(run)
-            print(describe(run), flush=True)
-            save_runs(args.json or work / "results.json", runs, vars(args))
-    print(f"\n{len(runs)} runs in {time.perf_counter() - started:.0f} s; threads {args.threads}\n")
-    print(table(runs, [t.name for t in targets]))
+    run_all(args, str(ckpt), num_classes, targets, source)
 
 
 if __name__ == "__main__":

@@ -39,13 +39,19 @@ def _check_keys(update: SiteUpdate, expected: Mapping[str, object]) -> None:
         raise UpdateRejected(update.site, repr(extra[0]), "not in the global model")
 
 
+def _screen_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_tensor(site: str, key: str, value: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     if tuple(value.shape) != shape:
         raise UpdateRejected(site, repr(key), f"shape {tuple(value.shape)}, the global model has {shape}")
     if value.dtype != dtype:
         raise UpdateRejected(site, repr(key), f"dtype {value.dtype}, the global model has {dtype}")
-    # One sum is a cheap screen: it is finite unless a value is NaN/Inf (or the sum overflows).
-    if value.is_floating_point() and not bool(torch.isfinite(value.sum(dtype=torch.float64))):
+    # One sum is a cheap screen: it is finite unless a value is NaN/Inf (or the sum overflows, and
+    # then the exact count below decides). Summed in the tensor's own precision (at least float32):
+    # asking torch for a float64 sum of float32 values is ~20x slower, a multiple of the whole merge.
+    if value.is_floating_point() and not bool(torch.isfinite(value.sum(dtype=_screen_dtype(value.dtype)))):
         bad = int((~torch.isfinite(value)).sum())
         if bad:
             raise UpdateRejected(site, repr(key), f"{bad} NaN or Inf values")

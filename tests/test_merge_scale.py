@@ -284,3 +284,16 @@ def test_param_precision_is_chosen_from_the_run_config(tmp_path):
     assert ServerConfig.from_run_config({"out-dir": str(tmp_path)}).merge.param_dtype == torch.float64
     with pytest.raises(ValueError, match="param-precision must be float64 or float32, not 'float16'"):
         ServerConfig.from_run_config({"out-dir": str(tmp_path), "param-precision": "float16"})
+
+
+def test_a_huge_but_finite_update_is_accepted_though_its_screening_sum_overflows(template, updates):
+    from common.validation import validate_update
+
+    big = updates[0]
+    key = next(k for k, v in big.params.items() if v.numel() >= 4)
+    params = dict(big.params)
+    params[key] = torch.full_like(params[key], 3e38)  # finite, but the float32 sum is inf
+    validate_update(SiteUpdate(big.site, params, big.buffers, big.counts, big.num_examples), template)
+    params[key] = params[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+    with pytest.raises(ValueError, match="NaN or Inf values"):
+        validate_update(SiteUpdate(big.site, params, big.buffers, big.counts, big.num_examples), template)

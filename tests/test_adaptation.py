@@ -294,7 +294,8 @@ def _sfda_objective(model, fixed: list[torch.Tensor]) -> float:
     from clients.adaptation.sfda import SFDAConfig, sfda_losses
 
     model.train()
-    terms = sfda_losses(model, *fixed, SFDAConfig(threshold=0.6), torch.Generator().manual_seed(5))
+    config = SFDAConfig(threshold=0.6, augment=True)  # as trained below
+    terms = sfda_losses(model, *fixed, config, torch.Generator().manual_seed(5))
     return terms["loss"].item()
 
 
@@ -308,9 +309,10 @@ def test_sfda_lowers_its_loss_and_keeps_the_classifier(source_state, target_set)
         probs = start.eval()(images).softmax(1)
     fixed = [images[:2], images[2:], probs[:2], probs[2:]]
     before = _sfda_objective(start, fixed)
-    options = {"steps": 12, "lr": 1e-3, "threshold": 0.6, "warmup": 0, "easy_fraction": 0.5}
+    options = {"steps": 12, "lr": 1e-3, "threshold": 0.6, "warmup": 0, "easy_fraction": 0.5, "augment": True}
     model, metrics = _adapt("sfda", source_state, target_set, options)
     assert _sfda_objective(model, fixed) < before
+    assert metrics["train-loss"] < metrics["train-loss-start"]
     assert metrics["train-confident"] > 0
     final = model.final_layer()
     torch.testing.assert_close(final.weight, source_state["classifier.1.weight"])  # frozen

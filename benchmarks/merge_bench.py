@@ -63,12 +63,11 @@ if str(ROOT) not in sys.path:
 from flwr.app import ArrayRecord, RecordDict  # noqa: E402
 
 import server.strategy as strategy_module  # noqa: E402
-from common.merging import SiteUpdate, bn_layer_names, split_state  # noqa: E402
+from common.merging import PARAM_PRECISIONS, SiteUpdate, bn_layer_names, split_state  # noqa: E402
 from common.wire import numpy_to_array, records_to_update, update_to_records  # noqa: E402
 from server.config import MergeConfig  # noqa: E402
 from server.strategy import OneShotMerge  # noqa: E402
 
-PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 MB = 1e6
 REPEATS = 3
 
@@ -320,13 +319,13 @@ def worker_fedavg(k: int) -> dict:
     warm_memory(4 * model_bytes(template))
     make = ReplyMaker(template)
     replies = [make(site) for site in range(k)]
-    runs: dict[str, list[Clock]] = {"fedavg": [], **{p: [] for p in PRECISIONS}}
+    runs: dict[str, list[Clock]] = {"fedavg": [], **{p: [] for p in PARAM_PRECISIONS}}
     for _ in range(REPEATS):  # interleaved, so the machine's load hits each alike
         gc.collect()
         clock = Clock()
         clock.time(aggregate_arrayrecords, [r.content for r in replies], "num-examples")
         runs["fedavg"].append(clock)
-        for precision in PRECISIONS:
+        for precision in PARAM_PRECISIONS:
             gc.collect()
             runs[precision].append(merge_without_validation(template, replies, precision))
     out: dict[str, Any] = {"k": k, "model_bytes": model_bytes(template)}
@@ -401,7 +400,7 @@ def fedavg_table(rows: list[dict], streamed: list[dict]) -> str:
     for r in rows:
         fc, fw = r["fedavg_cpu"], r["fedavg_wall"]
         full = []
-        for precision in PRECISIONS:
+        for precision in PARAM_PRECISIONS:
             match = [s for s in streamed if (s["k"], s["precision"], s["skip_validate"]) == (r["k"], precision, False)]
             full.append(f"{_merge_cpu(match[0]) / fc:.1f}" if match else "-")
         lines.append(
@@ -442,7 +441,7 @@ def main() -> None:
     print(f"torch {torch.__version__} ({args.threads} intra-op thread(s)), numpy {np.__version__}", flush=True)
     rows = []
     plan = [("float64", args.sites, []), ("float32", args.float32_sites, [])]
-    plan += [(p, args.no_validate_sites, ["--skip-validate"]) for p in PRECISIONS]
+    plan += [(p, args.no_validate_sites, ["--skip-validate"]) for p in PARAM_PRECISIONS]
     for precision, sites, extra in plan:
         for k in _ints(sites):
             worker = ["--worker", "stream", "--k", str(k), "--precision", precision, "--threads", str(args.threads)]

@@ -22,6 +22,7 @@ __all__ = [
     "BN_BUFFER_SUFFIXES",
     "BUFFER_MODES",
     "PARAM_DTYPES",
+    "PARAM_PRECISIONS",
     "MergeAccumulator",
     "SiteUpdate",
     "bn_layer_names",
@@ -64,7 +65,8 @@ class SiteUpdate:
         return {**self.params, **self.buffers}
 
 
-PARAM_DTYPES = (torch.float64, torch.float32)
+PARAM_PRECISIONS = {"float64": torch.float64, "float32": torch.float32}  # run-config name -> dtype of the sums
+PARAM_DTYPES = tuple(PARAM_PRECISIONS.values())
 _CHUNK = 1 << 18  # elements per scratch block (1-2 MiB): stays in cache, few enough calls per model
 
 

@@ -10,11 +10,9 @@ from typing import Any
 import torch
 
 from common.data import DataSpec
-from common.merging import BUFFER_MODES
+from common.merging import BUFFER_MODES, PARAM_PRECISIONS
 
 __all__ = ["MergeConfig", "ServerConfig"]
-
-_PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -42,12 +40,12 @@ class MergeConfig:
             raise ValueError(f"param-weighting must be uniform or counts, not {self.param_weighting!r}")
         if self.buffer_mode not in BUFFER_MODES:
             raise ValueError(f"buffer-mode must be one of {', '.join(BUFFER_MODES)}, not {self.buffer_mode!r}")
-        if self.param_precision not in _PRECISIONS:
+        if self.param_precision not in PARAM_PRECISIONS:
             raise ValueError(f"param-precision must be float64 or float32, not {self.param_precision!r}")
 
     @property
     def param_dtype(self) -> torch.dtype:
-        return _PRECISIONS[self.param_precision]
+        return PARAM_PRECISIONS[self.param_precision]
 
 
 def _eval_specs(config: Mapping[str, Any]) -> dict[str, DataSpec]:

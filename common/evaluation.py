@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from common.data import DataSpec, build_dataset, make_loader
 from common.metrics import confusion_matrix, harmonic_mean, mean_iou, per_class_iou
-from common.models import build_model
+from common.model_factory import build_model
 
-__all__ = ["DomainScore", "StateEvaluator", "evaluate_domain", "evaluate_domains", "evaluate_state"]
+__all__ = ["DomainScore", "StateEvaluator", "evaluate_domain", "evaluate_domains"]
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,3 @@ class StateEvaluator:
             "num_images": {d: s.num_images for d, s in scores.items()},
             "harmonic_mean": h,
         }
-
-
-def evaluate_state(
-    state: Mapping[str, Tensor], arch: str, num_classes: int, specs: Mapping[str, DataSpec], batch_size: int = 8
-) -> dict[str, object]:
-    """One-off scoring; build a :class:`StateEvaluator` to score several states on the same sets."""
-    return StateEvaluator(arch, num_classes, specs, batch_size)(state)

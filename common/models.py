@@ -19,11 +19,13 @@ __all__ = [
     "ARCHITECTURES",
     "Segmenter",
     "SmallUNet",
-    "build_model",
+    "WeightsFile",
+    "build_base_model",
     "load_weights_file",
 ]
 
 
+WeightsFile = str | Path | None  # a local weights file; nothing is ever downloaded
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -188,6 +190,9 @@ def _torchvision(builder_name: str, feature_channels: int) -> Callable[[int], Se
 ARCHITECTURES: dict[str, Callable[[int], Segmenter]] = {
     "small_unet": lambda num_classes: SmallUNet(num_classes, width=16),
     "tiny_unet": lambda num_classes: SmallUNet(num_classes, width=8, depth=3),
+    # One more level (1/16 scale, 256 channels): a wider view for telling sky from building in dim light.
+    "small_unet_d5": lambda num_classes: SmallUNet(num_classes, width=16, depth=5),
+    "small_unet_w12d5": lambda num_classes: SmallUNet(num_classes, width=12, depth=5),
     "deeplabv3_resnet50": _torchvision("deeplabv3_resnet50", 2048),
     "deeplabv3_resnet101": _torchvision("deeplabv3_resnet101", 2048),
     "deeplabv3_mobilenet_v3_large": _torchvision("deeplabv3_mobilenet_v3_large", 960),
@@ -241,20 +246,13 @@ def _load_into(module: nn.Module, state: dict[str, Tensor], what: str, path: Pat
     module.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
 
 
-def build_model(
-    arch: str,
-    num_classes: int,
-    weights: str | Path | None = None,
-    backbone_weights: str | Path | None = None,
+def build_base_model(
+    arch: str, num_classes: int, weights: WeightsFile = None, backbone_weights: WeightsFile = None
 ) -> Segmenter:
-    """Build ``arch``; ``weights`` is a whole-model file, ``backbone_weights`` an ImageNet-style one.
+    """One of :data:`ARCHITECTURES`, never downloading (torchvision is asked for ``weights=None``).
 
-    Nothing is ever downloaded: torchvision's builders are called with ``weights=None``.
+    Wrapped architectures (``hrda_<base>``) are built by ``common.model_factory.build_model``.
     """
-    if arch.startswith("hrda_"):  # HRDA's multi-resolution wrapper around any base arch
-        from common.multires import build_multires
-
-        return build_multires(arch.removeprefix("hrda_"), num_classes, weights, backbone_weights)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
     model = ARCHITECTURES[arch](num_classes)

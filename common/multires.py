@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.models import Segmenter, build_model, load_weights_file
+from common.models import Segmenter, build_base_model, load_weights_file
 
 __all__ = [
     "HRDA_PREFIX",
@@ -35,7 +35,6 @@ __all__ = [
     "fuse_scales",
     "random_box",
     "sliding_windows",
-    "wrap_checkpoint_for_hrda",
 ]
 
 HRDA_PREFIX = "hrda_"
@@ -206,12 +205,14 @@ def build_multires(
     if base_arch.startswith(HRDA_PREFIX):
         raise ValueError(f"{HRDA_PREFIX}{base_arch}: a multi-resolution model cannot wrap another")
     if weights is None:
-        return MultiResSegmenter(build_model(base_arch, num_classes, backbone_weights=backbone_weights), num_classes)
+        return MultiResSegmenter(
+            build_base_model(base_arch, num_classes, backbone_weights=backbone_weights), num_classes
+        )
     state = load_weights_file(weights)
     if not any(k.startswith("attention.") for k in state):
-        base = build_model(base_arch, num_classes, weights=weights, backbone_weights=backbone_weights)
+        base = build_base_model(base_arch, num_classes, weights=weights, backbone_weights=backbone_weights)
         return MultiResSegmenter(base, num_classes)
-    model = MultiResSegmenter(build_model(base_arch, num_classes, backbone_weights=backbone_weights), num_classes)
+    model = MultiResSegmenter(build_base_model(base_arch, num_classes, backbone_weights=backbone_weights), num_classes)
     state = {k: v for k, v in state.items() if not k.endswith(".num_samples")}
     expected = model.state_dict()
     bad = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
@@ -223,21 +224,3 @@ def build_multires(
         )
     model.load_state_dict(state)
     return model
-
-
-def wrap_checkpoint_for_hrda(source: str | Path, out: str | Path) -> Path:
-    """Write the shared starting checkpoint of HRDA sites: the source model, wrapped.
-
-    Every hrda site must start from the same attention head for the merge to average
-    like with like; this file (arch ``hrda_<base>``) is what the federation distributes.
-    """
-    from common.checkpoints import load_checkpoint, save_checkpoint
-
-    base, meta = load_checkpoint(source)
-    if meta["arch"].startswith(HRDA_PREFIX):
-        raise ValueError(f"{source}: already a multi-resolution checkpoint ({meta['arch']})")
-    num_classes = int(meta["num_classes"])
-    classes = [c for c in meta.get("classes", "").split(",") if c] or [f"class{i}" for i in range(num_classes)]
-    extra = {k: v for k, v in meta.items() if k not in ("fedmerge.format", "arch", "num_classes", "classes")}
-    wrapped = MultiResSegmenter(base, num_classes)
-    return save_checkpoint(wrapped, out, HRDA_PREFIX + meta["arch"], classes, {**extra, "wrapped-from": str(source)})

@@ -23,7 +23,8 @@ from common.checkpoints import save_checkpoint
 from common.data import DataSpec, build_dataset, dataset_classes, make_loader
 from common.data.classes import IGNORE
 from common.data.transforms import TrainAugment
-from common.models import Segmenter, build_model
+from common.model_factory import build_model
+from common.models import Segmenter
 
 __all__ = ["PretrainConfig", "PretrainPlan", "PretrainResult", "pretrain", "pretrain_to_file", "train_segmenter"]
 

@@ -3,8 +3,9 @@
 One safetensors file holds the state dict tensors unchanged, ``running_var`` being the
 population variance, plus an int64 ``<layer>.num_samples`` per BN layer: the values per
 channel behind its statistics. Metadata: ``fedmerge.format = "site-update/1"``, ``arch``,
-``num_classes``, ``domain``, ``num_examples``. Plain PyTorch state dicts are read too;
-their counts fall back to ``num_batches_tracked``.
+``num_classes``, ``domain``, ``num_examples``. Any other model file is read too (through
+``common.checkpoints.read_model_file``); without counts, they fall back to
+``num_batches_tracked``, with a warning.
 """
 
 from __future__ import annotations
@@ -13,26 +14,20 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
-from common.merging import SiteUpdate, bn_layer_names, split_state
+from common.checkpoints import COUNT_SUFFIX, SITE_UPDATE_FORMAT, read_model_file, write_safetensors
+from common.updates import SiteUpdate, bn_layer_names, split_state
 
-__all__ = ["FORMAT", "SiteUpdateMeta", "load_site_update", "save_site_update"]
+__all__ = ["FORMAT", "load_site_update", "save_site_update"]
 
-FORMAT = "site-update/1"
-_COUNT_SUFFIX = ".num_samples"
+FORMAT = SITE_UPDATE_FORMAT
 log = logging.getLogger(__name__)
 
 
-class SiteUpdateMeta(dict):
-    """The file's string metadata (``arch``, ``num_classes``, ``domain``, ...)."""
-
-
-def save_site_update(path: str | Path, update: SiteUpdate, arch: str, num_classes: int) -> None:
+def save_site_update(path: str | Path, update: SiteUpdate, arch: str, num_classes: int) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in update.state_dict().items()}
     for layer, n in update.counts.items():
-        tensors[f"{layer}{_COUNT_SUFFIX}"] = n.to(torch.int64).reshape(-1).contiguous()
+        tensors[f"{layer}{COUNT_SUFFIX}"] = n.to(torch.int64).reshape(-1).contiguous()
     meta = {
         "fedmerge.format": FORMAT,
         "arch": arch,
@@ -40,50 +35,30 @@ def save_site_update(path: str | Path, update: SiteUpdate, arch: str, num_classe
         "domain": update.site,
         "num_examples": str(update.num_examples),
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    layout = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    return write_safetensors(path, layout, tensors.items(), meta)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _num_examples(text: str, path: Path) -> int:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        return load_file(str(path)), meta
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{path}: metadata num_examples {text!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"{path}: metadata num_examples is {value} (must be at least 1)")
+    return value
 
 
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable PyTorch state dict ({exc})") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a dict of tensors")
-    return obj
-
-
-def load_site_update(path: str | Path, site: str | None = None) -> tuple[SiteUpdate, SiteUpdateMeta]:
-    """Read a site update; ``site`` overrides the name recorded in the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"site update not found: {path}")
-    if path.suffix == ".safetensors":
-        tensors, meta = _read_safetensors(path)
-        if meta.get("fedmerge.format") not in (None, FORMAT):
-            raise ValueError(f"{path}: format {meta['fedmerge.format']!r}, expected {FORMAT!r}")
-    else:
-        tensors, meta = _read_torch(path), {}
-    counts = {k[: -len(_COUNT_SUFFIX)]: tensors.pop(k) for k in list(tensors) if k.endswith(_COUNT_SUFFIX)}
-    params, buffers = split_state(tensors)
+def load_site_update(path: str | Path, site: str | None = None) -> tuple[SiteUpdate, dict[str, str]]:
+    """Read a site update (or any model file); ``site`` overrides the name recorded in the file."""
+    file = read_model_file(path)
+    counts = dict(file.counts)
+    params, buffers = split_state(file.state)
     missing = [layer for layer in bn_layer_names(buffers) if layer not in counts]
     if missing:
         log.warning("%s: no sample counts for %d BN layers; using num_batches_tracked instead", path, len(missing))
         for layer in missing:
             counts[layer] = buffers[f"{layer}.num_batches_tracked"].to(torch.int64).reshape(1).clone()
-    name = site or meta.get("domain") or path.stem
-    num_examples = int(meta.get("num_examples", 1))
-    update = SiteUpdate(name, params, buffers, counts, num_examples)
-    return update, SiteUpdateMeta(meta)
+    name = site or file.meta.get("domain") or file.path.stem
+    num_examples = _num_examples(file.meta.get("num_examples", "1"), file.path)
+    return SiteUpdate(name, params, buffers, counts, num_examples), file.meta

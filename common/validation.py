@@ -12,9 +12,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from common.merging import SiteUpdate, bn_layer_names
+from common.bnstats import BNSums
+from common.updates import SiteUpdate, bn_layer_names
 
-__all__ = ["UpdateRejected", "template_signature", "validate_update"]
+__all__ = ["UpdateRejected", "template_signature", "validate_sums", "validate_update"]
 
 
 class UpdateRejected(ValueError):
@@ -86,3 +87,28 @@ def validate_update(update: SiteUpdate, template: Mapping[str, Tensor]) -> None:
         _check_bn(update, layer, template[f"{layer}.running_mean"].numel())
     if update.num_examples <= 0:
         raise UpdateRejected(update.site, "num_examples", f"{update.num_examples} (must be > 0)")
+
+
+def _check_sum_tensor(site: str, name: str, value: object, channels: int) -> None:
+    if not isinstance(value, Tensor) or value.dim() != 1 or value.numel() != channels:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise UpdateRejected(site, name, f"shape {shape}, the layer has {channels} channels")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise UpdateRejected(site, name, "NaN or Inf")
+
+
+def validate_sums(site: str, sums: Mapping[str, BNSums], layers: Mapping[str, int]) -> None:
+    """Check one site's recalibration sums (Σx, Σx², n per channel) for every BN layer in ``layers``."""
+    for layer, channels in layers.items():
+        if layer not in sums:
+            raise UpdateRejected(site, repr(layer), "no BN sums for this layer")
+        s = sums[layer]
+        for leaf, value in (("sum", s.sum), ("sum_sq", s.sum_sq), ("count", s.count)):
+            _check_sum_tensor(site, repr(f"{layer}.{leaf}"), value, channels)
+        if s.count.is_floating_point():
+            raise UpdateRejected(site, repr(f"{layer}.count"), f"must be integer counts, got {s.count.dtype}")
+        if bool((s.count <= 0).any()):
+            raise UpdateRejected(site, repr(f"{layer}.count"), f"count n = {int(s.count.min())} (must be > 0)")
+        mean = s.sum.double() / s.count.double()
+        if bool((s.sum_sq.double() / s.count.double() < mean * mean * (1 - 1e-6) - 1e-12).any()):
+            raise UpdateRejected(site, repr(f"{layer}.sum_sq"), "Σx² below (Σx)²/n: a negative variance")

@@ -21,22 +21,37 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
 from common.bnstats import BNSums
-from common.merging import SiteUpdate
+from common.updates import SiteUpdate, site_label
 
 __all__ = [
-    "RECALIBRATION_RECORDS",
-    "REPLY_RECORDS",
+    "claimed_examples",
     "manifest",
     "numpy_to_array",
     "records_to_sums",
     "records_to_update",
     "sums_to_records",
     "update_to_records",
+    "wire_bytes",
 ]
 
-REPLY_RECORDS = frozenset({"params", "buffers", "counts", "info", "metrics"})
-RECALIBRATION_RECORDS = frozenset({"bnsums", "counts", "info"})
 _LAYER = "bn:"
+_MAX_COUNT = 2**62  # far above any real count, far below where int64 sums could overflow
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """The bytes of every record a site sends, as Flower serialises them: the one definition of traffic."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def _count(value: object, what: str) -> int:
+    """A self-reported count as an int, or ValueError: a reply's numbers are not to be trusted."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    if not 0 <= int(value) < _MAX_COUNT:
+        raise ValueError(f"{what} = {int(value)} is outside 0..2^62")
+    return int(value)
 
 
 def _counts_record(num_examples: int, counts: Mapping[str, torch.Tensor]) -> MetricRecord:
@@ -45,14 +60,28 @@ def _counts_record(num_examples: int, counts: Mapping[str, torch.Tensor]) -> Met
     return MetricRecord(record)
 
 
+def _layer_counts(values: object, layer: str) -> torch.Tensor:
+    """One layer's per-channel counts; through NumPy, as torch.tensor on a list is several times slower."""
+    items = values if isinstance(values, list) else [values]
+    array = np.asarray(items)
+    if array.dtype.kind == "i" and array.size and int(array.min()) >= 0 and int(array.max()) < _MAX_COUNT:
+        return torch.from_numpy(array.astype(np.int64, copy=False))
+    return torch.tensor([_count(v, f"count of BN layer {layer!r}") for v in items], dtype=torch.int64)
+
+
 def _read_counts(record: MetricRecord) -> tuple[int, dict[str, torch.Tensor]]:
-    num_examples = int(record["num-examples"])
-    counts = {  # through NumPy: torch.tensor on a Python list is several times slower, and a reply has dozens
-        k[len(_LAYER) :]: torch.from_numpy(np.asarray(v if isinstance(v, list) else [v], dtype=np.int64))
-        for k, v in record.items()
-        if k.startswith(_LAYER)
-    }
+    if "num-examples" not in record:
+        raise KeyError("counts record has no 'num-examples'")
+    num_examples = _count(record["num-examples"], "num-examples")
+    counts = {k[len(_LAYER) :]: _layer_counts(v, k[len(_LAYER) :]) for k, v in record.items() if k.startswith(_LAYER)}
     return num_examples, counts
+
+
+def claimed_examples(content: RecordDict) -> int:
+    """The number of examples a reply claims, read without decoding its tensors."""
+    if "counts" not in content:
+        raise KeyError("reply has no 'counts' record")
+    return _read_counts(content["counts"])[0]
 
 
 def update_to_records(update: SiteUpdate, method: str) -> RecordDict:
@@ -154,12 +183,12 @@ def records_to_update(content: RecordDict, fallback_site: str) -> SiteUpdate:
     num_examples, counts = _read_counts(content["counts"])
     metrics = content.get("metrics", {})
     return SiteUpdate(
-        site=str(info.get("domain", fallback_site)),
+        site=site_label(info.get("domain", fallback_site), fallback_site),
         params=_arrays_to_tensors(content["params"]),
         buffers=_arrays_to_tensors(content["buffers"]),
         counts=counts,
         num_examples=num_examples,
-        metrics={k: float(v) for k, v in metrics.items()},
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)},
     )
 
 
@@ -179,11 +208,18 @@ def sums_to_records(sums: Mapping[str, BNSums], num_examples: int, site: str) ->
 
 
 def records_to_sums(content: RecordDict) -> dict[str, BNSums]:
-    arrays = content["bnsums"].to_torch_state_dict()
+    """A recalibration reply's sums per BN layer; raises ``KeyError`` naming a missing record or tensor."""
+    if "bnsums" not in content:
+        raise KeyError("reply has no 'bnsums' record")
+    arrays = _arrays_to_tensors(content["bnsums"])
     layers = [k[: -len(".sum_sq")] for k in arrays if k.endswith(".sum_sq")]
-    return {
-        layer: BNSums(arrays[f"{layer}.sum"], arrays[f"{layer}.sum_sq"], arrays[f"{layer}.count"]) for layer in layers
-    }
+    out = {}
+    for layer in layers:
+        for leaf in ("sum", "count"):
+            if f"{layer}.{leaf}" not in arrays:
+                raise KeyError(f"bnsums lack {layer}.{leaf!r}")
+        out[layer] = BNSums(arrays[f"{layer}.sum"], arrays[f"{layer}.sum_sq"], arrays[f"{layer}.count"])
+    return out
 
 
 def manifest(content: RecordDict) -> dict[str, dict[str, object]]:

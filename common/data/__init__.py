@@ -2,26 +2,36 @@
 
 Every dataset yields (image float32 [3,H,W] in [0,1], label int64 [H,W]) with train ids
 and 255 for ignore, whatever its on-disk format.
+
+Names are imported on first use, so that reading a data spec (a configuration check,
+``fedmerge --help``) does not import torch.
 """
 
-from common.data.build import DataError, build_dataset
-from common.data.classes import IGNORE, dataset_classes
-from common.data.loading import image_batches, make_loader
-from common.data.spec import DATASET_KINDS, DataSpec, TimeSplit, parse_size
-from common.data.synthetic import DEFAULT_SIZE, SYNTHETIC_STYLES, render
+from __future__ import annotations
 
-__all__ = [
-    "DATASET_KINDS",
-    "DEFAULT_SIZE",
-    "IGNORE",
-    "SYNTHETIC_STYLES",
-    "DataError",
-    "DataSpec",
-    "TimeSplit",
-    "build_dataset",
-    "dataset_classes",
-    "image_batches",
-    "make_loader",
-    "parse_size",
-    "render",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "DataError": "common.data.errors",
+    "build_dataset": "common.data.build",
+    "IGNORE": "common.data.classes",
+    "dataset_classes": "common.data.classes",
+    "image_batches": "common.data.loading",
+    "make_loader": "common.data.loading",
+    "DATASET_KINDS": "common.data.spec",
+    "DataSpec": "common.data.spec",
+    "TimeSplit": "common.data.spec",
+    "parse_size": "common.data.spec",
+    "DEFAULT_SIZE": "common.data.synthetic",
+    "SYNTHETIC_STYLES": "common.data.synthetic",
+    "render": "common.data.synthetic",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'common.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

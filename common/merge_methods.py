@@ -1,0 +1,231 @@
+"""The merge methods' maths: each folds one site's parameters into running sums, then yields the result.
+
+A method sees a site's parameters, its weight and a scale in (0, 1] (the norm clip:
+the site's change from the shared start θ₀ is multiplied by it), folds them in, and
+drops them. So every method here runs streaming, holding its sums and one site:
+
+- ``linear``: Σ w_i θ_i / Σ w_i.
+- ``task-arithmetic``: θ₀ + λ Σ τ_i with τ_i = θ_i - θ₀; the sum of the θ_i is enough.
+- ``ties``: each τ_i is trimmed to its own top-k magnitudes (local to that site), and
+  only per-sign sums and counts are kept; the elected sign of an entry is the sign of
+  the summed trimmed values, and the disjoint mean is that sign's sum over its count,
+  so no second pass over the sites is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from common.merge_spec import MergeSpec, TaskArithmeticOptions, TiesOptions
+from common.sums import CHUNK, FlatSums, Slot, flat_numpy
+
+__all__ = ["ParamMerger", "build_param_merger", "kth_largest", "register_param_merger"]
+
+
+class ParamMerger(Protocol):
+    nbytes: int  # memory of the running sums
+
+    def add(self, params: Mapping[str, Tensor], weight: float, scale: float) -> None: ...
+
+    def value(self, index: int) -> Tensor: ...
+
+    def release(self) -> None: ...
+
+
+def _cast(values: np.ndarray, slot: Slot) -> Tensor:
+    _, shape, dtype = slot
+    return torch.from_numpy(np.ascontiguousarray(values)).to(dtype).reshape(shape)
+
+
+def _base64(base: Mapping[str, Tensor], slot: Slot) -> np.ndarray:
+    return flat_numpy(base[slot[0]]).astype(np.float64)
+
+
+class LinearMerger:
+    """Σ w_i θ'_i / Σ w_i with θ'_i = θ₀ + s_i (θ_i - θ₀) = s_i θ_i + (1 - s_i) θ₀.
+
+    The sums hold Σ w_i s_i θ_i and a scalar keeps Σ w_i (1 - s_i), the weight of θ₀;
+    without clipping that scalar stays 0 and the result is the plain weighted mean.
+    """
+
+    def __init__(self, slots: list[Slot], base: Mapping[str, Tensor] | None, dtype: torch.dtype) -> None:
+        self.slots, self.base = slots, base
+        self.sums = FlatSums(slots, dtype)
+        self.total = 0.0  # Σ w_i
+        self.base_weight = 0.0  # Σ w_i (1 - s_i)
+        self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.sums.nbytes
+
+    def add(self, params: Mapping[str, Tensor], weight: float, scale: float) -> None:
+        self.sums.add(params, weight * scale)
+        self.total += weight
+        self.base_weight += weight * (1.0 - scale)
+        self.count += 1
+
+    def value(self, index: int) -> Tensor:
+        if self.base_weight == 0.0:
+            return self.sums.mean(index, self.total)
+        assert self.base is not None
+        slot = self.slots[index]
+        acc = self.sums.view(index).astype(np.float64) + self.base_weight * _base64(self.base, slot)
+        return _cast(acc / self.total, slot)
+
+    def release(self) -> None:
+        self.sums.release()
+
+
+class TaskArithmeticMerger(LinearMerger):
+    """θ₀ + λ (Σ θ'_i - K θ₀), from the same sums as the linear merge with unit weights."""
+
+    def __init__(self, slots: list[Slot], base: Mapping[str, Tensor] | None, dtype: torch.dtype, lam: float) -> None:
+        super().__init__(slots, base, dtype)
+        self.lam = lam
+
+    def value(self, index: int) -> Tensor:
+        assert self.base is not None
+        slot = self.slots[index]
+        base = _base64(self.base, slot)
+        summed = self.sums.view(index).astype(np.float64) - (self.count - self.base_weight) * base
+        return _cast(base + self.lam * summed, slot)
+
+
+def _abs_task_vector_chunks(
+    params: Mapping[str, Tensor], base: Mapping[str, Tensor], slots: list[Slot]
+) -> Callable[[], Iterator[np.ndarray]]:
+    def chunks() -> Iterator[np.ndarray]:
+        for key, _, _ in slots:
+            theta, theta0 = flat_numpy(params[key]), flat_numpy(base[key])
+            for start in range(0, theta.size, CHUNK):
+                stop = min(start + CHUNK, theta.size)
+                yield np.abs(theta[start:stop].astype(np.float64) - theta0[start:stop])
+
+    return chunks
+
+
+_DIGIT = 16
+_COLLECT = 1 << 20  # candidates few enough to sort directly (8 MiB of float64)
+
+
+def kth_largest(chunks: Callable[[], Iterator[np.ndarray]], k: int) -> float:
+    """The k-th largest of non-negative float64 values given as a stream of chunks, exactly.
+
+    A radix select on the bit patterns (which order non-negative floats like their
+    values): each pass over the stream histograms the next 16 bits of the values that
+    still match the prefix found so far, until the candidates are few enough to sort.
+    Memory stays one histogram and one bucket, never a copy of the stream.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    prefix, shift, remaining = 0, 64, k
+    while True:
+        shift -= _DIGIT
+        hist = np.zeros(1 << _DIGIT, dtype=np.int64)
+        for chunk in chunks():
+            bits = chunk.view(np.uint64)
+            if shift + _DIGIT < 64:
+                bits = bits[(bits >> np.uint64(shift + _DIGIT)) == np.uint64(prefix)]
+            hist += np.bincount(
+                ((bits >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64), minlength=1 << _DIGIT
+            )
+        above = np.cumsum(hist[::-1])  # above[j]: values with digit >= (65535 - j)
+        if above[-1] < remaining:
+            raise ValueError(f"k = {k} exceeds the number of values")
+        j = int(np.searchsorted(above, remaining))
+        digit = (1 << _DIGIT) - 1 - j
+        remaining -= int(above[j - 1]) if j > 0 else 0
+        prefix = (prefix << _DIGIT) | digit
+        if shift == 0:
+            return float(np.array([prefix], dtype=np.uint64).view(np.float64)[0])
+        if hist[digit] <= _COLLECT:
+            return _select_in_bucket(chunks, prefix, shift, remaining)
+
+
+def _select_in_bucket(chunks: Callable[[], Iterator[np.ndarray]], prefix: int, shift: int, remaining: int) -> float:
+    parts = [c[(c.view(np.uint64) >> np.uint64(shift)) == np.uint64(prefix)] for c in chunks()]
+    bucket = np.concatenate(parts) if parts else np.empty(0)
+    return float(np.partition(bucket, bucket.size - remaining)[bucket.size - remaining])
+
+
+class TiesMerger:
+    """Streaming TIES: per-sign sums and counts of each site's trimmed task vector."""
+
+    def __init__(self, slots: list[Slot], base: Mapping[str, Tensor] | None, options: TiesOptions) -> None:
+        assert base is not None
+        self.slots, self.base, self.options = slots, base, options
+        self.numel = sum(int(np.prod(shape)) for _, shape, _ in slots)
+        self.offsets = np.cumsum([0] + [int(np.prod(shape)) for _, shape, _ in slots]).tolist()
+        self.pos = np.zeros(self.numel, dtype=np.float64)
+        self.neg = np.zeros(self.numel, dtype=np.float64)
+        self.n_pos = np.zeros(self.numel, dtype=np.uint16)
+        self.n_neg = np.zeros(self.numel, dtype=np.uint16)
+        self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.pos, self.neg, self.n_pos, self.n_neg))
+
+    def add(self, params: Mapping[str, Tensor], weight: float, scale: float) -> None:
+        if self.count >= np.iinfo(np.uint16).max:
+            raise ValueError("ties: at most 65535 sites can be merged")
+        chunks = _abs_task_vector_chunks(params, self.base, self.slots)
+        n_keep = max(1, round(self.options.k * self.numel))
+        threshold = 0.0 if n_keep >= self.numel else kth_largest(chunks, n_keep)
+        for (key, _, _), offset in zip(self.slots, self.offsets, strict=False):
+            theta, theta0 = flat_numpy(params[key]), flat_numpy(self.base[key])
+            for start in range(0, theta.size, CHUNK):
+                stop = min(start + CHUNK, theta.size)
+                tau = theta[start:stop].astype(np.float64) - theta0[start:stop]
+                keep = np.abs(tau) >= threshold
+                if scale != 1.0:
+                    tau *= scale
+                span = slice(offset + start, offset + stop)
+                up, down = keep & (tau > 0), keep & (tau < 0)
+                self.pos[span] += np.where(up, tau, 0.0)
+                self.neg[span] += np.where(down, tau, 0.0)
+                self.n_pos[span] += up
+                self.n_neg[span] += down
+        self.count += 1
+
+    def value(self, index: int) -> Tensor:
+        span = slice(self.offsets[index], self.offsets[index + 1])
+        pos, neg = self.pos[span], self.neg[span]
+        total = pos + neg
+        up = pos / np.maximum(self.n_pos[span], 1)
+        down = neg / np.maximum(self.n_neg[span], 1)
+        mean = np.where(total > 0, up, np.where(total < 0, down, 0.0))
+        slot = self.slots[index]
+        return _cast(_base64(self.base, slot) + self.options.lam * mean, slot)
+
+    def release(self) -> None:
+        self.pos = self.neg = np.empty(0)
+        self.n_pos = self.n_neg = np.empty(0, dtype=np.uint16)
+
+
+MergerFactory = Callable[[list[Slot], "Mapping[str, Tensor] | None", torch.dtype, Any], ParamMerger]
+_FACTORIES: dict[str, MergerFactory] = {
+    "linear": lambda slots, base, dtype, options: LinearMerger(slots, base, dtype),
+    "task-arithmetic": lambda slots, base, dtype, options: TaskArithmeticMerger(slots, base, dtype, options.lam),
+    "ties": lambda slots, base, dtype, options: TiesMerger(slots, base, options),
+}
+
+
+def register_param_merger(name: str, factory: MergerFactory) -> None:
+    """Attach the maths of a method declared in ``common.merge_spec.METHODS``."""
+    _FACTORIES[name] = factory
+
+
+def build_param_merger(spec: MergeSpec, slots: list[Slot], base: Mapping[str, Tensor] | None) -> ParamMerger:
+    if spec.method not in _FACTORIES:
+        raise ValueError(f"merge method {spec.method!r} is declared but has no implementation")
+    dtype = torch.float64 if spec.precision == "float64" else torch.float32
+    if isinstance(spec.options, TaskArithmeticOptions | TiesOptions) and base is None:
+        raise ValueError(f"merge method {spec.method!r} needs the shared starting model")
+    return _FACTORIES[spec.method](slots, base, dtype, spec.options)

@@ -1,0 +1,21 @@
+"""Build any model fedmerge knows by name: a base architecture or HRDA's ``hrda_<base>`` wrapper.
+
+The wrapper is built from a base model, so the one function that knows both names sits
+above the two modules that define them.
+"""
+
+from __future__ import annotations
+
+from common.models import Segmenter, WeightsFile, build_base_model
+from common.multires import HRDA_PREFIX, build_multires
+
+__all__ = ["build_model"]
+
+
+def build_model(
+    arch: str, num_classes: int, weights: WeightsFile = None, backbone_weights: WeightsFile = None
+) -> Segmenter:
+    """``arch`` with ``weights`` (a whole-model file) or ``backbone_weights`` (an ImageNet-style one)."""
+    if arch.startswith(HRDA_PREFIX):
+        return build_multires(arch.removeprefix(HRDA_PREFIX), num_classes, weights, backbone_weights)
+    return build_base_model(arch, num_classes, weights, backbone_weights)

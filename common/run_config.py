@@ -1,0 +1,163 @@
+"""The run configuration, read once into a typed value whose defaults live only in ``pyproject.toml``.
+
+Flower reads ``[tool.flwr.app.config]`` to know which keys a run may set and fills in
+their defaults; this module reads the same table, so a key has one default and one
+type (that of its default) everywhere: in the ServerApp and ClientApp, in
+``fedmerge simulate --set``, in presets and in experiments. Every value is checked
+before anything starts (an unknown key is refused with the closest known one, a
+boolean must be a boolean or exactly ``true``/``false``), and the whole check imports
+neither torch nor Flower, so it answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.merge_spec import MergeSpec, method_info, method_options
+from common.typed_options import OptionError, closest, coerce, parse_key_values
+
+__all__ = ["PYPROJECT", "ConfigError", "RunConfig", "declared_defaults"]
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+STRATEGIES = ("one-shot", "fedavg")
+RECALIBRATE_MODES = ("batch", "eval")
+
+
+class ConfigError(OptionError):
+    """A run configuration that cannot run: named key, what is wrong, what would be right."""
+
+
+@functools.cache
+def declared_defaults() -> dict[str, bool | int | float | str]:
+    """``[tool.flwr.app.config]`` of the project: every run-config key with its default."""
+    try:
+        table = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read the run-config declarations in {PYPROJECT}: {exc}") from None
+    return dict(table)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key, typed; build it with :meth:`read` (or ``dataclasses.replace`` on one)."""
+
+    # the model every site starts from
+    arch: str
+    num_classes: int
+    initial_weights: str
+    send_initial_weights: bool
+    # the sites' target data
+    dataset: str
+    data_root: str
+    domains: str
+    split: str
+    time_split: str
+    size: str
+    num_images: int
+    seed: int
+    site_data: str
+    # local adaptation
+    method: str
+    method_options: str
+    batch_size: int
+    source_dataset: str
+    source_data_root: str
+    source_split: str
+    source_domain: str
+    source_size: str
+    source_num_images: int
+    backbone_weights: str
+    checkpoint_dir: str
+    progress: bool
+    # the merge
+    min_sites: int
+    timeout: float
+    out_dir: str
+    merge_method: str
+    merge_options: str
+    param_weighting: str
+    buffer_mode: str
+    equal_site_stats: bool
+    max_site_share: float
+    clip_norm: float
+    recalibrate: bool
+    recalibrate_mode: str
+    param_precision: str
+    save_updates: bool
+    strategy: str
+    num_rounds: int
+    # optional server-side evaluation
+    eval_dataset: str
+    eval_data_root: str
+    eval_domains: str
+    eval_split: str
+    eval_time_split: str
+    eval_size: str
+    eval_num_images: int
+    eval_seed: int
+    eval_sites: bool
+
+    def __post_init__(self) -> None:
+        _at_least(self.num_classes, 1, "num-classes")
+        _at_least(self.batch_size, 1, "batch-size")
+        _at_least(self.min_sites, 1, "min-sites")
+        _at_least(self.num_rounds, 1, "num-rounds")
+        for key in ("num-images", "source-num-images", "eval-num-images"):
+            _at_least(getattr(self, key.replace("-", "_")), 0, key)
+        if not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds, not {self.timeout}")
+        _one_of(self.strategy, STRATEGIES, "strategy")
+        _one_of(self.recalibrate_mode, RECALIBRATE_MODES, "recalibrate-mode")
+        self.merge_spec()  # every merge key checked now, not when the first reply arrives
+
+    @classmethod
+    def read(cls, values: Mapping[str, Any] | None = None) -> RunConfig:
+        """The declared defaults overridden by ``values`` (kebab-case keys), every value checked."""
+        merged = {**declared_defaults(), **dict(values or {})}
+        return cls(**{k.replace("-", "_"): v for k, v in check_values(merged).items()})
+
+    @classmethod
+    def defaults(cls) -> RunConfig:
+        return cls.read()
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Kebab-case keys and plain values, as ``flwr run --run-config`` takes them."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def merge_spec(self) -> MergeSpec:
+        """The merge this run asks for."""
+        method_info(self.merge_method)
+        raw = parse_key_values(self.merge_options, "merge-options")
+        options = method_options(self.merge_method, raw)
+        return MergeSpec(self.merge_method, options, self.param_weighting, self.buffer_mode, self.equal_site_stats,
+                         self.param_precision, self.max_site_share, self.clip_norm)  # fmt: skip
+
+
+def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every key known and every value of its declared type, else one clear error."""
+    declared = declared_defaults()
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in declared:
+            raise ConfigError(f"unknown run-config key {key!r}{closest(key, declared)}")
+        try:
+            out[key] = coerce(value, type(declared[key]), f"run-config key {key!r}")
+        except OptionError as exc:
+            raise ConfigError(str(exc)) from None
+    return out
+
+
+def _at_least(value: int, low: int, key: str) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be at least {low}, not {value}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}{closest(value, allowed)}")

@@ -13,7 +13,8 @@ from clients.config import SiteConfig
 from clients.site import adapt_site, recalibration_sums
 from common.data import build_dataset
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
-from common.models import Segmenter, build_model
+from common.model_factory import build_model
+from common.models import Segmenter
 from common.wire import sums_to_records, update_to_records
 
 app = ClientApp()

@@ -1,4 +1,4 @@
-"""A site's typed configuration, read from Flower's run config and node config.
+"""A site's typed configuration: the run config (one reader, ``common.run_config``) under its node config.
 
 Node config (set by each site's operator with ``--node-config``) wins over run config
 (set by whoever starts the run), so data paths and the domain stay with the site. In
@@ -15,71 +15,86 @@ from typing import Any
 from clients.adaptation import AdaptContext
 from clients.site import SiteJob
 from common.data import DataSpec
+from common.run_config import ConfigError, RunConfig, declared_defaults
+from common.typed_options import closest, parse_key_values
 
-__all__ = ["SiteConfig", "parse_options"]
+__all__ = ["NODE_ONLY_KEYS", "SiteConfig"]
 
-
-def parse_options(text: str) -> dict[str, str]:
-    """``"steps=200 lr=1e-4"`` (spaces or commas) to a dict; values are typed by the method's config."""
-    options = {}
-    for item in text.replace(",", " ").split():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"method-options item {item!r} is not key=value")
-        options[key] = value
-    return options
+# Keys only a site's operator sets: who this site is and what it holds locally.
+NODE_ONLY_KEYS = {"domain": str, "weights": str, "partition-id": int, "num-partitions": int}
 
 
-def _domain(config: Mapping[str, Any]) -> str:
-    if str(config.get("domain", "")):
-        return str(config["domain"])
-    if "partition-id" not in config:
-        raise ValueError("site has no 'domain' in its node config and no 'partition-id'")
-    domains = [d.strip() for d in str(config.get("domains", "")).split(",") if d.strip()]
-    pid = int(config["partition-id"])
+def _domain(run: RunConfig, node: Mapping[str, Any]) -> str:
+    if str(node.get("domain", "")):
+        return str(node["domain"])
+    if "partition-id" not in node:
+        raise ConfigError("site has no 'domain' in its node config and no 'partition-id'")
+    domains = [d.strip() for d in run.domains.split(",") if d.strip()]
+    pid = int(node["partition-id"])
     if pid >= len(domains):
-        raise ValueError(f"partition {pid} has no domain: run config 'domains' lists only {domains}")
+        raise ConfigError(f"partition {pid} has no domain: run config 'domains' lists only {domains}")
     return domains[pid]
 
 
-def _partition_data(config: Mapping[str, Any]) -> DataSpec | None:
+def _partition_data(run: RunConfig, node: Mapping[str, Any]) -> DataSpec | None:
     """In simulation a run-config ``site-data`` list (";"-separated) may give each partition its own data."""
-    specs = [s.strip() for s in str(config.get("site-data", "")).split(";") if s.strip()]
-    if not specs or "partition-id" not in config:
+    specs = [s.strip() for s in run.site_data.split(";") if s.strip()]
+    if not specs or "partition-id" not in node:
         return None
-    pid = int(config["partition-id"])
+    pid = int(node["partition-id"])
     if pid >= len(specs):
-        raise ValueError(f"partition {pid} has no data: run config 'site-data' lists only {len(specs)} specs")
+        raise ConfigError(f"partition {pid} has no data: run config 'site-data' lists only {len(specs)} specs")
     return DataSpec.parse(specs[pid])
+
+
+def _split_node_config(node_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-config keys the node overrides, node-only keys); an unknown key is refused by name."""
+    run_keys, node_keys = {}, {}
+    declared = declared_defaults()
+    for key, value in node_config.items():
+        if key in NODE_ONLY_KEYS:
+            node_keys[key] = value
+        elif key in declared:
+            run_keys[key] = value
+        else:
+            raise ConfigError(f"unknown node-config key {key!r}{closest(key, [*declared, *NODE_ONLY_KEYS])}")
+    return run_keys, node_keys
 
 
 @dataclass(frozen=True)
 class SiteConfig:
-    arch: str
-    num_classes: int
+    run: RunConfig
     data: DataSpec
     source: DataSpec | None
     job: SiteJob
     weights: str = ""  # node config: this site's local copy of the shared initial weights
 
+    @property
+    def arch(self) -> str:
+        return self.run.arch
+
+    @property
+    def num_classes(self) -> int:
+        return self.run.num_classes
+
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteConfig:
-        merged = {**run_config, **node_config}
-        domain = _domain(merged)
-        data = _partition_data(merged) or DataSpec.from_config({**merged, "domain": domain})
-        source = DataSpec.from_config(merged, prefix="source-") if str(merged.get("source-dataset", "")) else None
-        options = parse_options(str(merged.get("method-options", "")))
+        run_keys, node = _split_node_config(node_config)
+        run = RunConfig.read({**run_config, **run_keys})
+        domain = _domain(run, node)
+        flat = run.to_flower()
+        data = _partition_data(run, node) or DataSpec.from_config({**flat, "domain": domain})
+        source = DataSpec.from_config(flat, prefix="source-") if run.source_dataset else None
         job = SiteJob(
             domain=domain,
-            method=str(merged.get("method", "adabn")),
-            method_options=options,
-            batch_size=int(merged.get("batch-size", 8)),
+            method=run.method,
+            method_options=parse_key_values(run.method_options, "method-options"),
+            batch_size=run.batch_size,
             context=AdaptContext(
-                checkpoint_dir=str(merged.get("checkpoint-dir", "")),
-                progress=bool(merged.get("progress", False)),
-                seed=int(merged.get("seed", 0)),
-                backbone_weights=str(merged.get("backbone-weights", "")),
+                checkpoint_dir=run.checkpoint_dir,
+                progress=run.progress,
+                seed=run.seed,
+                backbone_weights=run.backbone_weights,
             ),
         )
-        arch, num_classes = str(merged.get("arch", "small_unet")), int(merged.get("num-classes", 9))
-        return cls(arch, num_classes, data, source, job, weights=str(node_config.get("weights", "")))
+        return cls(run, data, source, job, weights=str(node.get("weights", "")))

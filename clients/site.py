@@ -18,13 +18,13 @@ from torch.utils.data import Dataset
 from clients.adaptation import AdaptContext, get_method, make_config
 from common.bnstats import BNStatsConfig, BNSums, collect_bn_sums, exact_bn_statistics
 from common.data import image_batches
-from common.merging import SiteUpdate, split_state
 from common.models import Segmenter
+from common.predictions import confident_fraction, normalized_entropy
+from common.updates import SiteUpdate, split_state
 
 __all__ = ["SiteJob", "adapt_site", "recalibration_sums", "unsupervised_metrics"]
 
 log = logging.getLogger(__name__)
-CONFIDENCE = 0.968
 
 
 @dataclass
@@ -43,14 +43,13 @@ class SiteJob:
 def unsupervised_metrics(model: Segmenter, target: Dataset, batch_size: int) -> dict[str, float]:
     """Mean normalised prediction entropy and the fraction of confident pixels: label-free health signals."""
     model.eval()
-    ent_sum, conf_sum, pixels = 0.0, 0.0, 0
+    ent_sum, conf_sum, images_seen = 0.0, 0.0, 0
     for images in image_batches(target, batch_size):
         probs = model(images).softmax(1)
-        ent = -(probs * probs.clamp_min(1e-12).log()).sum(1) / torch.log(torch.tensor(float(probs.shape[1])))
-        ent_sum += float(ent.sum())
-        conf_sum += float((probs.amax(1) >= CONFIDENCE).sum())
-        pixels += ent.numel()
-    return {"mean-entropy": ent_sum / max(pixels, 1), "confident-fraction": conf_sum / max(pixels, 1)}
+        ent_sum += float(normalized_entropy(probs).flatten(1).mean(1).sum())
+        conf_sum += float(confident_fraction(probs).sum())
+        images_seen += probs.shape[0]
+    return {"mean-entropy": ent_sum / max(images_seen, 1), "confident-fraction": conf_sum / max(images_seen, 1)}
 
 
 def adapt_site(model: Segmenter, target: Dataset, job: SiteJob) -> SiteUpdate:

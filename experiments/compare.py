@@ -20,8 +20,8 @@ from torch.utils.data import ConcatDataset, Dataset
 from clients.site import recalibration_sums
 from common.bnstats import BNSums
 from common.data import build_dataset
-from common.merging import SiteUpdate
-from common.wire import sums_to_records, update_to_records
+from common.updates import SiteUpdate
+from common.wire import sums_to_records, update_to_records, wire_bytes
 from experiments.config import ExperimentConfig
 from experiments.federated import run_fedavg_rounds
 from experiments.pool import ModelPool, PoolEntry, SourceBundle, load_source
@@ -33,13 +33,9 @@ __all__ = ["CompareResult", "LMCCurve", "LocalSites", "StrategyRow", "lmc_curve"
 log = logging.getLogger(__name__)
 
 
-def _wire_bytes(content) -> int:
-    return sum(record.count_bytes() for record in content.values())
-
-
 def update_bytes(update: SiteUpdate, method: str) -> int:
     """What this update weighs as the Flower reply a site sends (``common.wire``)."""
-    return _wire_bytes(update_to_records(update, method))
+    return wire_bytes(update_to_records(update, method))
 
 
 def image_bytes(dataset: Dataset) -> int:
@@ -65,7 +61,7 @@ class LocalSites:
         started = time.perf_counter()
         sums = recalibration_sums(self.source.model(state), self.data[site], self.config.method.batch_size, mode)
         seconds = time.perf_counter() - started
-        return sums, _wire_bytes(sums_to_records(sums, len(self.data[site]), site)), seconds
+        return sums, wire_bytes(sums_to_records(sums, len(self.data[site]), site)), seconds
 
     def combined(self) -> tuple[SiteUpdate, dict[str, int], float]:
         union = ConcatDataset([self.data[s.name] for s in self.config.sites])

@@ -16,7 +16,7 @@ from typing import Any
 
 from common.data import DataSpec
 from common.pretrain import PretrainPlan
-from fedmerge.runtime import PROJECT_ROOT
+from server.runtime import PROJECT_ROOT
 
 __all__ = [
     "CONFIGS_DIR",
@@ -117,10 +117,10 @@ class ExperimentConfig:
             raise ValueError(f"experiment {self.name!r}: lmc sites {self.lmc.sites} are not all among {names}")
 
     def site(self, name: str) -> SiteSpec:
-        for s in self.sites:
-            if s.name == name:
-                return s
-        raise KeyError(f"no site {name!r}")
+        found = next((s for s in self.sites if s.name == name), None)
+        if found is None:
+            raise KeyError(f"no site {name!r}")
+        return found
 
     @classmethod
     def load(cls, path: Path, data_root: str | None = None) -> ExperimentConfig:

@@ -9,22 +9,23 @@ by everything that produced it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
 
 from clients.adaptation import get_method, make_config
+from common.fingerprint import recipe_key
+from common.run_config import RunConfig
 from experiments.config import ExperimentConfig
 from experiments.pool import CACHE_VERSION, SourceBundle
-from fedmerge.simulation import SimulationPlan, run_simulation
+from server.simulation import SimulationPlan, run_simulation
 
 __all__ = ["FedAvgRun", "round_options", "run_fedavg_rounds"]
 
@@ -52,55 +53,55 @@ def round_options(config: ExperimentConfig, rounds: int, split_steps: bool) -> d
 
 
 def _run_config(
-    config: ExperimentConfig, source: SourceBundle, out_dir: Path, rounds: int, options: Mapping[str, Any], buffers: str
-) -> dict[str, Any]:
+    config: ExperimentConfig, source: SourceBundle, rounds: int, options: Mapping[str, Any], buffers: str
+) -> RunConfig:
+    """The Flower run of this experiment, built as a typed value; each partition gets its site's data spec."""
     first = config.sites[0].data
-    run = {
-        "arch": source.arch,
-        "num-classes": source.num_classes,
-        "initial-weights": str(source.path),
-        # The shared data keys must form a valid spec before ``site-data`` gives each partition its own
-        # (an unset num-images reads as 0 and is refused), so they describe the first site's data.
-        "dataset": first.kind,
-        "data-root": first.root,
-        "split": first.split,
-        "num-images": first.num_images or 1,
-        "domains": ",".join(s.name for s in config.sites),
-        "site-data": ";".join(str(s.data) for s in config.sites),
-        "seed": config.seed,
-        "method": config.method.name,
-        "method-options": " ".join(f"{k}={v}" for k, v in options.items()),
-        "batch-size": config.method.batch_size,
-        "min-sites": len(config.sites),
-        "strategy": "fedavg",
-        "num-rounds": rounds,
-        "buffer-mode": buffers,
-        "timeout": 3600.0,
-        "out-dir": str(out_dir),
-    }
+    run = replace(
+        RunConfig.defaults(),
+        arch=source.arch,
+        num_classes=source.num_classes,
+        initial_weights=str(source.path),
+        # The shared data keys must form a valid spec before ``site-data`` gives each partition its own,
+        # so they describe the first site's data.
+        dataset=first.kind,
+        data_root=first.root,
+        split=first.split,
+        domains=",".join(s.name for s in config.sites),
+        site_data=";".join(str(s.data) for s in config.sites),
+        seed=config.seed,
+        method=config.method.name,
+        method_options=" ".join(f"{k}={v}" for k, v in options.items()),
+        batch_size=config.method.batch_size,
+        min_sites=len(config.sites),
+        strategy="fedavg",
+        num_rounds=rounds,
+        buffer_mode=buffers,
+        timeout=3600.0,
+    )
     src = config.method.source
-    if src is not None:
-        run.update({"source-dataset": src.kind, "source-data-root": src.root, "source-split": src.split,
-                    "source-domain": src.domain or "",
-                    "source-size": f"{src.size[0]}x{src.size[1]}" if src.size else "",
-                    "source-num-images": src.num_images or 0})  # fmt: skip
-    return run
+    if src is None:
+        return run
+    size = f"{src.size[0]}x{src.size[1]}" if src.size else ""
+    return replace(run, source_dataset=src.kind, source_data_root=src.root, source_split=src.split,
+                   source_domain=src.domain or "", source_size=size, source_num_images=src.num_images or 0)  # fmt: skip
 
 
 def _key(config: ExperimentConfig, source: SourceBundle, rounds: int, options: Mapping[str, Any], buffers: str) -> str:
-    recipe = {
-        "version": CACHE_VERSION,
-        "source": source.fingerprint,
-        "sites": [f"{s.name}={s.data}" for s in config.sites],
-        "method": config.method.name,
-        "options": repr(make_config(get_method(config.method.name), options)),
-        "batch_size": config.method.batch_size,
-        "method_source": str(config.method.source) if config.method.source else "",
-        "seed": config.seed,
-        "rounds": rounds,
-        "buffers": buffers,
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
+    return recipe_key(
+        {
+            "version": CACHE_VERSION,
+            "source": source.fingerprint,
+            "sites": [f"{s.name}={s.data}" for s in config.sites],
+            "method": config.method.name,
+            "options": repr(make_config(get_method(config.method.name), options)),
+            "batch_size": config.method.batch_size,
+            "method_source": str(config.method.source) if config.method.source else "",
+            "seed": config.seed,
+            "rounds": rounds,
+            "buffers": buffers,
+        }
+    )
 
 
 def run_fedavg_rounds(
@@ -114,7 +115,7 @@ def run_fedavg_rounds(
         log.info("fedavg-rounds: %d rounds of %s (%s) through Flower", rounds, config.method.name, options)
         started = time.perf_counter()
         plan = SimulationPlan("fedavg-rounds", len(config.sites))
-        report = run_simulation(plan, folder, _run_config(config, source, folder, rounds, options, buffers))
+        report = run_simulation(plan, folder, _run_config(config, source, rounds, options, buffers))
         wall = time.perf_counter() - started
         bytes_sent: dict[str, int] = {}
         per_round: dict[int, float] = {}

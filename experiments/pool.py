@@ -14,7 +14,6 @@ pass: what the published merging code would read from the site's checkpoint.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import time
@@ -31,10 +30,12 @@ from clients.adaptation import AdaptContext, get_method, make_config
 from clients.site import SiteJob, package_update, run_adaptation
 from common.checkpoints import load_checkpoint
 from common.data import build_dataset, image_batches
-from common.merging import SiteUpdate, split_state
-from common.models import Segmenter, build_model
+from common.fingerprint import recipe_key, state_fingerprint
+from common.model_factory import build_model
+from common.models import Segmenter
 from common.pretrain import pretrain_to_file
 from common.update_format import load_site_update, save_site_update
+from common.updates import SiteUpdate, split_state
 from experiments.config import LocalMethod, SourceModel
 
 __all__ = [
@@ -46,23 +47,12 @@ __all__ = [
     "SourceBundle",
     "adapt_with_ema",
     "load_source",
-    "state_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when what a cached update means changes
 EMA_FROM_METHOD = "EMA running statistics left by the method's own training"
 EMA_FROM_TRAIN_PASS = "the method left the running statistics untouched: one PyTorch train-mode pass (momentum 0.1)"
-
-
-def state_fingerprint(state: Mapping[str, Tensor]) -> str:
-    """A hash of every tensor's name, dtype, shape and bytes: the identity of a set of weights."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        value = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -92,7 +82,7 @@ def load_source(source: SourceModel, cache_dir: Path) -> SourceBundle:
         path = Path(source.checkpoint)
     elif source.pretrain is not None:
         plan = source.pretrain
-        path = cache_dir / f"source-{hashlib.sha256(plan.key().encode()).hexdigest()[:16]}.safetensors"
+        path = cache_dir / f"source-{recipe_key(plan.key(), length=16)}.safetensors"
         if not path.is_file():
             if source.checkpoint:
                 log.warning("source checkpoint %s not found; pretraining from the plan instead", source.checkpoint)
@@ -105,7 +95,7 @@ def load_source(source: SourceModel, cache_dir: Path) -> SourceBundle:
     model, meta = load_checkpoint(path)
     classes = [c for c in meta.get("classes", "").split(",") if c] or [str(i) for i in range(int(meta["num_classes"]))]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    return SourceBundle(state, meta["arch"], classes, path.resolve(), state_fingerprint(state))
+    return SourceBundle(state, meta["arch"], classes, path.resolve(), state_fingerprint(state)[:20])
 
 
 def _bn_buffers(model: Segmenter) -> dict[str, Tensor]:
@@ -180,7 +170,7 @@ class ModelPool:
             "method_source": str(self.method.source) if self.method.source else "",
             "seed": self.seed,
         }
-        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
+        return recipe_key(recipe)
 
     def _context(self) -> AdaptContext:
         if self.method.source is not None and self._source_data is None:

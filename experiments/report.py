@@ -16,7 +16,7 @@ from typing import Any
 
 from experiments.compare import CompareResult, StrategyRow
 from experiments.pool import EMA_FROM_TRAIN_PASS
-from fedmerge.tables import markdown_table
+from experiments.tables import markdown_table
 
 __all__ = ["RESULT_FILES", "results_dict", "results_markdown", "write_results"]
 

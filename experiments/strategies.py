@@ -1,12 +1,13 @@
 """The strategy registry: how the same site updates become the model(s) that get evaluated.
 
-Each strategy is a function of (shared start, site updates, typed options). The maths is
-written as pure functions on name-keyed tensors (tensors in, tensors out); the registry
-entries wrap them and say what each one costs and needs. A few strategies cannot be
-computed from the updates alone: ``recalibrate`` asks every site again (BN sums under the
-merged parameters), ``data-combination`` needs all targets' images in one place and
-``fedavg-rounds`` trains over several rounds. They reach the sites through
-:class:`SiteServices`, which the orchestrator provides, so the maths here stays pure.
+Each strategy is a function of (shared start, site updates, typed options). Every merge
+goes through the one merge engine (``common.merge_engine``) with a :class:`MergeSpec`, so
+a row of the comparison is exactly what ``fedmerge merge`` and the ServerApp would
+produce with the same method. A few strategies cannot be computed from the updates
+alone: ``recalibrate`` asks every site again (BN sums under the merged parameters),
+``data-combination`` needs all targets' images in one place and ``fedavg-rounds`` trains
+over several rounds. They reach the sites through :class:`SiteServices`, which the
+orchestrator provides, so the maths here stays pure.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
 from torch import Tensor
 
 from common.bnstats import BNSums
-from common.merging import MergeAccumulator, SiteUpdate, bn_layer_names, merge_updates, split_state
+from common.merge_engine import MergeEngine, Refused
+from common.merge_spec import MergeSpec, method_options
+from common.run_config import RunConfig
+from common.typed_options import build_options, closest, parse_key_values
+from common.updates import SiteUpdate, bn_layer_names
 
 __all__ = [
     "STRATEGIES",
@@ -36,21 +40,90 @@ __all__ = [
     "head_keys",
     "interpolate",
     "make_options",
+    "merge",
+    "merge_spec",
     "params_only",
     "reference",
     "separate_heads",
     "task_arithmetic",
-    "task_vectors",
     "ties",
-    "unit_weight",
-    "with_pooled_statistics",
 ]
 
 State = dict[str, Tensor]
-BUFFER_RULES = ("average", "gaussian", "first")
 
 
-# ----------------------------------------------------------------------------- helpers
+def _check_updates(updates: Sequence[SiteUpdate]) -> None:
+    if not updates:
+        raise ValueError("no site updates to merge")
+
+
+# ----------------------------------------------------------------------------- merges, through the engine
+
+
+def merge_spec(method: str = "linear", options: Mapping[str, Any] | None = None, **changes: Any) -> MergeSpec:
+    """The run config's default merge with ``method``, its ``options`` and other fields changed."""
+    base = RunConfig.defaults().merge_spec()
+    return dataclasses.replace(base, method=method, options=method_options(method, options or {}), **changes)
+
+
+def merge(
+    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], spec: MergeSpec, weights: Sequence[float] | None = None
+) -> State:
+    """Every update through one :class:`MergeEngine`; a refused update is an error here (inputs are ours)."""
+    _check_updates(updates)
+    engine = MergeEngine(spec, base)
+    claims = weights if weights is not None else [float(u.num_examples) for u in updates]
+    if spec.weighting != "uniform" and spec.max_share < 1.0:
+        engine.expect_weights(claims)
+    for i, update in enumerate(updates):
+        _accept(engine.ingest(update, None if weights is None else weights[i]))
+    return engine.result()
+
+
+def average_all(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> State:
+    """Every tensor averaged like a weight, BN statistics included: FedAvg's and the toolkits' rule."""
+    return merge(base, updates, merge_spec(buffers="average"))
+
+
+def params_only(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> State:
+    """Parameters averaged, the first site's BN statistics kept: the published default without buffer merging."""
+    return merge(base, updates, merge_spec(buffers="first"))
+
+
+def reference(base: Mapping[str, Tensor], ema_updates: Sequence[SiteUpdate]) -> State:
+    """The published buffer merge: Gaussian pooling with n = ``num_batches_tracked`` on EMA statistics.
+
+    Give it the updates whose buffers are the sites' EMA running statistics, as the
+    published code would find them in the checkpoints it merges.
+    """
+    return merge(base, ema_updates, merge_spec(buffers="reference"))
+
+
+def gaussian(
+    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], weighting: str = "uniform", equal_sites: bool = False
+) -> State:
+    """Parameters averaged (``uniform`` or by ``counts``); BN statistics pooled as Gaussians.
+
+    With exact statistics and sample counts the pooled mean and variance are those of the
+    union of the sites' values (as each site's parameters saw them); ``equal_sites``
+    gives every site the same weight in that pooling instead of its sample count.
+    """
+    spec = merge_spec(buffers="gaussian", weighting=weighting, equal_site_stats=equal_sites)
+    return merge(base, updates, spec)
+
+
+def task_arithmetic(
+    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], lam: float, buffers: str = "average"
+) -> State:
+    """θ₀ + λ Σ τ_i on the parameters; BN buffers by ``buffers`` (the toolkits average them)."""
+    return merge(base, updates, merge_spec("task-arithmetic", {"lam": lam}, buffers=buffers))
+
+
+def ties(
+    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], k: float, lam: float, buffers: str = "average"
+) -> State:
+    """TIES-Merging (streaming form): trim each τ_i to its top-k, elect a sign, average the agreeing values."""
+    return merge(base, updates, merge_spec("ties", {"k": k, "lam": lam}, buffers=buffers))
 
 
 def bn_keys(state: Mapping[str, Tensor]) -> list[str]:
@@ -65,121 +138,6 @@ def head_keys(state: Mapping[str, Tensor], prefix: str = "classifier.") -> list[
     if not keys:
         raise ValueError(f"no tensor starts with {prefix!r}: cannot separate the head")
     return keys
-
-
-def _cast_like(values: Mapping[str, Tensor], template: Mapping[str, Tensor]) -> State:
-    return {k: values[k].to(template[k].dtype).reshape(template[k].shape) for k in template}
-
-
-def _check_updates(updates: Sequence[SiteUpdate]) -> None:
-    if not updates:
-        raise ValueError("no site updates to merge")
-
-
-# ----------------------------------------------------------------------------- plain merges
-
-
-def average_all(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> State:
-    """Every tensor averaged like a weight, BN statistics included: FedAvg's and the toolkits' rule."""
-    _check_updates(updates)
-    return merge_updates(base, updates, "uniform", "average")
-
-
-def params_only(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> State:
-    """Parameters averaged, the first site's BN statistics kept: the published default without buffer merging."""
-    _check_updates(updates)
-    return merge_updates(base, updates, "uniform", "first")
-
-
-def reference(base: Mapping[str, Tensor], ema_updates: Sequence[SiteUpdate]) -> State:
-    """The published buffer merge: Gaussian pooling with n = ``num_batches_tracked`` on EMA statistics.
-
-    Give it the updates whose buffers are the sites' EMA running statistics, as the
-    published code would find them in the checkpoints it merges.
-    """
-    _check_updates(ema_updates)
-    return merge_updates(base, ema_updates, "uniform", "reference")
-
-
-def gaussian(
-    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], weighting: str = "uniform", equal_sites: bool = False
-) -> State:
-    """Parameters averaged (``uniform`` or by ``counts``); BN statistics pooled as Gaussians.
-
-    With exact statistics and sample counts the pooled mean and variance are those of the
-    union of the sites' values (as each site's parameters saw them); ``equal_sites``
-    gives every site the same weight in that pooling instead of its sample count.
-    """
-    _check_updates(updates)
-    acc = MergeAccumulator(base, weighting, "gaussian", equal_site_stats=equal_sites)
-    for update in updates:
-        acc.add(update)
-    return acc.result()
-
-
-def _buffers_by_rule(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], rule: str) -> State:
-    if rule not in BUFFER_RULES:
-        raise ValueError(f"buffer rule must be one of {', '.join(BUFFER_RULES)}, not {rule!r}")
-    merged = merge_updates(base, updates, "uniform", rule)
-    _, buffers = split_state(merged)
-    return buffers
-
-
-# ----------------------------------------------------------------------------- task vectors
-
-
-def task_vectors(base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> list[State]:
-    """τ_i = θ_i - θ₀ for every parameter (float64); BN statistics are not task vectors."""
-    params, _ = split_state(base)
-    return [{k: u.params[k].double() - params[k].double() for k in params} for u in updates]
-
-
-def task_arithmetic(
-    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], lam: float, buffers: str = "average"
-) -> State:
-    """θ₀ + λ Σ τ_i on the parameters; BN buffers by ``buffers`` (the toolkits average them)."""
-    _check_updates(updates)
-    params, _ = split_state(base)
-    taus = task_vectors(base, updates)
-    merged = {k: params[k].double() + lam * sum(t[k] for t in taus) for k in params}
-    merged.update(_buffers_by_rule(base, updates, buffers))
-    return _cast_like(merged, base)
-
-
-def _trim(tau: State, keep: float) -> State:
-    """Keep the top ``keep`` fraction of entries by magnitude over the whole task vector."""
-    flat = torch.cat([v.abs().reshape(-1) for v in tau.values()])
-    n_keep = max(1, round(keep * flat.numel()))
-    if n_keep >= flat.numel():
-        return dict(tau)
-    threshold = torch.kthvalue(flat, flat.numel() - n_keep + 1).values
-    return {k: torch.where(v.abs() >= threshold, v, torch.zeros_like(v)) for k, v in tau.items()}
-
-
-def ties(
-    base: Mapping[str, Tensor], updates: Sequence[SiteUpdate], k: float, lam: float, buffers: str = "average"
-) -> State:
-    """TIES-Merging: trim each τ_i to its top-k magnitudes, elect a sign, average the agreeing values.
-
-    Trimming is over the whole task vector (all parameters together), as in the TIES code;
-    the elected sign per entry is the sign of Σ_i τ̂_i; the merged entry is the mean of the
-    trimmed values with that sign (zero where none agrees); θ = θ₀ + λ τ_m.
-    """
-    _check_updates(updates)
-    if not 0.0 < k <= 1.0:
-        raise ValueError(f"ties: k (fraction of entries kept) must be in (0, 1], not {k}")
-    params, _ = split_state(base)
-    trimmed = [_trim(t, k) for t in task_vectors(base, updates)]
-    merged: State = {}
-    for key in params:
-        stack = torch.stack([t[key] for t in trimmed])
-        sign = torch.sign(stack.sum(0))
-        agree = (torch.sign(stack) == sign) & (stack != 0)
-        count = agree.sum(0)
-        mean = torch.where(agree, stack, torch.zeros_like(stack)).sum(0) / count.clamp_min(1)
-        merged[key] = params[key].double() + lam * mean
-    merged.update(_buffers_by_rule(base, updates, buffers))
-    return _cast_like(merged, base)
 
 
 # ----------------------------------------------------------------------------- per-domain models
@@ -203,23 +161,6 @@ def separate_heads(
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def with_pooled_statistics(state: Mapping[str, Tensor], pooled: Mapping[str, BNSums]) -> State:
-    """``state`` with every BN layer's running statistics replaced by the pooled sums' mean and variance."""
-    out = dict(state)
-    for layer in bn_layer_names(state):
-        if layer not in pooled:
-            raise KeyError(f"no pooled statistics for BN layer {layer!r}")
-        s = pooled[layer]
-        out[f"{layer}.running_mean"] = s.mean().to(state[f"{layer}.running_mean"].dtype)
-        out[f"{layer}.running_var"] = s.var().to(state[f"{layer}.running_var"].dtype)
-    return out
-
-
-def unit_weight(sums: Mapping[str, BNSums]) -> dict[str, BNSums]:
-    """One site's sums rescaled to weight 1 (its mean and E[x²] with n = 1), so pooled sites count equally."""
-    return {layer: BNSums(s.sum / s.count, s.sum_sq / s.count, torch.ones_like(s.count)) for layer, s in sums.items()}
 
 
 def interpolate(a: SiteUpdate, b: SiteUpdate, alpha: float, buffers: str = "gaussian") -> State:
@@ -320,27 +261,17 @@ def register(
     return wrap
 
 
-_ALIASES = {"lambda": "lam"}
-
-
 def make_options(strategy: Strategy, options: Mapping[str, Any]) -> Any:
-    """The strategy's typed options from kebab- or snake-case keys; unknown keys are an error."""
-    fields = {f.name: f for f in dataclasses.fields(strategy.options)}
-    kwargs = {}
-    for key, value in options.items():
-        name = _ALIASES.get(key, key.replace("-", "_"))
-        if name not in fields:
-            known = ", ".join(sorted(fields)) or "none"
-            raise ValueError(f"strategy {strategy.name!r} has no option {key!r}; options: {known}")
-        kwargs[name] = value
-    return strategy.options(**kwargs)
+    """The strategy's typed options from kebab- or snake-case keys; unknown keys and wrong types are errors."""
+    return build_options(strategy.options, options, f"strategy {strategy.name!r}", {"lambda": "lam"})
 
 
 def get_strategy(name: str) -> tuple[Strategy, dict[str, Any]]:
     """The registered strategy for ``name``; ``single:<site>`` also returns ``{"site": <site>}``."""
     head, sep, arg = name.partition(":")
     if head not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+        hint = closest(head, STRATEGIES)
+        raise ValueError(f"unknown strategy {name!r}{hint}; choose one of {', '.join(sorted(STRATEGIES))}")
     if head == "single":
         if not sep or not arg:
             raise ValueError("strategy 'single' needs a site: single:<site>")
@@ -394,9 +325,29 @@ class TiesOptions:
 
 
 @dataclass(frozen=True)
+class MergeOptions:
+    """Any registered merge method; a field left unset takes the run config's default."""
+
+    method: str = "linear"
+    options: str = ""  # the method's own options, as in the run config: "k=0.2 lam=1.0"
+    buffers: str | None = None
+    weighting: str | None = None
+    equal_site_stats: bool | None = None
+    max_share: float | None = None
+    clip_norm: float | None = None
+
+    def spec(self) -> MergeSpec:
+        changes = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("method", "options")
+        }
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return merge_spec(self.method, parse_key_values(self.options, "merge options"), **changes)
+
+
+@dataclass(frozen=True)
 class RecalibrateOptions:
     mode: str = "batch"  # how the sites' statistics pass normalises (BNStatsConfig.mode)
-    equal_sites: bool = False  # pool the sites' sums with equal weights instead of by their counts
+    equal_sites: bool = False  # pool the sites' statistics with equal weights instead of by their counts
 
 
 @dataclass(frozen=True)
@@ -473,6 +424,14 @@ def _ties(inputs: MergeInputs, options: TiesOptions) -> Outcome:
     return _one_shot(inputs, state, f"k={options.k:g}, λ={options.lam:g}, BN {options.buffers}")
 
 
+@register("merge", MergeOptions, summary="any registered merge method, as `fedmerge merge --method` runs it")
+def _merge(inputs: MergeInputs, options: MergeOptions) -> Outcome:
+    spec = options.spec()
+    updates = inputs.ema_updates if spec.buffers == "reference" else inputs.updates
+    notes = f"{spec.method} {spec.options}, BN {spec.buffers}, weights {spec.weighting}"
+    return _one_shot(inputs, merge(inputs.base, updates, spec), notes)
+
+
 @register("fedbn", NoOptions, test_time_domain=True, summary="BN layers stay local; the rest averaged")
 def _fedbn(inputs: MergeInputs, options: NoOptions) -> Outcome:
     return _one_shot(inputs, None, per_site=fedbn(inputs.base, inputs.updates))
@@ -488,24 +447,29 @@ def _separate_heads(inputs: MergeInputs, options: SeparateHeadsOptions) -> Outco
     summary="merged parameters go back; sites return Σx, Σx², n per BN channel; the server pools them",
 )  # fmt: skip
 def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
-    from server.strategy import pool_bn_sums  # the real strategy's pooling, so both compute the same thing
-
     services = _services(inputs, "recalibrate")
-    merged = gaussian(inputs.base, inputs.updates)
-    layers = bn_layer_names(merged)
-    pooled: dict[str, BNSums] = {}
+    engine = MergeEngine(merge_spec(buffers="gaussian", equal_site_stats=options.equal_sites), inputs.base)
+    for update in inputs.updates:
+        _accept(engine.ingest(update))
+    merged = engine.result()
     outcome = _one_shot(inputs, merged)
     second_round = 0.0
     for update in inputs.updates:
         sums, nbytes, seconds = services.bn_sums(update.site, merged, options.mode)
-        pool_bn_sums(pooled, unit_weight(sums) if options.equal_sites else sums, layers, update.site)
+        _accept(engine.pool_sums(update.site, sums))
         outcome.bytes_sent[update.site] += nbytes
         second_round = max(second_round, seconds)
-    outcome.state = with_pooled_statistics(merged, pooled)
+    engine.apply_recalibration()
+    outcome.state = engine.result()
     outcome.rounds, outcome.site_seconds = 2, outcome.site_seconds + second_round
     weights = "equal site weights" if options.equal_sites else "pooled by counts"
     outcome.notes = f"second round: {options.mode}-mode BN sums, {weights}"
     return outcome
+
+
+def _accept(outcome: object) -> None:
+    if isinstance(outcome, Refused):
+        raise ValueError(outcome.reason)
 
 
 @register(

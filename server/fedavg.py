@@ -3,42 +3,36 @@
 Flower's stock ``FedAvg.aggregate_train`` accepts one ArrayRecord per reply and averages
 every array as float64, so a fedmerge reply (``params``, ``buffers``, ``counts``) is
 refused and ``num_batches_tracked`` would come back as a float. This subclass keeps
-FedAvg's node sampling and message construction and replaces only the aggregation:
-parameters weighted by each site's number of examples (FedAvg's rule), BN statistics
-pooled by the merge accumulator (Gaussian by sample counts unless told otherwise),
-integer buffers kept integer. It is the multi-round baseline the one-shot merge is
-compared with: same local method, R rounds of traffic.
+FedAvg's node sampling and message construction and replaces only the aggregation with
+the merge engine: parameters weighted by each site's number of examples (FedAvg's rule),
+BN statistics by the run's buffer mode, integer buffers kept integer. It is the
+multi-round baseline the one-shot merge is compared with: same local method, R rounds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from common.merging import MergeAccumulator, bn_layer_names
-from common.models import build_model
-from common.validation import UpdateRejected, validate_update
-from common.wire import manifest, records_to_update
+from common.merge_engine import MergeEngine
+from common.model_factory import build_model
+from common.wire import claimed_examples
 from server.config import MergeConfig, ServerConfig
-from server.report import Incident, MergeReport, SiteEntry
-from server.server_app import MERGED_FILE, REPORT_FILE, _save_state
-from server.strategy import MinSitesNotMet
+from server.intake import ReplyIntake
+from server.report import MergeReport
+from server.results import MERGED_FILE, REPORT_FILE, save_merged
+from server.strategy import MinSitesNotMet, state_record
 
-__all__ = ["BNFedAvg", "reply_bytes", "run_fedavg"]
+__all__ = ["BNFedAvg", "run_fedavg"]
 
 log = logging.getLogger(__name__)
-
-
-def reply_bytes(content: RecordDict) -> int:
-    """Bytes of every record in a reply, as Flower counts them."""
-    return sum(record.count_bytes() for record in content.values())
 
 
 class BNFedAvg(FedAvg):
@@ -54,70 +48,58 @@ class BNFedAvg(FedAvg):
         self.template = dict(template)
         self.config = config
         self.report = report
-        self.layers = bn_layer_names(self.template)
+        self.spec = dataclasses.replace(config.spec, method="linear", weighting="counts")
+        self.engine: MergeEngine | None = None  # the last round's, whose result is the run's model
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accumulator = MergeAccumulator(self.template, "counts", self.config.buffer_mode, self.config.equal_site_stats)
-        accepted = 0
-        for reply in replies:
-            node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                self._incident(
-                    node_id, "", "failed", f"round {server_round}: error {reply.error.code}: {reply.error.reason}"
-                )
-                continue
-            try:
-                update = records_to_update(reply.content, fallback_site=f"node-{node_id}")
-                validate_update(update, self.template)
-            except (UpdateRejected, KeyError, ValueError, TypeError) as exc:
-                domain = exc.site if isinstance(exc, UpdateRejected) else ""
-                self._incident(node_id, domain, "refused", f"round {server_round}: {exc}")
-                continue
-            accumulator.add(update)
-            accepted += 1
-            first = self.layers[0] if self.layers else None
-            bn_values = int(update.counts[first].reshape(-1)[0]) if first else 0
-            metrics = {"round": float(server_round), **update.metrics}
-            entry = SiteEntry(update.site, node_id, update.num_examples, bn_values, reply_bytes(reply.content),
-                              metrics, manifest(reply.content))  # fmt: skip
-            self.report.sites.append(entry)
+        replies = list(replies)  # FedAvg hands every reply at once; they are all in memory already
+        self.engine = engine = MergeEngine(self.spec, self.template)
+        claims = [n for n in (_claim(r) for r in replies) if n is not None]
+        if claims and self.spec.max_share < 1.0:
+            engine.expect_weights(claims)
+        intake = ReplyIntake(engine, self.report, label=f"round {server_round}: ")
+        accepted = sum(intake.take_update(reply, reply.metadata.src_node_id) for reply in replies)
+        for entry in self.report.sites[len(self.report.sites) - accepted :]:
+            entry.metrics = {"round": float(server_round), **entry.metrics}
         if accepted < self.config.min_sites:
             raise MinSitesNotMet(
                 f"round {server_round}: only {accepted} usable replies, min-sites is {self.config.min_sites}"
             )
         log.info("round %d: merged %d sites", server_round, accepted)
-        return ArrayRecord(accumulator.result()), MetricRecord({"sites": accepted})
-
-    def _incident(self, node_id: int, domain: str, kind: str, reason: str) -> None:
-        log.warning("site %s (node %s) %s: %s", domain or "?", node_id, kind, reason)
-        self.report.incidents.append(Incident(node_id, domain, kind, reason))
+        return state_record(engine.iter_result()), MetricRecord({"sites": accepted})
 
 
-def run_fedavg(grid: Grid, config: ServerConfig, num_rounds: int) -> MergeReport:
+def _claim(reply: Message) -> int | None:
+    """A reply's claimed number of examples, if it can be read: the weights must be known before capping."""
+    if reply.has_error():
+        return None
+    try:
+        return claimed_examples(reply.content)
+    except Exception:  # an unreadable reply is refused later, with its reason, by the intake
+        return None
+
+
+def run_fedavg(grid: Grid, config: ServerConfig) -> MergeReport:
     """R rounds of FedAvg from the initial weights; writes ``merged.safetensors`` and ``report.json``."""
+    run = config.run
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    report = MergeReport(config={**config.describe(), "strategy": "fedavg", "num_rounds": num_rounds})
-    torch.manual_seed(config.seed)
-    template = build_model(config.arch, config.num_classes, weights=config.initial_weights or None).state_dict()
+    report = MergeReport(config={**config.describe(), "strategy": "fedavg", "num_rounds": run.num_rounds})
+    torch.manual_seed(run.seed)
+    template = build_model(run.arch, run.num_classes, weights=run.initial_weights or None).state_dict()
     strategy = BNFedAvg(template, config.merge, report)
     report.start("rounds")
     try:
-        result = strategy.start(
-            grid,
-            ArrayRecord(template),
-            num_rounds=num_rounds,
-            timeout=config.merge.timeout,
-            train_config=ConfigRecord(),
-        )
+        strategy.start(grid, ArrayRecord(template), num_rounds=run.num_rounds, timeout=run.timeout,
+                       train_config=ConfigRecord())  # fmt: skip
     except MinSitesNotMet as exc:
         report.status, report.error = "failed", str(exc)
         report.write(config.out_dir / REPORT_FILE)
         raise
     report.stop("rounds")
-    merged = result.arrays.to_torch_state_dict()
-    _save_state(merged, Path(config.out_dir) / MERGED_FILE, config, sorted({s.domain for s in report.sites}))
+    assert strategy.engine is not None
+    save_merged(strategy.engine, config.out_dir / MERGED_FILE, run)
     report.status = "ok"
     report.write(config.out_dir / REPORT_FILE)
     return report

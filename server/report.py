@@ -22,6 +22,8 @@ class SiteEntry:
     metrics: dict[str, float] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # what the reply held: records and keys
     node_name: str = ""  # the name its key was registered under (deployment), if any
+    weight: float = 1.0  # its weight in the parameter merge (after any cap)
+    clip_scale: float = 1.0  # 1, or the factor its parameter change was scaled by (clip-norm)
 
 
 @dataclass

@@ -1,86 +1,88 @@
 """The Flower ServerApp: send the global model once, merge what comes back, write the results.
 
-Results go to an absolute ``out-dir``: ``merged.safetensors`` and ``report.json``. A run
-that cannot meet ``min-sites`` still writes its report (and the partial merge, if any
-site was accepted) before it fails, so nothing received is lost.
+Results go to an absolute ``out-dir``: ``merged.safetensors`` and ``report.json``. Whatever
+ends a run once it has started, the report is written with the status, the error and
+every incident, and the partial merge is kept when at least one site was folded in, so
+nothing received is lost.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from torch import Tensor
 
-from common.checkpoints import save_state
+from common.checkpoints import read_model_file
 from common.evaluation import StateEvaluator
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
-from common.merging import SiteUpdate
-from common.models import build_model
-from common.update_format import save_site_update
+from common.model_factory import build_model
+from common.run_config import RunConfig
+from common.updates import SiteUpdate
 from server.config import ServerConfig
+from server.fedavg import run_fedavg
 from server.report import MergeReport
-from server.strategy import MinSitesNotMet, OneShotMerge
+from server.results import MERGED_FILE, PARTIAL_FILE, REPORT_FILE, save_merged, save_update
+from server.strategy import OneShotMerge
 
-__all__ = ["MERGED_FILE", "REPORT_FILE", "app", "run_merge"]
+__all__ = ["app", "run_merge"]
 
 log = logging.getLogger(__name__)
-MERGED_FILE = "merged.safetensors"
-PARTIAL_FILE = "partial-merged.safetensors"
-REPORT_FILE = "report.json"
-UPDATES_DIR = "updates"
 
 app = ServerApp()
 
 
-def _save_state(state: dict[str, Tensor], path: Path, config: ServerConfig, sites: list[str]) -> None:
-    save_state(state, path, config.arch, config.num_classes, {"merged_from": ",".join(sites)})
-
-
-def _on_update(config: ServerConfig, report: MergeReport, evaluator: StateEvaluator | None):
+def _on_update(
+    config: ServerConfig, report: MergeReport, evaluator: StateEvaluator | None
+) -> Callable[[SiteUpdate, int], None]:
     """What happens to each accepted update before it is dropped: optional saving and scoring."""
-    folder = config.out_dir / UPDATES_DIR
-    if config.save_updates:
-        folder.mkdir(parents=True, exist_ok=True)
 
-    def handle(update: SiteUpdate) -> None:
-        if config.save_updates:
-            save_site_update(folder / f"{update.site}.safetensors", update, config.arch, config.num_classes)
-        if evaluator is not None and config.eval_sites:
-            report.eval_sites[update.site] = evaluator(update.state_dict())
+    def handle(update: SiteUpdate, node_id: int) -> None:
+        if config.run.save_updates:
+            save_update(config.out_dir, node_id, update, config.run)
+        if evaluator is not None and config.run.eval_sites:
+            key = update.site if update.site not in report.eval_sites else f"{update.site} (node {node_id})"
+            report.eval_sites[key] = evaluator(update.state_dict())
 
     return handle
 
 
+def _fail(report: MergeReport, exc: BaseException, strategy: OneShotMerge, config: ServerConfig) -> None:
+    """Record how the run ended and keep what was merged so far."""
+    report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
+    if strategy.engine.accepted:
+        try:
+            save_merged(strategy.engine, config.out_dir / PARTIAL_FILE, config.run)
+        except Exception as save_exc:  # the report must still be written
+            report.error += f"; the partial merge could not be written: {save_exc}"
+    report.write(config.out_dir / REPORT_FILE)
+
+
 def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     """The whole server side of a run; framework objects stay in here and the strategy."""
+    run = config.run
     config.out_dir.mkdir(parents=True, exist_ok=True)
     report = MergeReport(config=config.describe())
-    torch.manual_seed(config.seed)  # without initial weights, a seeded random start keeps runs comparable
-    template = build_model(config.arch, config.num_classes, weights=config.initial_weights or None).state_dict()
-    evaluator = None
-    if config.eval_specs:
-        evaluator = StateEvaluator(config.arch, config.num_classes, config.eval_specs, config.batch_size)
+    torch.manual_seed(run.seed)  # without initial weights, a seeded random start keeps runs comparable
+    template = build_model(run.arch, run.num_classes, weights=run.initial_weights or None).state_dict()
+    evaluator = (
+        StateEvaluator(run.arch, run.num_classes, config.eval_specs, run.batch_size) if config.eval_specs else None
+    )
     strategy = OneShotMerge(config.merge, template, report, _on_update(config, report, evaluator))
     report.config["initial_sha256"] = fingerprint = state_fingerprint(template)
-    initial = ArrayRecord(template) if config.send_initial_weights else ArrayRecord()
+    initial = ArrayRecord(template) if run.send_initial_weights else ArrayRecord()
     try:
-        result = strategy.start(grid, initial, train_config=ConfigRecord({INITIAL_SHA256: fingerprint}))
-    except MinSitesNotMet as exc:
-        report.status, report.error = "failed", str(exc)
-        if strategy.accumulator.sites:
-            _save_state(
-                strategy.accumulator.result(), config.out_dir / PARTIAL_FILE, config, strategy.accumulator.sites
-            )
-        report.write(config.out_dir / REPORT_FILE)
+        strategy.start(grid, initial, train_config=ConfigRecord({INITIAL_SHA256: fingerprint}))
+        save_merged(strategy.engine, config.out_dir / MERGED_FILE, run)
+    except Exception as exc:
+        _fail(report, exc, strategy, config)
         raise
-    merged = result.arrays.to_torch_state_dict()
-    _save_state(merged, config.out_dir / MERGED_FILE, config, [s.domain for s in report.sites])
+    strategy.engine.release()
     if evaluator is not None:
         report.start("evaluation")
+        merged = read_model_file(config.out_dir / MERGED_FILE).state
         report.eval, report.eval_initial = evaluator(merged), evaluator(template)
         report.stop("evaluation")
     report.status = "ok"
@@ -103,10 +105,8 @@ def _log_through_flower() -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _log_through_flower()
-    config = ServerConfig.from_run_config(context.run_config)
-    if str(context.run_config.get("strategy", "one-shot")) == "fedavg":  # the multi-round baseline
-        from server.fedavg import run_fedavg
-
-        run_fedavg(grid, config, int(context.run_config.get("num-rounds", 1)))
+    config = ServerConfig.from_run(RunConfig.read(context.run_config))
+    if config.run.strategy == "fedavg":  # the multi-round baseline
+        run_fedavg(grid, config)
         return
     run_merge(grid, config)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from common.data import DataSpec
 from common.pretrain import PretrainPlan, pretrain_to_file
-from fedmerge.cli import CommandError
-from fedmerge.runtime import simulation_env
+from common.run_config import ConfigError, RunConfig
+from server.runtime import simulation_env
 
 __all__ = ["PRESETS_DIR", "SimulationPlan", "list_presets", "run_simulation"]
 
@@ -26,7 +27,7 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 SOURCE_CHECKPOINT = "source.safetensors"
 
 
-class SimulationFailed(CommandError):
+class SimulationFailed(RuntimeError):
     """The Flower run did not produce a merged model; the message carries its last log lines."""
 
 
@@ -49,13 +50,22 @@ class SimulationPlan:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         pre = raw.get("pretrain")
         pretrain = _pretrain_plan(pre, path) if pre else None
-        return cls(
-            path.stem,
-            int(raw.get("num-sites", 3)),
-            dict(raw.get("run-config", {})),
-            pretrain,
-            raw.get("description", ""),
-        )
+        plan = cls(path.stem, raw.get("num-sites", 3), dict(raw.get("run-config", {})), pretrain,
+                   str(raw.get("description", "")))  # fmt: skip
+        try:
+            plan.resolve()
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        return plan
+
+    def resolve(self, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """The run config of this plan with ``overrides``, checked against the sites it will have."""
+        if not isinstance(self.num_sites, int) or isinstance(self.num_sites, bool) or self.num_sites < 1:
+            raise ConfigError(f"num-sites must be an integer of at least 1, not {self.num_sites!r}")
+        run = RunConfig.read({**self.run_config, **(overrides or {})})
+        if run.min_sites > self.num_sites:
+            raise ConfigError(f"min-sites = {run.min_sites} is more than the {self.num_sites} simulated sites")
+        return run
 
     @classmethod
     def preset(cls, name: str) -> SimulationPlan:
@@ -88,23 +98,24 @@ def _source_weights(plan: SimulationPlan, out_dir: Path) -> str:
 
 
 def run_simulation(
-    plan: SimulationPlan, out_dir: Path, overrides: dict[str, Any] | None = None, echo: TextIO | None = None
+    plan: SimulationPlan, out_dir: Path, run: RunConfig | None = None, echo: TextIO | None = None
 ) -> dict[str, Any]:
-    """Run the plan; returns the report the ServerApp wrote. Raises with Flower's log on failure.
+    """Run the plan (its own run config, or ``run``); returns the report the ServerApp wrote.
 
-    ``echo`` receives Flower's output line by line while the run goes (e.g. ``sys.stderr``).
+    Raises with Flower's log on failure. ``echo`` receives Flower's output line by line
+    while the run goes (e.g. ``sys.stderr``).
     """
     out_dir = out_dir.resolve()
+    run = replace(run or plan.resolve(), out_dir=str(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_config = {**plan.run_config, **(overrides or {}), "out-dir": str(out_dir)}
-    if plan.pretrain is not None and not run_config.get("initial-weights"):
-        run_config["initial-weights"] = _source_weights(plan, out_dir)
-        run_config["arch"] = plan.pretrain.arch
-    timeout = float(run_config.get("timeout", 600.0)) * (3 if run_config.get("recalibrate") else 2) + 120
+    if plan.pretrain is not None and not run.initial_weights:
+        run = replace(run, initial_weights=_source_weights(plan, out_dir), arch=plan.pretrain.arch)
+    rounds = run.num_rounds + (1 if run.recalibrate else 0)
+    timeout = run.timeout * (rounds + 1) + 120
     report_path = out_dir / "report.json"
     report_path.unlink(missing_ok=True)  # never mistake an earlier run's report for this one's
     with simulation_env(out_dir / ".flwr", plan.num_sites) as (env, connection):
-        result = env.run_app(connection, run_config, timeout=timeout, echo=echo)
+        result = env.run_app(connection, run.to_flower(), timeout=timeout, echo=echo)
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     if report.get("status") == "ok":
         return report

@@ -2,10 +2,10 @@
 
 Flower's stock strategies collect every reply before aggregating, so server memory grows
 with the number of sites. Here messages are pushed once and replies pulled one at a time
-as they come; each is validated, folded into the sums and dropped before the next is
-pulled, so the server holds the sums and at most one reply. A bad reply is refused with
-its reason and never touches the sums. With ``recalibrate`` a second, light round asks
-each site for BN sums under the merged parameters.
+as they come; each goes through :class:`~server.intake.ReplyIntake` into the merge engine
+and is dropped before the next is pulled, so the server holds the sums and at most one
+reply. With ``recalibrate`` a second, light round asks each site for BN sums under the
+merged parameters. The maths is all in ``common.merge_engine``; this module is transport.
 """
 
 from __future__ import annotations
@@ -14,33 +14,30 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor
 
-from common.bnstats import BNSums
-from common.merging import MergeAccumulator, SiteUpdate, bn_layer_names
-from common.validation import UpdateRejected, validate_update
-from common.wire import manifest, numpy_to_array, records_to_sums, records_to_update
+from common.merge_engine import MergeEngine
+from common.updates import SiteUpdate
+from common.wire import numpy_to_array
 from server.config import MergeConfig
-from server.report import Incident, MergeReport, SiteEntry
+from server.intake import ReplyIntake
+from server.report import MergeReport
 
-__all__ = ["MinSitesNotMet", "OneShotMerge", "pool_bn_sums"]
+__all__ = ["MessageFactory", "MinSitesNotMet", "OneShotMerge", "flower_message"]
 
 log = logging.getLogger(__name__)
+MessageFactory = Callable[[RecordDict, int, str, str], Message]
 
 
 class MinSitesNotMet(RuntimeError):
     """Fewer usable replies than ``min-sites``: the run ends without a merged model."""
 
 
-def _nbytes(content: RecordDict) -> int:
-    return sum(rec.count_bytes() for rec in content.values() if isinstance(rec, ArrayRecord))
-
-
-def _message(content: RecordDict, message_type: str, node_id: int, group_id: str) -> Message:
+def flower_message(content: RecordDict, node_id: int, message_type: str, group_id: str) -> Message:
+    """A message to one node; only possible inside a Flower run (tests pass their own factory)."""
     return Message(content=content, dst_node_id=node_id, message_type=message_type, group_id=group_id)
 
 
@@ -50,46 +47,30 @@ def _node_names(grid: Grid) -> dict[int, str]:
     return {int(n.node_id): str(getattr(n, "name", "")) for n in get_nodes()} if get_nodes else {}
 
 
-def pool_bn_sums(pooled: dict[str, BNSums], sums: Mapping[str, BNSums], layers: list[str], site: str) -> None:
-    """Check one site's recalibration sums, then add them to ``pooled``."""
-    for layer in layers:
-        if layer not in sums:
-            raise UpdateRejected(site, repr(layer), "no BN sums for this layer")
-        s = sums[layer]
-        if not (torch.isfinite(s.sum).all() and torch.isfinite(s.sum_sq).all()):
-            raise UpdateRejected(site, repr(layer), "NaN or Inf in BN sums")
-        if bool((s.count <= 0).any()):
-            raise UpdateRejected(site, repr(layer), f"count n = {int(s.count.min())} (must be > 0)")
-    for layer in layers:
-        pooled[layer] = pooled[layer] + sums[layer] if layer in pooled else sums[layer]
+def state_record(items: Iterable[tuple[str, Tensor]]) -> ArrayRecord:
+    """An ArrayRecord built one tensor at a time, as ``ArrayRecord(state_dict)`` does without a whole dict."""
+    record = ArrayRecord()
+    for key, tensor in items:
+        record[key] = numpy_to_array(tensor.detach().cpu().numpy())
+    return record
 
 
 class OneShotMerge(Strategy):
-    """Merge every site once: linear parameters, Gaussian BN buffers, optional recalibration."""
+    """Merge every site once by the run's merge spec; optional recalibration of the BN statistics."""
 
     def __init__(
         self,
         config: MergeConfig,
         template: Mapping[str, Tensor],
         report: MergeReport | None = None,
-        on_update: Callable[[SiteUpdate], None] | None = None,
+        on_update: Callable[[SiteUpdate, int], None] | None = None,
+        make_message: MessageFactory = flower_message,
     ) -> None:
         self.config = config
-        self.template = dict(template)
         self.report = report or MergeReport()
-        self.on_update = on_update
-        self.layers = bn_layer_names(self.template)
-        self.accumulator = self._new_accumulator()
-        self.node_names: dict[int, str] = {}
-
-    def _new_accumulator(self) -> MergeAccumulator:
-        return MergeAccumulator(
-            self.template,
-            self.config.param_weighting,
-            self.config.buffer_mode,
-            self.config.equal_site_stats,
-            param_dtype=self.config.param_dtype,
-        )
+        self.engine = MergeEngine(config.spec, template)
+        self.intake = ReplyIntake(self.engine, self.report, on_update=on_update)
+        self.make_message = make_message
 
     # ----- Message-API hooks ------------------------------------------------------------
     def summary(self) -> None:
@@ -101,13 +82,13 @@ class OneShotMerge(Strategy):
         node_ids = self._wait_for_nodes(grid)
         config["server-round"] = server_round
         content = RecordDict({"arrays": arrays, "config": config})
-        return [_message(content, MessageType.TRAIN, nid, str(server_round)) for nid in node_ids]
+        return [self.make_message(content, nid, MessageType.TRAIN, str(server_round)) for nid in node_ids]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         for reply in replies:
-            self.receive(reply, reply.metadata.src_node_id)
+            self.intake.take_update(reply, reply.metadata.src_node_id)
         return self.finish()
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
@@ -115,38 +96,6 @@ class OneShotMerge(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
-
-    # ----- one reply at a time ---------------------------------------------------------
-    def receive(self, reply: Message, node_id: int) -> bool:
-        """Validate one reply and fold it into the sums; False (and an incident) if refused."""
-        if reply.has_error():
-            err = reply.error
-            self._incident(node_id, "", "failed", f"error code {err.code}: {err.reason}")
-            return False
-        try:
-            update = records_to_update(reply.content, fallback_site=f"node-{node_id}")
-            validate_update(update, self.template)
-        except (UpdateRejected, KeyError, ValueError, TypeError) as exc:
-            domain = exc.site if isinstance(exc, UpdateRejected) else ""
-            self._incident(node_id, domain, "refused", str(exc).strip("'\""))
-            return False
-        self.accumulator.add(update)
-        first = self.layers[0] if self.layers else None
-        bn_values = int(update.counts[first].reshape(-1)[0]) if first else 0
-        entry = SiteEntry(
-            update.site, node_id, update.num_examples, bn_values, _nbytes(reply.content), update.metrics,
-            manifest(reply.content), self.node_names.get(node_id, ""),
-        )  # fmt: skip
-        self.report.sites.append(entry)
-        log.info("merged site %s (node %s, %d images)", update.site, node_id, update.num_examples)
-        if self.on_update is not None:
-            self.on_update(update)
-        return True
-
-    def _incident(self, node_id: int, domain: str, kind: str, reason: str) -> None:
-        name = self.node_names.get(node_id, "")
-        log.warning("site %s (node %s %s) %s: %s", domain or "?", node_id, name, kind, reason)
-        self.report.incidents.append(Incident(node_id, domain, kind, reason, name))
 
     def finish(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = len(self.report.sites)
@@ -156,17 +105,7 @@ class OneShotMerge(Strategy):
                 + ("; ".join(f"node {i.node_id} {i.kind}: {i.reason}" for i in self.report.incidents) or "no replies")
             )
         metrics = {"sites": accepted, "num-examples": sum(s.num_examples for s in self.report.sites)}
-        return self._merged_record(), MetricRecord(metrics)
-
-    def _merged_record(self) -> ArrayRecord:
-        """The merged model serialised one tensor at a time (as ``ArrayRecord(state_dict)`` does).
-
-        Building the whole state dict first would hold a second model beside the sums.
-        """
-        record = ArrayRecord()
-        for key, tensor in self.accumulator.iter_result():
-            record[key] = numpy_to_array(tensor.detach().cpu().numpy())
-        return record
+        return state_record(self.engine.iter_result()), MetricRecord(metrics)
 
     # ----- the streaming driver --------------------------------------------------------
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -176,7 +115,7 @@ class OneShotMerge(Strategy):
             if len(nodes) >= self.config.min_sites or time.monotonic() > deadline:
                 break
             time.sleep(self.config.poll_interval)
-        self.node_names = _node_names(grid)
+        self.intake.node_names.update(_node_names(grid))
         if len(nodes) < self.config.min_sites:
             raise MinSitesNotMet(
                 f"only {len(nodes)} site(s) connected within {self.config.timeout:.0f}s, min-sites is "
@@ -195,7 +134,7 @@ class OneShotMerge(Strategy):
             if pending:
                 time.sleep(self.config.poll_interval)
         for node_id in pending.values():
-            self._incident(node_id, "", "timeout", f"no reply within {self.config.timeout:.0f}s")
+            self.intake.incident(node_id, "", "timeout", f"no reply within {self.config.timeout:.0f}s")
 
     @staticmethod
     def _pull_one(
@@ -227,13 +166,13 @@ class OneShotMerge(Strategy):
         self.summary()
         self.report.start("train-round")
         messages = self.configure_train(1, initial_arrays, train_config or ConfigRecord(), grid)
-        self._stream(grid, messages, self.receive)
+        self._stream(grid, messages, self.intake.take_update)
         self.report.stop("train-round")
         self.report.start("merge-finish")
         arrays, metrics = self.finish()
         self.report.stop("merge-finish")
         if self.config.recalibrate:
-            arrays = self.recalibrate(grid, arrays)
+            self.recalibrate(grid, arrays)
         result = Result()
         result.arrays = arrays
         if metrics is not None:
@@ -245,39 +184,31 @@ class OneShotMerge(Strategy):
         return result
 
     # ----- second round: statistics under the merged parameters ------------------------
-    def recalibrate(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
-        """Replace the merged BN statistics by ones pooled from sums measured under the merged parameters."""
+    def recalibrate(self, grid: Grid, arrays: ArrayRecord) -> None:
+        """Send the merged model back; pool the sites' BN sums under it into the engine's statistics.
+
+        When enough sites answer, the pooled statistics replace the merged ones in the
+        engine and in ``arrays`` (only the BN entries change: no second model is built).
+        """
         self.report.start("recalibration-round")
-        pooled: dict[str, BNSums] = {}
+        sites = {s.node_id: s.domain for s in self.report.sites}
         replied: list[str] = []
 
         def handle(reply: Message, node_id: int) -> None:
-            if reply.has_error():
-                self._incident(
-                    node_id, "", "failed", f"recalibration error code {reply.error.code}: {reply.error.reason}"
-                )
-                return
-            site = str(reply.content["info"].get("domain", f"node-{node_id}")) if "info" in reply.content else ""
-            try:
-                pool_bn_sums(pooled, records_to_sums(reply.content), self.layers, site)
-            except (UpdateRejected, KeyError) as exc:
-                self._incident(node_id, site, "refused", f"recalibration: {exc}")
-                return
-            replied.append(site)
+            if self.intake.take_sums(reply, node_id, sites.get(node_id, f"node-{node_id}")):
+                replied.append(sites.get(node_id, f"node-{node_id}"))
 
         config = ConfigRecord({"bn-mode": self.config.recalibrate_mode, "phase": "recalibrate"})
         content = RecordDict({"arrays": arrays, "config": config})
-        nodes = [s.node_id for s in self.report.sites]
-        messages = [_message(content, MessageType.QUERY, nid, "recalibrate") for nid in nodes]
+        messages = [self.make_message(content, nid, MessageType.QUERY, "recalibrate") for nid in sites]
         self._stream(grid, messages, handle)
         self.report.stop("recalibration-round")
         if len(replied) < self.config.min_sites:
-            self.report.recalibration = {"applied": False, "sites": replied, "reason": "fewer replies than min-sites"}
+            self.report.recalibration.update(
+                {"applied": False, "sites": replied, "reason": "fewer replies than min-sites"}
+            )
             log.warning("recalibration skipped: only %d site(s) replied", len(replied))
-            return arrays
-        state = arrays.to_torch_state_dict()
-        for layer, s in pooled.items():
-            state[f"{layer}.running_mean"] = s.mean().to(state[f"{layer}.running_mean"].dtype)
-            state[f"{layer}.running_var"] = s.var().to(state[f"{layer}.running_var"].dtype)
-        self.report.recalibration = {"applied": True, "sites": replied}
-        return ArrayRecord(state)
+            return
+        for key, tensor in self.engine.apply_recalibration().items():
+            arrays[key] = numpy_to_array(tensor.detach().cpu().numpy())
+        self.report.recalibration.update({"applied": True, "sites": replied})

@@ -45,7 +45,7 @@ class HRDAConfig(TeacherStudentConfig):
     head_lr_mult: decode-head learning-rate factor, 10.
     weight_decay: AdamW weight decay, 0.01.
     warmup: linear warm-up steps before the poly decay, 100.
-    threshold: probability that makes a pixel confident (pseudo-label weight), 0.968.
+    threshold: probability that makes a pixel confident (pseudo-label weight, ``CONFIDENCE_THRESHOLD``).
     ema_max: the EMA teacher's alpha cap, 0.999.
     detail_weight: weight of the loss on the detail crop alone, 0.1.
     rcs: rare class sampling of source images, on.

@@ -8,7 +8,6 @@ from a checkpoint at step t ends with the same weights as one never interrupted.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import deque
@@ -25,6 +24,7 @@ from clients.adaptation.ema import EMATeacher
 from clients.adaptation.optim import Schedule, set_lr
 from clients.adaptation.registry import AdaptContext
 from clients.adaptation.sampling import step_generator
+from common.fingerprint import recipe_key, state_fingerprint
 from common.models import Segmenter
 
 __all__ = ["StepFn", "TrainState", "checkpoint_path", "run_training"]
@@ -70,15 +70,12 @@ class TrainState:
 
 
 def _fingerprint(name: str, config: Any, num_target: int, seed: int, model: Segmenter) -> str:
-    """Same method, options, data size, seed and starting weights -> same checkpoint file."""
-    digest = hashlib.sha256(f"{name}|{config!r}|{num_target}|{seed}".encode())
-    with torch.no_grad():
-        for key, value in model.state_dict().items():
-            if value.is_floating_point() and "running_" not in key:
-                digest.update(
-                    f"{key}:{float(value.double().sum()):.10e}:{float(value.double().abs().sum()):.10e}".encode()
-                )
-    return digest.hexdigest()[:16]
+    """Same method, options, data size, seed and starting weights -> same checkpoint file.
+
+    The running statistics are left out: they are re-measured before the first step.
+    """
+    weights = {k: v for k, v in model.state_dict().items() if "running_" not in k}
+    return recipe_key([name, repr(config), num_target, seed, state_fingerprint(weights)], length=16)
 
 
 def checkpoint_path(directory: str, name: str, config: Any, num_target: int, seed: int, model: Segmenter) -> Path:

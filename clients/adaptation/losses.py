@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.data import IGNORE
+from common.predictions import CONFIDENCE_THRESHOLD, confident_fraction, normalized_entropy
 
 __all__ = [
     "confident_fraction",
@@ -27,18 +28,7 @@ __all__ = [
 _EPS = 1e-6
 
 
-def normalized_entropy(probs: Tensor) -> Tensor:
-    """Per-pixel entropy divided by log C, in [0, 1]: comparable across class counts. [B, H, W]."""
-    ent = -(probs * probs.clamp_min(1e-12).log()).sum(1)
-    return ent / math.log(probs.shape[1])
-
-
-def confident_fraction(probs: Tensor, threshold: float) -> Tensor:
-    """Per image, the fraction of pixels whose top probability reaches ``threshold``. [B]."""
-    return (probs.amax(1) >= threshold).flatten(1).float().mean(1)
-
-
-def pseudo_labels(probs: Tensor, threshold: float = 0.968) -> tuple[Tensor, Tensor]:
+def pseudo_labels(probs: Tensor, threshold: float = CONFIDENCE_THRESHOLD) -> tuple[Tensor, Tensor]:
     """Arg-max labels and ONE weight per image: its fraction of confident pixels (DACS/DAFormer).
 
     A per-image weight rather than a per-pixel mask keeps the loss on every pixel (so

@@ -8,7 +8,6 @@ pass (see ``clients.site``), so methods need not care about running statistics.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from common.models import Segmenter
+from common.typed_options import build_options, closest
 
 __all__ = ["METHODS", "AdaptContext", "Method", "get_method", "make_config", "register"]
 
@@ -60,29 +60,14 @@ def register(
 def get_method(name: str) -> Method:
     _load_builtin_methods()
     if name not in METHODS:
-        raise ValueError(f"unknown adaptation method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+        hint = closest(name, METHODS)
+        raise ValueError(f"unknown adaptation method {name!r}{hint}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
-def _coerce(value: Any, target: Any) -> Any:
-    if target is bool and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
-    if target in (int, float, str, bool):
-        return target(value)
-    return value
-
-
 def make_config(method: Method, options: Mapping[str, Any]) -> Any:
-    """The method's config dataclass from kebab- or snake-case options; unknown keys are an error."""
-    fields = {f.name: f for f in dataclasses.fields(method.config_type)}
-    kwargs = {}
-    for key, value in options.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            raise ValueError(f"method {method.name!r} has no option {key!r}; options: {', '.join(sorted(fields))}")
-        ftype = fields[name].type
-        kwargs[name] = _coerce(value, {"int": int, "float": float, "str": str, "bool": bool}.get(ftype, ftype))
-    return method.config_type(**kwargs)
+    """The method's config dataclass from kebab- or snake-case options; unknown keys and wrong types are errors."""
+    return build_options(method.config_type, options, f"method {method.name!r}")
 
 
 def _load_builtin_methods() -> None:

@@ -33,7 +33,7 @@ class SelfTrainConfig(TeacherStudentConfig):
     head_lr_mult: decode-head learning-rate factor, 10.
     weight_decay: AdamW weight decay, 0.01.
     warmup: linear warm-up steps before the poly decay, 50.
-    threshold: probability that makes a pixel confident, 0.968.
+    threshold: probability that makes a pixel confident (``CONFIDENCE_THRESHOLD``).
     ema: pseudo-labels from an EMA teacher (True) or from the student itself (False).
     ema_max: the EMA's alpha cap, 0.999.
     augment: strong augmentation (colour jitter, blur) of the student's input, off.

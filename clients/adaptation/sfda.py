@@ -54,7 +54,7 @@ class SFDAConfig(TeacherStudentConfig):
     head_lr_mult: decode-head learning-rate factor, 10.
     weight_decay: AdamW weight decay, 0.01.
     warmup: linear warm-up steps before the poly decay, 50.
-    threshold: probability that makes a pixel confident (hard images' weight), 0.968.
+    threshold: probability that makes a pixel confident (hard images' weight, ``CONFIDENCE_THRESHOLD``).
     ema_max: the EMA teacher's alpha cap, 0.999.
     easy_fraction: share of target images ranked easy by the teacher's mean entropy, 0.3.
     focal_gamma: focal-entropy exponent, 5.

@@ -18,6 +18,7 @@ from clients.adaptation.norm import check_bn_mode, refresh_bn
 from clients.adaptation.optim import Schedule, build_optimizer
 from clients.adaptation.registry import AdaptContext
 from common.models import Segmenter
+from common.predictions import CONFIDENCE_THRESHOLD
 
 __all__ = ["TeacherStudentConfig", "run_teacher_student", "start_teacher_student"]
 
@@ -32,7 +33,7 @@ class TeacherStudentConfig:
     head_lr_mult: float = 10.0
     weight_decay: float = 0.01
     warmup: int = 50
-    threshold: float = 0.968
+    threshold: float = CONFIDENCE_THRESHOLD
     ema_max: float = 0.999
     bn: str = "train"
     bn_refresh: int = 100

@@ -19,6 +19,7 @@ from clients.adaptation.optim import Schedule
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
 from common.models import Segmenter
+from common.predictions import CONFIDENCE_THRESHOLD
 
 __all__ = ["TentConfig", "adapt"]
 
@@ -30,14 +31,14 @@ class TentConfig:
     steps: optimisation steps (each on ``batch_size`` random target images), 100.
     batch_size: target images per step, 4 (batch statistics need a few images).
     lr: Adam learning rate on the BN affine parameters, 1e-3.
-    threshold: confidence threshold of the reported confident-pixel fraction, 0.968.
+    threshold: confidence threshold of the reported confident-pixel fraction (``CONFIDENCE_THRESHOLD``).
     checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 50.
     """
 
     steps: int = 100
     batch_size: int = 4
     lr: float = 1e-3
-    threshold: float = 0.968
+    threshold: float = CONFIDENCE_THRESHOLD
     checkpoint_every: int = 50
 
 

@@ -15,10 +15,11 @@ import torch
 
 from clients.adaptation import METHODS, AdaptContext, get_method, make_config
 from clients.site import SiteJob, adapt_site
-from common.checkpoints import load_checkpoint, read_checkpoint_metadata
+from common.checkpoints import load_checkpoint, read_model_file
 from common.data import DataSpec, build_dataset, dataset_classes, make_loader
 from common.evaluation import evaluate_domain
-from common.models import build_model
+from common.model_factory import build_model
+from common.typed_options import parse_key_values
 from common.update_format import save_site_update
 from fedmerge.cli import CommandError
 
@@ -26,13 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def _options(items: list[str]) -> dict[str, str]:
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CommandError(f"--set expects key=value, got {item!r}")
-        options[key] = value
-    return options
+    return parse_key_values(" ".join(items), "--set")
 
 
 def describe_methods() -> str:
@@ -53,9 +48,9 @@ def _load_model(path: str, arch: str | None, classes: list[str]) -> tuple[torch.
     if arch is None:
         model, meta = load_checkpoint(path, classes)
         return model, meta["arch"]
-    meta = read_checkpoint_metadata(path)
-    if meta.get("num_classes") and int(meta["num_classes"]) != len(classes):
-        raise CommandError(f"{path}: {meta['num_classes']} classes, the data has {len(classes)}")
+    file = read_model_file(path)
+    if file.num_classes and file.num_classes != len(classes):
+        raise CommandError(f"{path}: {file.num_classes} classes, the data has {len(classes)}")
     return build_model(arch, len(classes), weights=path), arch
 
 

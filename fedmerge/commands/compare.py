@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fedmerge.tables import markdown_table
+from experiments.tables import markdown_table
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 from common.checkpoints import load_checkpoint
-
 from common.data import DataSpec, build_dataset, make_loader
 from common.evaluation import evaluate_domains
+from experiments.tables import markdown_table
 from fedmerge.cli import CommandError
-from fedmerge.tables import markdown_table
 
 
 def _specs(items: list[str]) -> dict[str, DataSpec]:

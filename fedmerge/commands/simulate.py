@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedmerge.simulation import SimulationPlan, list_presets, run_simulation
-from fedmerge.tables import report_table
+from experiments.tables import report_table
+from fedmerge.cli import CommandError
+from server.simulation import SimulationFailed, SimulationPlan, list_presets, run_simulation
 
 DEMO_PRESET = "synthetic-3"
 
@@ -35,7 +36,12 @@ def _overrides(items: list[str]) -> dict[str, object]:
 
 def simulate(args: argparse.Namespace) -> int:
     echo = None if args.quiet else sys.stderr
-    report = run_simulation(_plan(args), Path(args.out_dir), _overrides(args.set), echo=echo)
+    plan = _plan(args)
+    run = plan.resolve(_overrides(args.set))  # every key and value checked before anything starts
+    try:
+        report = run_simulation(plan, Path(args.out_dir), run, echo=echo)
+    except SimulationFailed as exc:
+        raise CommandError(str(exc)) from None
     print(report_table(report))
     print(f"\nmerged model: {Path(args.out_dir).resolve() / 'merged.safetensors'}")
     return 0
@@ -51,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", required=True, help="where merged.safetensors and report.json go")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=DEMO_PRESET, help=f"one of: {', '.join(list_presets())}")
-    src.add_argument("--config", help="a simulation TOML file (see fedmerge/presets/)")
+    src.add_argument("--config", help="a simulation TOML file (see server/presets/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
     p.add_argument("--quiet", action="store_true", help="do not echo Flower's log while the run goes")
     p.set_defaults(func=simulate)

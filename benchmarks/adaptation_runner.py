@@ -22,7 +22,7 @@ from clients.adaptation import AdaptContext
 from clients.site import SiteJob, adapt_site
 from common.data import make_loader
 from common.evaluation import evaluate_domain
-from common.models import build_model
+from common.model_factory import build_model
 
 __all__ = [
     "Run",

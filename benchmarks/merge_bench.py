@@ -4,10 +4,12 @@ Every site update has the shapes and dtypes of torchvision's deeplabv3_resnet50 
 classes, no aux head: 362 tensors, 158.8 MB), filled with random values and built on the
 fly as Flower ArrayRecords (npy bytes, exactly what ``Array.from_numpy_ndarray`` and a
 deserialised reply hold), so the benchmark never holds more than the reply in hand. Each
-reply goes through what the server runs per reply, ``OneShotMerge.receive``:
-records_to_update -> validate_update -> MergeAccumulator.add; then ``finish`` (the
-merged state dict serialised to an ArrayRecord). Parts are timed by wrapping the
-functions ``receive`` calls (the wrappers call the originals).
+reply goes through what the server runs per reply, ``ReplyIntake.take_update``:
+records_to_update -> MergeEngine.ingest (validate_update, then the method's sums); then
+``finish`` (the merged state dict serialised to an ArrayRecord); then the recalibration
+round (K replies of BN sums pooled, the merged record's statistics replaced) and the
+merged file written from the sums. Parts are timed by wrapping the functions they call
+(the wrappers call the originals).
 
 * clocks: CPU time of the process (``time.process_time``: user + system, so page faults
   count) and wall time. Torch runs ``--threads`` intra-op threads (default 1) and NumPy
@@ -41,11 +43,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,11 +66,18 @@ if str(ROOT) not in sys.path:
 
 from flwr.app import ArrayRecord, RecordDict  # noqa: E402
 
+import common.merge_engine as engine_module  # noqa: E402
+import server.intake as intake_module  # noqa: E402
 import server.strategy as strategy_module  # noqa: E402
-from common.merging import PARAM_PRECISIONS, SiteUpdate, bn_layer_names, split_state  # noqa: E402
-from common.wire import numpy_to_array, records_to_update, update_to_records  # noqa: E402
+from common.bnstats import BNSums  # noqa: E402
+from common.merge_spec import PRECISIONS, method_options  # noqa: E402
+from common.run_config import RunConfig  # noqa: E402
+from common.updates import SiteUpdate, bn_layer_names, split_state  # noqa: E402
+from common.wire import numpy_to_array, records_to_update, sums_to_records, update_to_records  # noqa: E402
 from server.config import MergeConfig  # noqa: E402
-from server.strategy import OneShotMerge  # noqa: E402
+from server.strategy import OneShotMerge, state_record  # noqa: E402
+
+PARAM_PRECISIONS = PRECISIONS
 
 MB = 1e6
 REPEATS = 3
@@ -219,14 +230,14 @@ class Floor:
 
 
 class Timers:
-    """Wraps the functions ``OneShotMerge.receive`` and ``finish`` call, to split their time."""
+    """Wraps the functions ``take_update`` and ``finish`` call, to split their time."""
 
     def __init__(self, strategy: OneShotMerge) -> None:
         self.clocks = {"convert": Clock(), "validate": Clock(), "add": Clock(), "serialise": Clock()}
-        strategy_module.records_to_update = self._timed("convert", strategy_module.records_to_update)
-        strategy_module.validate_update = self._timed("validate", strategy_module.validate_update)
+        intake_module.records_to_update = self._timed("convert", intake_module.records_to_update)
+        engine_module.validate_update = self._timed("validate", engine_module.validate_update)
         strategy_module.numpy_to_array = self._timed("serialise", strategy_module.numpy_to_array)
-        strategy.accumulator.add = self._timed("add", strategy.accumulator.add)
+        strategy.engine.params.add = self._timed("add", strategy.engine.params.add)
 
     def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         clock = self.clocks[name]
@@ -244,17 +255,49 @@ def finite_check(content: RecordDict) -> None:
             raise RuntimeError("benchmark replies are finite")
 
 
-def merge(template: dict[str, torch.Tensor], replies: Callable[[int], Reply], k: int, precision: str) -> dict:
-    """Stream K replies through the server's per-reply path, then finish; times and peak memory.
+def merge_config(precision: str, method: str = "linear") -> MergeConfig:
+    spec = dataclasses.replace(
+        RunConfig.defaults().merge_spec(), precision=precision, method=method, options=method_options(method, {})
+    )
+    return MergeConfig(spec, min_sites=1, timeout=600.0, recalibrate=True, recalibrate_mode="batch")
+
+
+def sums_reply(template: dict[str, torch.Tensor], site: int) -> Reply:
+    """A recalibration reply: Σx, Σx², n per BN channel, as a site sends them."""
+    sums = {}
+    for layer in bn_layer_names(template):
+        c = template[f"{layer}.running_mean"].numel()
+        n = torch.full((c,), 1000 + site, dtype=torch.int64)
+        mean = torch.linspace(-1, 1, c, dtype=torch.float64) * (1 + 0.01 * site)
+        sums[layer] = BNSums(mean * n, (mean * mean + 1.0) * n, n)
+    return Reply(sums_to_records(sums, 10 + site, f"site-{site}"), site)
+
+
+def recalibrate_and_save(strategy: OneShotMerge, arrays: ArrayRecord, k: int, path: Path) -> None:
+    """The second round as the server runs it, then the merged file written from the sums."""
+    template = strategy.engine.template
+    for site in range(k):
+        if not strategy.intake.take_sums(sums_reply(template, site), site, f"site-{site}"):
+            raise RuntimeError(f"recalibration of site {site} refused: {strategy.report.incidents[-1].reason}")
+    for key, tensor in strategy.engine.apply_recalibration().items():
+        arrays[key] = numpy_to_array(tensor.numpy())
+    strategy.engine.save(path, "deeplabv3_resnet50", 19)
+
+
+def merge(
+    template: dict[str, torch.Tensor], replies: Callable[[int], Reply], k: int, precision: str, method: str
+) -> dict:
+    """Stream K replies through the server's per-reply path, finish, recalibrate, save; times and peak memory.
 
     Memory: the RSS before the first reply is the baseline; the high-water mark is reset
-    before each ``receive`` and before ``finish`` and read after, so the merge peak is
-    what the server holds (sums, the reply in hand, the merge's temporaries). Windows
-    around the benchmark's own reply generation give the peak with generation included.
+    before each reply and before ``finish`` and the second round, and read after, so the
+    merge peak is what the server holds (sums, the reply in hand, the merge's
+    temporaries). Windows around the benchmark's own reply generation give the peak with
+    generation included.
     """
-    strategy = OneShotMerge(MergeConfig(min_sites=1, param_precision=precision), template)
+    strategy = OneShotMerge(merge_config(precision, method), template)
     timers = Timers(strategy)
-    receive, finish, check = Clock(), Clock(), Clock()
+    receive, finish, check, second = Clock(), Clock(), Clock(), Clock()
     baseline = reset_peak_rss(collect=True)
     streaming_peak = generation_peak = 0
     for site in range(k):
@@ -262,7 +305,7 @@ def merge(template: dict[str, torch.Tensor], replies: Callable[[int], Reply], k:
         reply = replies(site)
         generation_peak = max(generation_peak, peak_rss() - baseline)
         reset_peak_rss()
-        if not receive.time(strategy.receive, reply, site):
+        if not receive.time(strategy.intake.take_update, reply, site):
             raise RuntimeError(f"site {site} refused: {strategy.report.incidents[-1].reason}")
         streaming_peak = max(streaming_peak, peak_rss() - baseline)
         check.time(finite_check, reply.content)
@@ -270,15 +313,23 @@ def merge(template: dict[str, torch.Tensor], replies: Callable[[int], Reply], k:
     reset_peak_rss(trim=False)
     arrays, _ = finish.time(strategy.finish)
     finish_peak = peak_rss() - baseline
+    reset_peak_rss(trim=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        second.time(recalibrate_and_save, strategy, arrays, k, Path(tmp) / "merged.safetensors")
+    second_peak = peak_rss() - baseline
     del arrays
     out: dict[str, Any] = {
+        "method": method,
+        "sums_bytes": strategy.engine.params.nbytes,
         "baseline_bytes": baseline,
         "streaming_peak_bytes": streaming_peak,
         "finish_peak_bytes": finish_peak,
-        "peak_bytes": max(streaming_peak, finish_peak),
-        "peak_with_generation_bytes": max(streaming_peak, finish_peak, generation_peak),
+        "second_round_peak_bytes": second_peak,
+        "peak_bytes": max(streaming_peak, finish_peak, second_peak),
+        "peak_with_generation_bytes": max(streaming_peak, finish_peak, second_peak, generation_peak),
         **receive.as_dict("receive"),
         **finish.as_dict("finish"),
+        **second.as_dict("second_round"),
         **check.as_dict("finite_check"),
     }
     for name, clock in timers.clocks.items():
@@ -286,15 +337,15 @@ def merge(template: dict[str, torch.Tensor], replies: Callable[[int], Reply], k:
     return out
 
 
-def worker_stream(k: int, precision: str, skip_validate: bool) -> dict:
+def worker_stream(k: int, precision: str, skip_validate: bool, method: str) -> dict:
     if skip_validate:  # a what-if, reported as such: the merge without common/validation.py's checks
-        strategy_module.validate_update = lambda update, template: None
+        engine_module.validate_update = lambda update, template: None
     template = deeplab_template()
     size = model_bytes(template)
     floor = Floor(size)
     warm_memory(4 * size)  # more than the floor or the merge will allocate
     before = floor.run(k)
-    result = merge(template, ReplyMaker(template), k, precision)
+    result = merge(template, ReplyMaker(template), k, precision, method)
     after = floor.run(k)
     best = min(before, after, key=lambda c: c.cpu)
     out = {"k": k, "precision": precision, "skip_validate": skip_validate, "model_bytes": size}
@@ -303,11 +354,18 @@ def worker_stream(k: int, precision: str, skip_validate: bool) -> dict:
 
 def merge_without_validation(template: dict[str, torch.Tensor], replies: list[Reply], precision: str) -> Clock:
     """Our per-reply conversion and sums, then the serialised result, on replies already in memory."""
-    strategy = OneShotMerge(MergeConfig(min_sites=1, param_precision=precision), template)
+    engine = OneShotMerge(merge_config(precision), template).engine
     clock = Clock()
+
+    def add(reply: Reply) -> None:  # the engine's two folds, without the validation ``ingest`` runs first
+        update = records_to_update(reply.content, "site")
+        engine.params.add(update.params, 1.0, 1.0)
+        engine.buffers.add(update, engine.buffers.moments(update, 1.0))
+        engine.accepted.append(engine_module.Accepted(update.site, 1, 1, 1.0, 1.0))
+
     for reply in replies:
-        clock.time(lambda r: strategy.accumulator.add(records_to_update(r.content, "site")), reply)
-    clock.time(strategy._merged_record)
+        clock.time(add, reply)
+    clock.time(lambda: state_record(engine.iter_result()))
     return clock
 
 
@@ -373,16 +431,19 @@ def time_table(rows: list[dict]) -> str:
 
 def memory_table(rows: list[dict]) -> str:
     lines = [
-        "| sums | K | baseline RSS MB | merge peak over baseline MB | merge peak / model | "
-        "while streaming / model | finish / model | with reply generation / model |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method, sums | K | baseline RSS MB | sums / model | peak over baseline / model | while streaming | "
+        "finish | recalibrate + save | peak - sums - one reply, MB | with reply generation / model |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         size = r["model_bytes"]
+        rest = (r["peak_bytes"] - r["sums_bytes"] - size) / MB
         lines.append(
-            f"| {_label(r)} | {r['k']} | {r['baseline_bytes'] / MB:.0f} | {r['peak_bytes'] / MB:.0f} | "
+            f"| {r['method']}, {_label(r)} | {r['k']} | {r['baseline_bytes'] / MB:.0f} | "
+            f"{r['sums_bytes'] / size:.2f} | "
             f"{r['peak_bytes'] / size:.2f} | {r['streaming_peak_bytes'] / size:.2f} | "
-            f"{r['finish_peak_bytes'] / size:.2f} | {r['peak_with_generation_bytes'] / size:.2f} |"
+            f"{r['finish_peak_bytes'] / size:.2f} | {r['second_round_peak_bytes'] / size:.2f} | {rest:.0f} | "
+            f"{r['peak_with_generation_bytes'] / size:.2f} |"
         )
     return "\n".join(lines)
 
@@ -425,13 +486,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--skip-validate", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="linear", help=argparse.SUPPRESS)
+    parser.add_argument("--ties-sites", default="8", help="K values for the streaming TIES merge (float64 sums)")
     parser.add_argument(
         "--no-validate-sites", default="2,64", help="K values for a what-if run with validate_update switched off"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker == "stream":
-        print(json.dumps(worker_stream(args.k, args.precision, args.skip_validate)))
+        print(json.dumps(worker_stream(args.k, args.precision, args.skip_validate, args.method)))
         return
     if args.worker == "fedavg":
         print(json.dumps(worker_fedavg(args.k)))
@@ -441,6 +504,7 @@ def main() -> None:
     print(f"torch {torch.__version__} ({args.threads} intra-op thread(s)), numpy {np.__version__}", flush=True)
     rows = []
     plan = [("float64", args.sites, []), ("float32", args.float32_sites, [])]
+    plan += [("float64", args.ties_sites, ["--method", "ties"])]
     plan += [(p, args.no_validate_sites, ["--skip-validate"]) for p in PARAM_PRECISIONS]
     for precision, sites, extra in plan:
         for k in _ints(sites):

@@ -1,7 +1,7 @@
 """What a small federated run costs beyond the sites' own work: a real 3-site Flower simulation.
 
 Runs a simulation preset (default ``tiny``: 3 synthetic sites, tiny_unet, AdaBN) through
-``fedmerge.simulation.run_simulation`` (SuperLink, ``flwr run``, Ray actors) and splits
+``server.simulation.run_simulation`` (SuperLink, ``flwr run``, Ray actors) and splits
 its wall time with the report the ServerApp writes:
 
 * the sites' adaptation (``adapt-seconds`` per site) and BN-statistics/metrics pass
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedmerge.simulation import SimulationPlan, run_simulation  # noqa: E402
+from server.simulation import SimulationPlan, run_simulation  # noqa: E402
 
 NO_EVAL = {"eval-domains": "", "eval-sites": False}
 
@@ -44,7 +44,7 @@ def one_run(plan: SimulationPlan, keep_eval: bool) -> dict[str, Any]:
     """Run the plan once in a fresh folder; wall time and the report's own numbers."""
     with tempfile.TemporaryDirectory(prefix="sim_overhead_") as tmp:
         start = time.perf_counter()
-        report = run_simulation(plan, Path(tmp), None if keep_eval else NO_EVAL)
+        report = run_simulation(plan, Path(tmp), plan.resolve(None if keep_eval else NO_EVAL))
         wall = time.perf_counter() - start
     sites = report["sites"]
     adapt = [float(s["metrics"].get("adapt-seconds", 0.0)) for s in sites]

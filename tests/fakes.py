@@ -1,15 +1,83 @@
-"""Stand-ins for Flower's Message and Grid: a Message cannot be built outside a run."""
+"""Test doubles: the one builder of site updates, and stand-ins for Flower's Message and Grid.
+
+A Flower Message cannot be built outside a run, so strategies take a message factory
+and the tests pass :func:`fake_message`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import torch
 from flwr.app import RecordDict
+from torch import Tensor
 
-from common.merging import SiteUpdate
+from common.merge_engine import Accepted, MergeEngine
+from common.merge_spec import MergeSpec
+from common.run_config import RunConfig
+from common.updates import SiteUpdate, bn_layer_names, split_state
 from common.wire import update_to_records
+from server.config import MergeConfig
+
+
+def spec(**changes: object) -> MergeSpec:
+    """The run config's default merge with ``changes`` (MergeSpec field names)."""
+    return dataclasses.replace(RunConfig.defaults().merge_spec(), **changes)
+
+
+def merge_config(
+    min_sites: int = 2, timeout: float = 600.0, recalibrate: bool = False, **changes: object
+) -> MergeConfig:
+    """The strategy's settings for a test: no waiting between pulls, spec fields from ``changes``."""
+    return MergeConfig(spec(**changes), min_sites, timeout, recalibrate, "batch", poll_interval=0.0)
+
+
+def engine_merge(
+    template: Mapping[str, Tensor], updates: list[SiteUpdate], weights: list[float] | None = None, **changes: object
+) -> dict[str, Tensor]:
+    """Every update through one engine, all accepted: the reference the adapters must reproduce."""
+    engine = MergeEngine(spec(**changes), template)
+    for i, update in enumerate(updates):
+        assert isinstance(engine.ingest(update, None if weights is None else weights[i]), Accepted)
+    return engine.result()
+
+
+def perturbed(template: Mapping[str, Tensor], seed: int, scale: float = 0.05) -> dict[str, Tensor]:
+    """``template`` with every float tensor moved by seeded noise (variances kept positive), integers + seed + 1."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in template.items():
+        if not value.is_floating_point():
+            out[key] = value + seed + 1
+        elif key.endswith("running_var"):
+            out[key] = value + scale * torch.rand(value.shape, generator=gen)
+        else:
+            out[key] = value + scale * torch.randn(value.shape, generator=gen)
+    return out
+
+
+def site_update(
+    site: str,
+    state: Mapping[str, Tensor],
+    num_examples: int = 10,
+    count: int | None = None,
+    metrics: dict[str, float] | None = None,
+    counts: Mapping[str, Tensor] | None = None,
+) -> SiteUpdate:
+    """The update a site holding ``state`` sends: ``count`` values per BN channel (default 100 per image).
+
+    ``counts`` gives every layer's counts explicitly instead.
+    """
+    params, buffers = split_state(dict(state))
+    n = 100 * num_examples if count is None else count
+    if counts is None:
+        counts = {layer: torch.full((state[f"{layer}.running_mean"].numel(),), n, dtype=torch.int64)
+                  for layer in bn_layer_names(state)}  # fmt: skip
+    return SiteUpdate(site, params, buffers, dict(counts), num_examples, dict(metrics or {}))
 
 
 @dataclass

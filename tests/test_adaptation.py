@@ -22,7 +22,7 @@ from clients.adaptation.mixing import StrongAugment, class_mix, class_mix_mask
 from clients.adaptation.optim import Schedule, build_optimizer
 from clients.adaptation.sampling import RareClassSampler
 from common.data import IGNORE, DataSpec, build_dataset
-from common.models import build_model
+from common.model_factory import build_model
 from common.multires import Box, MultiResSegmenter, fuse_scales, sliding_windows
 
 SIZE = (32, 48)
@@ -412,8 +412,7 @@ def test_sliding_windows_tile_the_image_with_half_overlap():
 
 
 def test_plain_checkpoint_wraps_with_the_same_fresh_attention_head_everywhere(tmp_path):
-    from common.checkpoints import load_checkpoint, save_checkpoint
-    from common.multires import wrap_checkpoint_for_hrda
+    from common.checkpoints import load_checkpoint, save_checkpoint, wrap_checkpoint_for_hrda
 
     torch.manual_seed(1)
     plain = build_model("tiny_unet", 4)

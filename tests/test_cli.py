@@ -8,7 +8,7 @@ import pytest
 
 from common.checkpoints import save_checkpoint
 from common.data import dataset_classes
-from common.models import build_model
+from common.model_factory import build_model
 from fedmerge.cli import main as cli_main
 
 FOG = "synthetic:?domain=fog&n=4&size=32x48&seed=5"
@@ -46,7 +46,7 @@ def test_unknown_preset_is_one_clear_error(tmp_path, capsys):
 
 
 def test_bad_merge_option_is_one_clear_error(tmp_path, capsys):
-    assert cli_main(["merge", "a", "b", "--out", str(tmp_path / "m"), "--weights", "1,x"]) == 2
+    assert cli_main(["merge", "a", "b", "--out", str(tmp_path / "m.safetensors"), "--weights", "1,x"]) == 2
     assert "--weights" in capsys.readouterr().err
 
 
@@ -71,3 +71,56 @@ def test_merge_of_plain_state_dicts_needs_the_model_named(tmp_path, capsys):
     model, meta = load_checkpoint(out)
     assert model.final_layer().out_channels == 9
     assert (meta["arch"], meta["merged_from"]) == ("tiny_unet", "site1,site2")
+
+
+def test_every_command_reads_every_model_file(checkpoint, tmp_path, capsys):
+    """A site update holds a whole model: evaluate reads it; merge reads checkpoints as well as updates."""
+    import torch
+
+    from common.update_format import save_site_update
+    from tests.fakes import site_update
+
+    torch.manual_seed(4)
+    update_file = tmp_path / "site.safetensors"
+    save_site_update(update_file, site_update("fog", build_model("tiny_unet", 9).state_dict()), "tiny_unet", 9)
+    assert cli_main(["evaluate", str(update_file), str(checkpoint), "--data", FOG]) == 0
+    assert "| site.safetensors |" in capsys.readouterr().out
+    trained = build_model("tiny_unet", 9)
+    for module in trained.modules():  # a trained model's BN layers have counted their batches
+        if hasattr(module, "num_batches_tracked"):
+            module.num_batches_tracked.fill_(10)
+    model_file = save_checkpoint(trained, tmp_path / "model.safetensors", "tiny_unet", dataset_classes("synthetic"))
+    out = tmp_path / "merged.safetensors"
+    assert cli_main(["merge", str(update_file), str(model_file), "--out", str(out)]) == 0
+    assert cli_main(["evaluate", str(out), "--data", FOG]) == 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--out", "{tmp}/m.pt"], "end the name in .safetensors"),
+        (["--out", "{tmp}"], "is a directory"),
+        (["--out", "{a}"], "is one of the inputs"),
+        (["--weights", "inf,1"], "finite and >= 0"),
+        (["--weights", "0,0"], "not all 0"),
+        (["--method", "ties"], "needs the shared starting model: --base"),
+        (["--option", "k=2", "--method", "ties", "--base", "{a}"], "k (fraction of entries kept) must be in (0, 1]"),
+    ],
+)
+def test_merge_refuses_bad_flags_with_one_line(tmp_path, capsys, args, message):
+    from common.update_format import save_site_update
+    from tests.fakes import site_update
+
+    paths = []
+    for name in ("a", "b"):
+        paths.append(tmp_path / f"{name}.safetensors")
+        save_site_update(paths[-1], site_update(name, build_model("tiny_unet", 9).state_dict()), "tiny_unet", 9)
+    filled = [a.format(tmp=tmp_path, a=paths[0]) for a in args]
+    if "--out" not in filled:
+        filled += ["--out", str(tmp_path / "m.safetensors")]
+    before = {p: p.read_bytes() for p in paths}
+    assert cli_main(["merge", *map(str, paths), *filled]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))

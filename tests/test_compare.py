@@ -15,18 +15,18 @@ from clients.adaptation.registry import AdaptContext, register
 from clients.site import SiteJob, adapt_site
 from common.checkpoints import save_checkpoint
 from common.data import build_dataset
-from common.merging import bn_layer_names, split_state
-from common.models import Segmenter, build_model
+from common.model_factory import build_model
+from common.models import Segmenter
+from common.updates import bn_layer_names, split_state
 from experiments.compare import run_compare
 from experiments.config import CONFIGS_DIR, ExperimentConfig, list_configs, resolve_config_path
 from experiments.pool import EMA_FROM_TRAIN_PASS, ModelPool, load_source
 from experiments.strategies import get_strategy, make_options
 from fedmerge.cli import main as cli_main
-from server.config import MergeConfig
 from server.fedavg import BNFedAvg
 from server.report import MergeReport
 from server.strategy import MinSitesNotMet
-from tests.fakes import error_reply, reply_of
+from tests.fakes import error_reply, merge_config, reply_of, site_update
 
 SIZE = "16x24"
 ADAPTED: list[str] = []  # sites the counting method ran on, in order
@@ -166,20 +166,14 @@ def test_a_config_with_a_data_root_placeholder_asks_for_one(tmp_path):
 
 
 def _site_update(site: str, template: dict, n: int, scale: float):
-    params, buffers = split_state(
-        {k: (v * 0 + scale) if v.is_floating_point() else v.clone() for k, v in template.items()}
-    )
-    counts = {layer: torch.full((template[f"{layer}.running_mean"].numel(),), n * 100, dtype=torch.int64)
-              for layer in bn_layer_names(template)}  # fmt: skip
-    from common.merging import SiteUpdate
-
-    return SiteUpdate(site, params, buffers, counts, n)
+    state = {k: (v * 0 + scale) if v.is_floating_point() else v.clone() for k, v in template.items()}
+    return site_update(site, state, num_examples=n)
 
 
 def test_fedavg_baseline_weights_parameters_by_examples_and_keeps_integer_buffers():
     template = build_model("tiny_unet", 9).state_dict()
     report = MergeReport()
-    strategy = BNFedAvg(template, MergeConfig(min_sites=2), report)
+    strategy = BNFedAvg(template, merge_config(min_sites=2), report)
     replies = [reply_of(_site_update("a", template, 1, 1.0), 1), reply_of(_site_update("b", template, 3, 3.0), 2),
                error_reply(3, 2, "boom")]  # fmt: skip
     for r in replies:

@@ -35,10 +35,10 @@ from safetensors.torch import load_file, save_file
 from clients.client_app import _initial_model, round_seed
 from clients.config import SiteConfig
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
-from common.models import build_model
+from common.model_factory import build_model
 from fedmerge.cli import main as cli_main
 from fedmerge.deploy import CertificateConfig, TLSFiles, make_certificates, make_node_keys
-from fedmerge.runtime import PROJECT_ROOT, FlowerEnv, Process, format_node_config
+from server.runtime import PROJECT_ROOT, FlowerEnv, Process, format_node_config
 
 CONNECTION = "fedmerge"
 ARCH, NUM_CLASSES = "tiny_unet", 9
@@ -145,7 +145,7 @@ def test_site_configuration_comes_from_node_config_over_the_declared_run_config(
         "method-options": "steps=5",
         "weights": "/models/source.safetensors",
     }
-    config = SiteConfig.from_flower({**declared, "method": "adabn", "domain": "night"}, node)
+    config = SiteConfig.from_flower({**declared, "method": "adabn", "domains": "night"}, node)
     assert (config.data.kind, config.data.root, config.data.domain) == ("acdc", "/data/acdc", "fog")
     assert config.data.num_images is None  # the declared default 0 means every image
     assert (config.job.domain, config.job.method, dict(config.job.method_options)) == ("fog", "tent", {"steps": "5"})

@@ -11,35 +11,22 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from common.merging import MergeAccumulator, SiteUpdate, merge_updates, split_state
-from common.models import build_model
+from common.merge_engine import Accepted, MergeEngine, Refused
+from common.model_factory import build_model
+from common.updates import SiteUpdate, split_state
 from common.wire import numpy_to_array, records_to_update, update_to_records
-from server.config import MergeConfig
 from server.strategy import OneShotMerge
-from tests.fakes import FakeReply, fake_message
+from tests.fakes import FakeReply, engine_merge, fake_message, merge_config, perturbed, site_update, spec
+
+PRECISION = {torch.float64: "float64", torch.float32: "float32"}
 
 
-@pytest.fixture(autouse=True)
-def _messages_outside_a_run(monkeypatch):
-    monkeypatch.setattr(
-        "server.strategy._message", lambda content, mtype, node, group: fake_message(content, node, mtype, group)
-    )
+def merge_updates(template, updates, weighting="uniform", weights=None, param_dtype=torch.float64):
+    return engine_merge(template, updates, weights, weighting=weighting, precision=PRECISION[param_dtype])
 
 
 def _update(site: str, seed: int, template: dict[str, torch.Tensor]) -> SiteUpdate:
-    gen = torch.Generator().manual_seed(seed)
-    state = {
-        k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + seed
-        for k, v in template.items()
-    }
-    state = {k: v.abs() if k.endswith("running_var") else v for k, v in state.items()}
-    params, buffers = split_state(state)
-    counts = {
-        k[: -len(".running_mean")]: torch.full((v.numel(),), 50 + 7 * seed, dtype=torch.int64)
-        for k, v in buffers.items()
-        if k.endswith(".running_mean")
-    }
-    return SiteUpdate(site, params, buffers, counts, 5 + seed)
+    return site_update(site, perturbed(template, seed), num_examples=5 + seed, count=50 + 7 * seed)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +79,9 @@ def test_float32_sums_stay_within_the_rounding_bound(template, updates):
 @pytest.mark.parametrize("param_dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["missing", "shape", "counts", "bn-channels"])
 def test_an_update_that_does_not_fit_changes_nothing(template, updates, param_dtype, kind):
-    acc = MergeAccumulator(template, param_dtype=param_dtype)
+    acc = MergeEngine(spec(precision=PRECISION[param_dtype]), template)
     for u in updates[:3]:
-        acc.add(u)
+        assert isinstance(acc.ingest(u), Accepted)
     before = acc.result()
     bad = _update("bad", 9, template)
     layer = next(iter(bad.counts))
@@ -107,19 +94,18 @@ def test_an_update_that_does_not_fit_changes_nothing(template, updates, param_dt
         del bad.counts[layer]
     else:
         bad.buffers[f"{layer}.running_mean"] = torch.zeros(1)
-    with pytest.raises((KeyError, ValueError)):
-        acc.add(bad)
+    assert isinstance(acc.ingest(bad), Refused)
     after = acc.result()
     assert acc.sites == ["s0", "s1", "s2"]
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_result_does_not_consume_the_sums(template, updates):
-    acc = MergeAccumulator(template, param_dtype=torch.float32)
-    acc.add(updates[0])
+    acc = MergeEngine(spec(precision="float32"), template)
+    acc.ingest(updates[0])
     first = acc.result()
     assert all(torch.equal(first[k], v) for k, v in acc.result().items())
-    acc.add(updates[1])
+    acc.ingest(updates[1])
     key = next(iter(updates[0].params))
     assert not torch.equal(acc.result()[key], first[key])
 
@@ -160,7 +146,8 @@ def test_numpy_to_array_writes_flowers_bytes(values):
 
 
 def test_half_precision_updates_add_into_either_sum(template, updates):
-    half = [SiteUpdate(u.site, {k: v.half() for k, v in u.params.items()}, u.buffers, u.counts, 1) for u in updates]
+    half = [site_update(u.site, {**{k: v.half() for k, v in u.params.items()}, **u.buffers}, 1, counts=u.counts)
+            for u in updates]  # fmt: skip
     template_half = {k: v.half() if k in half[0].params else v for k, v in template.items()}
     expected = _reference_params(template_half, half, [1.0] * len(half))
     exact = merge_updates(template_half, half)
@@ -219,7 +206,7 @@ class LazyGrid:
                 out.append(reply)
         return out
 
-    def watch(self, update: SiteUpdate) -> None:
+    def watch(self, update: SiteUpdate, node_id: int) -> None:
         """``on_update`` hook: follow the tensors the server built from each reply."""
         alive = sum(r() is not None for r in self._replies)
         self.max_replies_while_merging = max(self.max_replies_while_merging, alive)
@@ -227,9 +214,8 @@ class LazyGrid:
 
 
 def _stream(template, grid: LazyGrid, param_dtype=torch.float64) -> tuple[OneShotMerge, dict[str, torch.Tensor]]:
-    precision = {torch.float64: "float64", torch.float32: "float32"}[param_dtype]
-    config = MergeConfig(min_sites=len(grid.updates), poll_interval=0.0, param_precision=precision)
-    strategy = OneShotMerge(config, template, on_update=grid.watch)
+    config = merge_config(min_sites=len(grid.updates), precision=PRECISION[param_dtype])
+    strategy = OneShotMerge(config, template, on_update=grid.watch, make_message=fake_message)
     result = strategy.start(grid, ArrayRecord(template))
     return strategy, result.arrays.to_torch_state_dict()
 
@@ -265,25 +251,26 @@ def test_streaming_order_varies_but_the_float64_merge_does_not(template, updates
 
 
 def test_merged_record_matches_a_record_of_the_whole_result(template, updates):
-    strategy = OneShotMerge(MergeConfig(min_sites=2), template)
+    strategy = OneShotMerge(merge_config(min_sites=2), template, make_message=fake_message)
     arrays, _ = strategy.aggregate_train(
         1, [FakeReply(update_to_records(u, "adabn"), i) for i, u in enumerate(updates)]
     )
-    whole = ArrayRecord(strategy.accumulator.result())
+    whole = ArrayRecord(strategy.engine.result())
     assert list(arrays) == list(whole)
     assert all(arrays[k].data == whole[k].data for k in whole)
     assert isinstance(RecordDict({"arrays": arrays})["arrays"], ArrayRecord)
 
 
 def test_param_precision_is_chosen_from_the_run_config(tmp_path):
+    from common.run_config import RunConfig
     from server.config import ServerConfig
 
-    config = ServerConfig.from_run_config({"out-dir": str(tmp_path), "param-precision": "float32"})
-    assert config.merge.param_dtype == torch.float32
-    assert OneShotMerge(config.merge, {"w": torch.zeros(3)}).accumulator.param_dtype == torch.float32
-    assert ServerConfig.from_run_config({"out-dir": str(tmp_path)}).merge.param_dtype == torch.float64
-    with pytest.raises(ValueError, match="param-precision must be float64 or float32, not 'float16'"):
-        ServerConfig.from_run_config({"out-dir": str(tmp_path), "param-precision": "float16"})
+    config = ServerConfig.from_run(RunConfig.read({"out-dir": str(tmp_path), "param-precision": "float32"}))
+    assert config.merge.spec.precision == "float32"
+    assert OneShotMerge(config.merge, {"w": torch.zeros(3)}).engine.params.sums.dtype == torch.float32
+    assert ServerConfig.from_run(RunConfig.read({"out-dir": str(tmp_path)})).merge.spec.precision == "float64"
+    with pytest.raises(ValueError, match="param-precision must be one of float64, float32, not 'float16'"):
+        RunConfig.read({"out-dir": str(tmp_path), "param-precision": "float16"})
 
 
 def test_a_huge_but_finite_update_is_accepted_though_its_screening_sum_overflows(template, updates):
@@ -293,7 +280,7 @@ def test_a_huge_but_finite_update_is_accepted_though_its_screening_sum_overflows
     key = next(k for k, v in big.params.items() if v.numel() >= 4)
     params = dict(big.params)
     params[key] = torch.full_like(params[key], 3e38)  # finite, but the float32 sum is inf
-    validate_update(SiteUpdate(big.site, params, big.buffers, big.counts, big.num_examples), template)
+    validate_update(site_update(big.site, {**params, **big.buffers}, big.num_examples, counts=big.counts), template)
     params[key] = params[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
     with pytest.raises(ValueError, match="NaN or Inf values"):
-        validate_update(SiteUpdate(big.site, params, big.buffers, big.counts, big.num_examples), template)
+        validate_update(site_update(big.site, {**params, **big.buffers}, big.num_examples, counts=big.counts), template)

@@ -1,19 +1,33 @@
-"""The merge maths: exactness of the Gaussian pooling, the baselines, the accumulator."""
+"""The merge maths of the engine: exactness of the Gaussian pooling, the buffer modes, the weights."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 from torch import nn
 
 from clients.site import SiteJob, adapt_site
 from common.bnstats import BNStatsConfig, collect_bn_sums, exact_bn_statistics
-from common.merging import MergeAccumulator, SiteUpdate, bn_layer_names, merge_updates, split_state
-from common.models import build_model
+from common.merge_engine import Accepted, MergeEngine
+from common.model_factory import build_model
+from common.run_config import RunConfig
+from common.updates import SiteUpdate, bn_layer_names
+from tests.fakes import site_update
 
 
 def _site(name: str, state: dict, counts: dict, n: int = 4) -> SiteUpdate:
-    params, buffers = split_state(state)
-    return SiteUpdate(name, params, buffers, counts, n)
+    return site_update(name, state, num_examples=n, counts=counts)
+
+
+def merge_updates(template, updates, param_weighting="uniform", buffer_mode="gaussian", weights=None):
+    """The engine over a list, with the run config's defaults but for the two settings named."""
+    spec = dataclasses.replace(RunConfig.defaults().merge_spec(), weighting=param_weighting, buffers=buffer_mode)
+    engine = MergeEngine(spec, template)
+    for i, update in enumerate(updates):
+        assert isinstance(engine.ingest(update, None if weights is None else weights[i]), Accepted)
+    return engine.result()
 
 
 def _bn_net() -> nn.Module:
@@ -93,10 +107,15 @@ def test_reference_and_first_modes():
     b = {k: v.clone() for k, v in net.state_dict().items()}
     a["1.running_mean"], b["1.running_mean"] = torch.zeros(4), torch.ones(4)
     a["1.num_batches_tracked"], b["1.num_batches_tracked"] = torch.tensor(1), torch.tensor(3)
+    a["4.num_batches_tracked"] = b["4.num_batches_tracked"] = torch.tensor(1)
     counts = {"1": torch.full((4,), 1000), "4": torch.full((2,), 1000)}
     ref = merge_updates(net.state_dict(), [_site("a", a, counts), _site("b", b, counts)], buffer_mode="reference")
     torch.testing.assert_close(ref["1.running_mean"], torch.full((4,), 0.75))
     assert int(ref["1.num_batches_tracked"]) == 4
+    b["4.num_batches_tracked"] = torch.tensor(0)  # the published rule weighs nothing by a count of 0
+    engine = MergeEngine(dataclasses.replace(RunConfig.defaults().merge_spec(), buffers="reference"), a)
+    refused = engine.ingest(_site("b", b, counts))
+    assert not isinstance(refused, Accepted) and "4.num_batches_tracked" in refused.reason
     first = merge_updates(net.state_dict(), [_site("a", a, counts), _site("b", b, counts)], buffer_mode="first")
     torch.testing.assert_close(first["1.running_mean"], torch.zeros(4))
 
@@ -115,7 +134,7 @@ def test_parameter_weighting_modes():
     assert torch.allclose(explicit["0.weight"], torch.full_like(explicit["0.weight"], 0.25))
 
 
-def test_accumulator_is_order_independent_bitwise():
+def test_engine_is_order_independent_bitwise():
     torch.manual_seed(3)
     net = _bn_net()
     ups = []
@@ -139,14 +158,10 @@ def test_merge_keeps_dtypes_and_sums_num_batches_tracked():
     assert all(merged[k].dtype == v.dtype for k, v in state.items())
 
 
-def test_empty_accumulator_refuses():
-    acc = MergeAccumulator(_bn_net().state_dict())
-    try:
-        acc.result()
-    except ValueError as exc:
-        assert "no site update" in str(exc)
-    else:
-        raise AssertionError("an empty merge must fail")
+def test_empty_engine_refuses_to_give_a_result():
+    engine = MergeEngine(RunConfig.defaults().merge_spec(), _bn_net().state_dict())
+    with pytest.raises(ValueError, match="no site update"):
+        engine.result()
 
 
 def test_batch_mode_sums_split_over_batches_add_up():

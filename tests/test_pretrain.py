@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.checkpoints import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from common.checkpoints import load_checkpoint, read_model_file, save_checkpoint
 from common.data import DataSpec, build_dataset, dataset_classes, make_loader
 from common.data.synthetic import render
 from common.data.transforms import TrainAugment
 from common.evaluation import evaluate_domain
-from common.models import build_model
+from common.model_factory import build_model
 from common.pretrain import PretrainConfig, pretrain, train_segmenter
 from fedmerge.cli import main
 
@@ -88,7 +88,7 @@ def test_mismatched_checkpoints_fail_with_one_clear_error(tmp_path) -> None:
     ):
         load_checkpoint(path, classes=dataset_classes("camvid"))
     bad = tmp_path / "bad.safetensors"
-    meta = {**read_checkpoint_metadata(path), "num_classes": "11", "classes": ""}
+    meta = {**read_model_file(path).meta, "num_classes": "11", "classes": ""}
     save_file(load_file(str(path)), str(bad), metadata=meta)
     with pytest.raises(
         ValueError, match=r"bad.safetensors: model tensor 'classifier.*' has shape \(9.*the model expects \(11"
@@ -96,10 +96,10 @@ def test_mismatched_checkpoints_fail_with_one_clear_error(tmp_path) -> None:
         load_checkpoint(bad)
     plain = tmp_path / "plain.safetensors"
     save_file(load_file(str(path)), str(plain))
-    with pytest.raises(ValueError, match=r"plain\.safetensors: not a fedmerge checkpoint"):
+    with pytest.raises(ValueError, match=r"plain\.safetensors: the file does not say which model"):
         load_checkpoint(plain)
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(ValueError, match=r"junk\.safetensors: not a safetensors checkpoint"):
+    with pytest.raises(ValueError, match=r"junk\.safetensors: not a readable safetensors file"):
         load_checkpoint(tmp_path / "junk.safetensors")
     with pytest.raises(ValueError, match="12 class names for a model with 9 outputs"):
         save_checkpoint(model, tmp_path / "x.safetensors", "tiny_unet", ["c"] * 12)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.merging import bn_layer_names, split_state
-from common.models import build_model
+from common.model_factory import build_model
+from common.updates import bn_layer_names, split_state
 from fedmerge.cli import main as cli_main
-from fedmerge.simulation import SimulationPlan, run_simulation
+from server.simulation import SimulationPlan, run_simulation
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 def gaussian_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sim-gaussian")
     echo = io.StringIO()
-    run_simulation(SimulationPlan.preset("tiny"), out, {"save-updates": True}, echo=echo)
+    plan = SimulationPlan.preset("tiny")
+    run_simulation(plan, out, plan.resolve({"save-updates": True}), echo=echo)
     (out / "echoed.log").write_text(echo.getvalue())
     return out
 
@@ -69,8 +70,8 @@ def test_every_reply_holds_only_parameters_buffers_counts_scalars_and_domain(gau
 
 
 def test_cli_merge_of_received_updates_is_bit_identical_to_the_strategy(gaussian_run, tmp_path):
-    updates = sorted((gaussian_run / "updates").glob("*.safetensors"))
-    assert [p.stem for p in updates] == ["fog", "night", "rain"]
+    updates = sorted((gaussian_run / "updates").glob("*.safetensors"), key=lambda p: p.stem.split("-", 2)[2])
+    assert [p.stem.split("-", 2)[2] for p in updates] == ["fog", "night", "rain"]  # node-<id>-<domain>
     out = tmp_path / "cli-merged.safetensors"
     assert cli_main(["merge", *map(str, updates), "--out", str(out)]) == 0
     ours, theirs = load_file(str(out)), load_file(str(gaussian_run / "merged.safetensors"))
@@ -80,7 +81,8 @@ def test_cli_merge_of_received_updates_is_bit_identical_to_the_strategy(gaussian
 
 
 def test_recalibration_round_replaces_bn_statistics_only(gaussian_run, tmp_path):
-    run_simulation(SimulationPlan.preset("tiny"), tmp_path, {"recalibrate": True})
+    plan = SimulationPlan.preset("tiny")
+    run_simulation(plan, tmp_path, plan.resolve({"recalibrate": True}))
     report = _report(tmp_path)
     assert report["recalibration"]["applied"] is True
     assert sorted(report["recalibration"]["sites"]) == ["fog", "night", "rain"]
@@ -90,3 +92,43 @@ def test_recalibration_round_replaces_bn_statistics_only(gaussian_run, tmp_path)
     for key in plain:
         if key not in stats:
             assert torch.equal(plain[key], recal[key]), key
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tmp_path_factory) -> Path:
+    """The shared start as a file, so every entry point merges task vectors from the same θ₀."""
+    from common.checkpoints import save_checkpoint
+    from common.data import dataset_classes
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("initial") / "initial.safetensors"
+    return save_checkpoint(build_model("tiny_unet", 9), path, "tiny_unet", dataset_classes("synthetic"))
+
+
+@pytest.mark.parametrize("method", ["linear", "task-arithmetic", "ties"])
+def test_every_merge_method_gives_the_same_bits_in_flower_in_fedmerge_merge_and_in_compare(
+    method, initial_weights, tmp_path
+):
+    from common.checkpoints import read_model_file
+    from common.merge_spec import METHODS
+    from common.update_format import load_site_update
+    from experiments.strategies import MergeInputs, get_strategy, make_options
+
+    assert method in METHODS
+    plan = SimulationPlan.preset("tiny")
+    overrides = {"merge-method": method, "save-updates": True, "initial-weights": str(initial_weights),
+                 "eval-dataset": ""}  # fmt: skip
+    run_simulation(plan, tmp_path / "sim", plan.resolve(overrides))
+    flower = load_file(str(tmp_path / "sim" / "merged.safetensors"))
+    files = sorted((tmp_path / "sim" / "updates").glob("*.safetensors"))
+    out = tmp_path / "cli.safetensors"
+    assert cli_main(["merge", *map(str, files), "--method", method, "--base", str(initial_weights),
+                     "--out", str(out)]) == 0  # fmt: skip
+    cli = load_file(str(out))
+    updates = [load_site_update(f)[0] for f in files]
+    strategy, _ = get_strategy("merge")
+    inputs = MergeInputs(read_model_file(initial_weights).state, updates, updates, {}, {u.site: 0.0 for u in updates})
+    row = strategy.run(inputs, make_options(strategy, {"method": method})).state
+    assert flower.keys() == cli.keys() == row.keys()
+    for key in flower:
+        assert torch.equal(flower[key], cli[key]) and torch.equal(flower[key], row[key]), key

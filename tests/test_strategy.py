@@ -6,32 +6,29 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from common.merging import SiteUpdate, merge_updates, split_state
-from common.models import build_model
-from server.config import MergeConfig
+from common.model_factory import build_model
+from common.updates import SiteUpdate
 from server.strategy import MinSitesNotMet, OneShotMerge
-from tests.fakes import FakeGrid, error_reply, fake_message, reply_of
+from tests.fakes import (
+    FakeGrid,
+    engine_merge,
+    error_reply,
+    fake_message,
+    merge_config,
+    perturbed,
+    reply_of,
+    site_update,
+)
 
 
-@pytest.fixture(autouse=True)
-def _messages_outside_a_run(monkeypatch):
-    monkeypatch.setattr(
-        "server.strategy._message", lambda content, mtype, node, group: fake_message(content, node, mtype, group)
-    )
+def strategy_of(template, **config) -> OneShotMerge:
+    return OneShotMerge(merge_config(**config), template, make_message=fake_message)
 
 
 def _update(site: str, seed: int) -> SiteUpdate:
     torch.manual_seed(seed)
-    model = build_model("tiny_unet", 4)
-    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    state = {k: v.abs() if k.endswith("running_var") else v for k, v in state.items()}
-    params, buffers = split_state(state)
-    layers = [k[: -len(".running_mean")] for k in buffers if k.endswith(".running_mean")]
-    counts = {
-        layer: torch.full((buffers[f"{layer}.running_mean"].numel(),), 100 + seed, dtype=torch.int64)
-        for layer in layers
-    }
-    return SiteUpdate(site, params, buffers, counts, 10 + seed, {"mean-entropy": 0.5})
+    state = perturbed(build_model("tiny_unet", 4).state_dict(), seed, scale=0.01)
+    return site_update(site, state, num_examples=10 + seed, count=100 + seed, metrics={"mean-entropy": 0.5})
 
 
 @pytest.fixture()
@@ -75,13 +72,13 @@ def test_bad_update_is_refused_naming_site_and_tensor_and_merge_goes_on(kind, te
     good = [_update("day", 1), _update("dusk", 2)]
     bad = _update("night", 3)
     tensor = _corrupt(kind, bad)
-    strategy = OneShotMerge(MergeConfig(min_sites=2), template)
+    strategy = strategy_of(template, min_sites=2)
     arrays, _ = strategy.aggregate_train(1, [reply_of(good[0], 11), reply_of(bad, 13), reply_of(good[1], 12)])
     refused = strategy.report.incidents_of("refused")
     assert len(refused) == 1 and refused[0].node_id == 13
     assert "night" in refused[0].reason and tensor in refused[0].reason
     assert [s.domain for s in strategy.report.sites] == ["day", "dusk"]
-    expected = merge_updates(template, good)
+    expected = engine_merge(template, good)
     merged = arrays.to_torch_state_dict()
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
 
@@ -89,7 +86,7 @@ def test_bad_update_is_refused_naming_site_and_tensor_and_merge_goes_on(kind, te
 def test_min_sites_not_met_is_a_clear_error(template):
     bad = _update("night", 3)
     _corrupt("nan", bad)
-    strategy = OneShotMerge(MergeConfig(min_sites=2), template)
+    strategy = strategy_of(template, min_sites=2)
     with pytest.raises(MinSitesNotMet, match="min-sites is 2"):
         strategy.aggregate_train(1, [reply_of(_update("day", 1), 1), reply_of(bad, 2), error_reply(3, 2, "boom")])
     assert [i.kind for i in strategy.report.incidents] == ["refused", "failed"]
@@ -100,23 +97,23 @@ def test_refused_reply_mid_stream_leaves_sums_untouched(template):
     ups = [_update(f"s{i}", i) for i in range(4)]
     bad = _update("bad", 9)
     _corrupt("negative-variance", bad)
-    clean = OneShotMerge(MergeConfig(min_sites=1), template)
+    clean = strategy_of(template, min_sites=1)
     for i, u in enumerate(ups):
-        clean.receive(reply_of(u, i), i)
-    with_bad = OneShotMerge(MergeConfig(min_sites=1), template)
+        clean.intake.take_update(reply_of(u, i), i)
+    with_bad = strategy_of(template, min_sites=1)
     for i, u in enumerate([*ups[:2], bad, *ups[2:]]):
-        with_bad.receive(reply_of(u, i), i)
-    a, b = clean.accumulator.result(), with_bad.accumulator.result()
+        with_bad.intake.take_update(reply_of(u, i), i)
+    a, b = clean.engine.result(), with_bad.engine.result()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_streaming_merge_is_bit_identical_to_all_at_once_in_any_order(template):
     ups = [_update(f"s{i}", i) for i in range(5)]
-    expected = merge_updates(template, ups)
+    expected = engine_merge(template, ups)
     orders = set()
     for seed in range(4):
         grid = FakeGrid({100 + i: reply_of(u) for i, u in enumerate(ups)}, per_pull=2, seed=seed)
-        strategy = OneShotMerge(MergeConfig(min_sites=5, poll_interval=0.0), template)
+        strategy = strategy_of(template, min_sites=5)
         merged = strategy.start(grid, ArrayRecord(template)).arrays.to_torch_state_dict()
         assert all(torch.equal(merged[k], expected[k]) for k in expected)
         orders.add(tuple(s.domain for s in strategy.report.sites))
@@ -126,7 +123,7 @@ def test_streaming_merge_is_bit_identical_to_all_at_once_in_any_order(template):
 
 def test_silent_site_is_recorded_as_timeout(template):
     grid = FakeGrid({1: reply_of(_update("a", 1)), 2: reply_of(_update("b", 2)), 3: None})
-    strategy = OneShotMerge(MergeConfig(min_sites=2, timeout=0.5, poll_interval=0.05), template)
+    strategy = strategy_of(template, min_sites=2, timeout=0.5)
     strategy.start(grid, ArrayRecord(template))
     timeouts = strategy.report.incidents_of("timeout")
     assert [t.node_id for t in timeouts] == [3]
@@ -134,9 +131,9 @@ def test_silent_site_is_recorded_as_timeout(template):
 
 def test_counts_weighting_and_report_entries(template):
     ups = [_update("a", 1), _update("b", 5)]
-    strategy = OneShotMerge(MergeConfig(min_sites=2, param_weighting="counts"), template)
+    strategy = strategy_of(template, min_sites=2, weighting="counts")
     arrays, metrics = strategy.aggregate_train(1, [reply_of(u, i) for i, u in enumerate(ups)])
-    expected = merge_updates(template, ups, param_weighting="counts")
+    expected = engine_merge(template, ups, weighting="counts")
     merged = arrays.to_torch_state_dict()
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
     assert metrics["num-examples"] == 11 + 15

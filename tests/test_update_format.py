@@ -7,24 +7,20 @@ import logging
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from common.merging import SiteUpdate, split_state
-from common.models import build_model
+from common.model_factory import build_model
 from common.update_format import FORMAT, load_site_update, save_site_update
+from common.updates import SiteUpdate
 from fedmerge.cli import main as cli_main
+from tests.fakes import site_update
 
 
 def _update(site: str = "dusk", scale: float = 0.0) -> SiteUpdate:
     torch.manual_seed(0)
     state = build_model("tiny_unet", 4).state_dict()
     state = {k: v + scale if v.is_floating_point() and not k.endswith("running_var") else v for k, v in state.items()}
-    params, buffers = split_state(state)
-    counts = {
-        k[: -len(".running_mean")]: torch.full_like(v, 77, dtype=torch.int64)
-        for k, v in buffers.items()
-        if k.endswith(".running_mean")
-    }
-    return SiteUpdate(site, params, buffers, counts, 12)
+    return site_update(site, state, num_examples=12, count=77)
 
 
 def test_round_trip_keeps_tensors_counts_and_metadata(tmp_path):
@@ -75,7 +71,12 @@ def test_cli_merge_refuses_a_nan_update_naming_site_and_tensor(tmp_path, capsys)
     bad.params[key] = bad.params[key].clone()
     bad.params[key].view(-1)[0] = float("nan")
     save_site_update(tmp_path / "day.safetensors", good, "tiny_unet", 4)
-    save_site_update(tmp_path / "dusk.safetensors", bad, "tiny_unet", 4)
+    save_site_update(tmp_path / "dusk.safetensors", _update("dusk"), "tiny_unet", 4)
+    with safe_open(str(tmp_path / "dusk.safetensors"), framework="pt") as f:  # what a broken site would write
+        names = list(f.keys())
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in names}
+    tensors[key] = bad.params[key]
+    save_file(tensors, str(tmp_path / "dusk.safetensors"), metadata=meta)
     code = cli_main(
         [
             "merge",

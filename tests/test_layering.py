@@ -1,0 +1,111 @@
+"""The packages import one way: common <- clients, server <- experiments <- fedmerge; no cycles, no private names.
+
+The walk reads every import statement (function-level ones too) with ``ast``, so a cycle
+hidden behind a lazy import still counts.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "clients", "server", "experiments", "fedmerge")
+ALLOWED = {
+    "common": {"common"},
+    "clients": {"common", "clients"},
+    "server": {"common", "server"},
+    "experiments": {"common", "clients", "server", "experiments"},
+    "fedmerge": set(PACKAGES),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, list[str]]]:
+    """(imported project module, names imported from it) for every import in ``path``."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, []) for alias in node.names if alias.name.split(".")[0] in PACKAGES]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] not in PACKAGES:
+                continue
+            names = [a.name for a in node.names]
+            submodules = [f"{node.module}.{n}" for n in names if f"{node.module}.{n}" in modules]
+            out += [(m, []) for m in submodules]
+            out.append((node.module, [n for n in names if f"{node.module}.{n}" not in modules]))
+    return out
+
+
+def _graph() -> tuple[dict[str, set[str]], list[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    private: list[str] = []
+    for name, path in modules.items():
+        for target, names in _imports(path, modules):
+            if target in modules and target != name:
+                graph[name].add(target)
+            private += [f"{name} imports {target}.{n}" for n in names if n.startswith("_") and target != name]
+    return graph, private
+
+
+def test_every_import_follows_the_layering():
+    graph, _ = _graph()
+    wrong = [
+        f"{src} -> {dst}"
+        for src, targets in graph.items()
+        for dst in targets
+        if dst.split(".")[0] not in ALLOWED[src.split(".")[0]]
+    ]
+    assert not wrong, "imports against common <- clients, server <- experiments <- fedmerge:\n" + "\n".join(wrong)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    _, private = _graph()
+    assert not private, "\n".join(private)
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_there_is_no_import_cycle():
+    graph, _ = _graph()
+    # a package's __init__ importing its own submodules is not a cycle of the code's layers
+    graph = {m: {t for t in ts if not (m.startswith(t + ".") and _modules()[t].name == "__init__.py")}
+             for m, ts in graph.items()}  # fmt: skip
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+@pytest.mark.parametrize("bad", [{"a": {"b"}, "b": {"a"}}, {"a": {"b"}, "b": {"c"}, "c": {"a"}}])
+def test_the_cycle_finder_finds_cycles(bad):
+    assert _cycle(bad) is not None

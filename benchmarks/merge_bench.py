@@ -157,7 +157,7 @@ class ReplyMaker:
                 records[name][key] = numpy_to_array(self._values(like, key, site, index).numpy())
                 index += 1
         counts = {
-            layer: torch.full((self.template[f"{layer}.running_mean"].numel(),), 1000 + site, dtype=torch.int64)
+            layer: torch.full((self.template[f"{layer}.running_mean"].numel(),), 100 * (10 + site), dtype=torch.int64)
             for layer in bn_layer_names(self.template)
         }
         update = SiteUpdate(f"site-{site}", {}, {}, counts, 10 + site, {"mean-entropy": 0.5})
@@ -411,7 +411,7 @@ def _merge_wall(r: dict) -> float:
 
 def time_table(rows: list[dict]) -> str:
     lines = [
-        "| sums | K | floor CPU s | server path CPU s | / floor CPU | (wall) | validate CPU s | "
+        "| method, sums | K | floor CPU s | server path CPU s | / floor CPU | (wall) | validate CPU s | "
         "without validate / floor CPU | (wall) | without validate or serialise / floor CPU | "
         "convert CPU s | add CPU s | result CPU s | serialise CPU s | finite check by sums CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -420,7 +420,7 @@ def time_table(rows: list[dict]) -> str:
         cpu, wall, floor = _merge_cpu(r), _merge_wall(r), r["floor_cpu"]
         rest_cpu, rest_wall = cpu - r["validate_cpu"], wall - r["validate_wall"]
         lines.append(
-            f"| {_label(r)} | {r['k']} | {floor:.3f} | {cpu:.2f} | {cpu / floor:.1f} | "
+            f"| {r.get('method', 'linear')}, {_label(r)} | {r['k']} | {floor:.3f} | {cpu:.2f} | {cpu / floor:.1f} | "
             f"{wall / r['floor_wall']:.1f} | {r['validate_cpu']:.2f} | {rest_cpu / floor:.2f} | "
             f"{rest_wall / r['floor_wall']:.2f} | {(rest_cpu - r['serialise_cpu']) / floor:.2f} | "
             f"{r['convert_cpu']:.3f} | {r['add_cpu']:.3f} | {r['finish_cpu'] - r['serialise_cpu']:.3f} | "

@@ -15,7 +15,7 @@ from common.data import build_dataset
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
 from common.model_factory import build_model
 from common.models import Segmenter
-from common.wire import sums_to_records, update_to_records
+from common.wire import census_records, sums_to_records, update_to_records
 
 app = ClientApp()
 
@@ -78,11 +78,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.query()
-def recalibrate(msg: Message, context: Context) -> Message:
-    """Second round: BN sums under the merged parameters, and nothing else."""
+def query(msg: Message, context: Context) -> Message:
+    """The light rounds: a census (the number of images) or recalibration (BN sums); scalars and sums only."""
     config = _site_config(context)
-    model = _global_model(msg, config)
     target = build_dataset(config.data)
+    phase = str(msg.content["config"].get("phase", "recalibrate")) if "config" in msg.content else "recalibrate"
+    if phase == "census":
+        return Message(content=census_records(len(target), config.job.domain), reply_to=msg)
+    model = _global_model(msg, config)
     mode = str(msg.content["config"].get("bn-mode", "batch")) if "config" in msg.content else "batch"
     sums = recalibration_sums(model, target, config.job.batch_size, mode)
     return Message(content=sums_to_records(sums, len(target), config.job.domain), reply_to=msg)

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["BNStatsConfig", "BNSums", "apply_bn_sums", "bn_layers", "collect_bn_sums", "exact_bn_statistics"]
+__all__ = [
+    "BNStatsConfig",
+    "BNSums",
+    "CountProfile",
+    "apply_bn_sums",
+    "bn_count_profile",
+    "bn_layers",
+    "collect_bn_sums",
+    "exact_bn_statistics",
+]
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,32 @@ def collect_bn_sums(
     if layers and not store:
         raise ValueError("no images reached the BN statistics pass: the image set is empty")
     return store
+
+
+@dataclass(frozen=True)
+class CountProfile:
+    """How many values each BN layer sees per image, as the architecture fixes it.
+
+    ``spatial``: layers whose count grows with the image, as a share of the first such
+    layer's (up to the rounding of odd image sides); ``fixed``: layers after a global
+    pooling, which see the same number of values per image whatever its size.
+    """
+
+    spatial: dict[str, float]
+    fixed: dict[str, int]
+
+
+def bn_count_profile(model: nn.Module, probe: tuple[int, int] = (64, 64)) -> CountProfile:
+    """Measured on two probe images, one twice the other's side, so that the two kinds of layer tell apart."""
+
+    def counts(h: int, w: int) -> dict[str, int]:
+        return {name: int(s.count[0]) for name, s in collect_bn_sums(model, [torch.zeros(1, 3, h, w)]).items()}
+
+    small, large = counts(*probe), counts(2 * probe[0], 2 * probe[1])
+    fixed = {name: n for name, n in small.items() if large[name] == n}
+    spatial = [name for name in small if name not in fixed]
+    first = small[spatial[0]] if spatial else 1
+    return CountProfile({name: small[name] / first for name in spatial}, fixed)
 
 
 def apply_bn_sums(model: nn.Module, sums: dict[str, BNSums]) -> None:

@@ -68,16 +68,21 @@ def _header(layout: Layout, metadata: Mapping[str, str]) -> bytes:
     return blob + b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
 
 
-def _tensor_bytes(key: str, tensor: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
+def _tensor_bytes(key: str, tensor: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> memoryview:
+    """The tensor's bytes without a copy, once its layout matches and every value is finite."""
     tensor = tensor.detach().cpu()
     if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
         raise ValueError(f"{key!r}: {tensor.dtype} {tuple(tensor.shape)}, the layout says {dtype} {tuple(shape)}")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{key!r}: {int((~torch.isfinite(tensor)).sum())} NaN or Inf values; nothing written")
+    # A sum is finite only if every value is (or it overflowed: then count exactly).
+    screen = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum(dtype=screen))):
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(f"{key!r}: {bad} NaN or Inf values; nothing written")
     flat = tensor.contiguous().reshape(-1)
     if dtype == torch.bfloat16:
         flat = flat.view(torch.int16)
-    return flat.numpy().tobytes()
+    return memoryview(flat.numpy()).cast("B")
 
 
 def write_safetensors(

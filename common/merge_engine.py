@@ -19,7 +19,7 @@ import numpy as np
 from torch import Tensor
 
 from common.bn_pooling import BufferMerger, MomentPool, capped_shares, moments_of_sums, statistics_buffers
-from common.bnstats import BNSums
+from common.bnstats import BNSums, CountProfile
 from common.checkpoints import checkpoint_metadata, write_safetensors
 from common.merge_methods import build_param_merger
 from common.merge_spec import MergeSpec
@@ -56,16 +56,18 @@ class MergeEngine:
 
     ``template`` is the shared starting model: its keys, shapes and dtypes are what an
     update must match, and its values are θ₀ for the methods on task vectors and for
-    the norm clip.
+    the norm clip. ``profile`` lets each update's BN counts be checked against each
+    other as the architecture relates them.
     """
 
-    def __init__(self, spec: MergeSpec, template: Mapping[str, Tensor]) -> None:
+    def __init__(self, spec: MergeSpec, template: Mapping[str, Tensor], profile: CountProfile | None = None) -> None:
         if not spec.info.streaming:
             raise ValueError(
                 f"merge method {spec.method!r} needs every model at once; this engine merges one at a time"
             )
         self.spec = spec
         self.template = dict(template)
+        self.profile = profile  # how the architecture relates the BN counts (bn_count_profile)
         params, _ = split_state(self.template)
         self._slots = [(k, tuple(v.shape), v.dtype) for k, v in params.items()]
         self._slot_index = {key: i for i, (key, _, _) in enumerate(self._slots)}
@@ -124,7 +126,7 @@ class MergeEngine:
     def ingest(self, update: SiteUpdate, weight: float | None = None) -> Accepted | Refused:
         """Check ``update`` whole, then fold it in; on any problem refuse it and change nothing."""
         try:
-            validate_update(update, self.template)
+            validate_update(update, self.template, self.profile)
             w = self._weight(update, weight)
             scale = self._clip_scale(update) if self.spec.clip_norm > 0 else 1.0
             moments = self.buffers.moments(update, w)

@@ -37,13 +37,19 @@ class ParamMerger(Protocol):
     def release(self) -> None: ...
 
 
-def _cast(values: np.ndarray, slot: Slot) -> Tensor:
+def _chunked(slot: Slot, compute: Callable[[slice], np.ndarray]) -> Tensor:
+    """The slot's merged tensor, computed ``CHUNK`` elements at a time into its own dtype.
+
+    Whole-tensor float64 temporaries of the largest layer would cost several times its
+    size on top of the sums; chunks keep the extra memory a constant.
+    """
     _, shape, dtype = slot
-    return torch.from_numpy(np.ascontiguousarray(values)).to(dtype).reshape(shape)
-
-
-def _base64(base: Mapping[str, Tensor], slot: Slot) -> np.ndarray:
-    return flat_numpy(base[slot[0]]).astype(np.float64)
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        span = slice(start, min(start + CHUNK, flat.numel()))
+        flat[span] = torch.from_numpy(compute(span))
+    return out
 
 
 class LinearMerger:
@@ -74,9 +80,10 @@ class LinearMerger:
         if self.base_weight == 0.0:
             return self.sums.mean(index, self.total)
         assert self.base is not None
-        slot = self.slots[index]
-        acc = self.sums.view(index).astype(np.float64) + self.base_weight * _base64(self.base, slot)
-        return _cast(acc / self.total, slot)
+        acc, base = self.sums.view(index), flat_numpy(self.base[self.slots[index][0]])
+        return _chunked(
+            self.slots[index], lambda s: (acc[s] + self.base_weight * base[s].astype(np.float64)) / self.total
+        )
 
     def release(self) -> None:
         self.sums.release()
@@ -91,10 +98,14 @@ class TaskArithmeticMerger(LinearMerger):
 
     def value(self, index: int) -> Tensor:
         assert self.base is not None
-        slot = self.slots[index]
-        base = _base64(self.base, slot)
-        summed = self.sums.view(index).astype(np.float64) - (self.count - self.base_weight) * base
-        return _cast(base + self.lam * summed, slot)
+        acc, base = self.sums.view(index), flat_numpy(self.base[self.slots[index][0]])
+        k = self.count - self.base_weight
+
+        def compute(s: slice) -> np.ndarray:
+            theta0 = base[s].astype(np.float64)
+            return theta0 + self.lam * (acc[s] - k * theta0)
+
+        return _chunked(self.slots[index], compute)
 
 
 def _abs_task_vector_chunks(
@@ -195,14 +206,19 @@ class TiesMerger:
         self.count += 1
 
     def value(self, index: int) -> Tensor:
-        span = slice(self.offsets[index], self.offsets[index + 1])
-        pos, neg = self.pos[span], self.neg[span]
-        total = pos + neg
-        up = pos / np.maximum(self.n_pos[span], 1)
-        down = neg / np.maximum(self.n_neg[span], 1)
-        mean = np.where(total > 0, up, np.where(total < 0, down, 0.0))
-        slot = self.slots[index]
-        return _cast(_base64(self.base, slot) + self.options.lam * mean, slot)
+        offset, slot = self.offsets[index], self.slots[index]
+        base = flat_numpy(self.base[slot[0]])
+
+        def compute(s: slice) -> np.ndarray:
+            span = slice(offset + s.start, offset + s.stop)
+            pos, neg = self.pos[span], self.neg[span]
+            total = pos + neg
+            up = pos / np.maximum(self.n_pos[span], 1)
+            down = neg / np.maximum(self.n_neg[span], 1)
+            mean = np.where(total > 0, up, np.where(total < 0, down, 0.0))
+            return base[s].astype(np.float64) + self.options.lam * mean
+
+        return _chunked(slot, compute)
 
     def release(self) -> None:
         self.pos = self.neg = np.empty(0)

@@ -113,6 +113,7 @@ class RunConfig:
         if not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds, not {self.timeout}")
         _one_of(self.strategy, STRATEGIES, "strategy")
+        _one_of(self.param_weighting, ("uniform", "counts"), "param-weighting")  # no per-site weights in a run
         _one_of(self.recalibrate_mode, RECALIBRATE_MODES, "recalibrate-mode")
         self.merge_spec()  # every merge key checked now, not when the first reply arrives
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoints import COUNT_SUFFIX, SITE_UPDATE_FORMAT, read_model_file, write_safetensors
-from common.updates import SiteUpdate, bn_layer_names, split_state
+from common.updates import SiteUpdate, bn_layer_names, site_label, split_state
 
 __all__ = ["FORMAT", "load_site_update", "save_site_update"]
 
@@ -58,7 +58,10 @@ def load_site_update(path: str | Path, site: str | None = None) -> tuple[SiteUpd
     if missing:
         log.warning("%s: no sample counts for %d BN layers; using num_batches_tracked instead", path, len(missing))
         for layer in missing:
-            counts[layer] = buffers[f"{layer}.num_batches_tracked"].to(torch.int64).reshape(1).clone()
-    name = site or file.meta.get("domain") or file.path.stem
+            nbt = buffers.get(f"{layer}.num_batches_tracked")
+            if nbt is None or nbt.numel() != 1:
+                raise ValueError(f"{path}: BN layer {layer!r} has neither sample counts nor one num_batches_tracked")
+            counts[layer] = nbt.to(torch.int64).reshape(1).clone()
+    name = site or site_label(file.meta.get("domain") or file.path.stem)
     num_examples = _num_examples(file.meta.get("num_examples", "1"), file.path)
     return SiteUpdate(name, params, buffers, counts, num_examples), file.meta

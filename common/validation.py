@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from common.bnstats import BNSums
+from common.bnstats import BNSums, CountProfile
 from common.updates import SiteUpdate, bn_layer_names
 
 __all__ = ["UpdateRejected", "template_signature", "validate_sums", "validate_update"]
@@ -67,26 +67,71 @@ def _check_bn(update: SiteUpdate, layer: str, channels: int) -> None:
     if layer not in update.counts:
         raise UpdateRejected(update.site, repr(f"{layer}.num_samples"), "no sample count for this BN layer")
     n = update.counts[layer]
+    name = repr(f"{layer}.num_samples")
     if n.is_floating_point() or n.numel() not in (1, channels):
+        raise UpdateRejected(update.site, name, f"must be an integer count per channel, got {n.dtype} {tuple(n.shape)}")
+    if bool((n <= 0).any()):
+        raise UpdateRejected(update.site, name, f"count n = {int(n.min())} (must be > 0)")
+    if bool((n != n.reshape(-1)[0]).any()):
+        raise UpdateRejected(update.site, name, "counts differ between channels (every channel sees every value)")
+    if int(n.reshape(-1)[0]) % update.num_examples:
         raise UpdateRejected(
             update.site,
-            repr(f"{layer}.num_samples"),
-            f"must be an integer count per channel, got {n.dtype} {tuple(n.shape)}",
+            name,
+            f"{int(n.reshape(-1)[0])} values is not a whole number per image of {update.num_examples}",
         )
-    if bool((n <= 0).any()):
-        raise UpdateRejected(update.site, repr(f"{layer}.num_samples"), f"count n = {int(n.min())} (must be > 0)")
 
 
-def validate_update(update: SiteUpdate, template: Mapping[str, Tensor]) -> None:
-    """Raise :class:`UpdateRejected` naming the site and tensor at the first problem."""
+def _check_count_profile(update: SiteUpdate, profile: CountProfile) -> None:
+    """The architecture relates a site's BN counts to each other and to its number of images.
+
+    A site's share of the first layer's count may differ from the probe's by a factor of
+    2 at most (odd image sides round differently); a layer after global pooling sees
+    exactly its fixed number of values per image.
+    """
+
+    def count(layer: str) -> int:
+        return int(update.counts[layer].reshape(-1)[0])
+
+    for layer, per_image in profile.fixed.items():
+        if count(layer) != per_image * update.num_examples:
+            raise UpdateRejected(
+                update.site, repr(f"{layer}.num_samples"),
+                f"{count(layer)} values, the architecture gives {per_image} per image x {update.num_examples}",
+            )  # fmt: skip
+    layers = list(profile.spatial)
+    for layer in layers[1:]:
+        got, expected = count(layer) / count(layers[0]), profile.spatial[layer]
+        if not expected / 2 <= got <= expected * 2:
+            raise UpdateRejected(
+                update.site, repr(f"{layer}.num_samples"),
+                f"{got:.4g} of the first layer's count, the architecture gives about {expected:.4g}",
+            )  # fmt: skip
+
+
+def _check_integer_buffers(update: SiteUpdate) -> None:
+    for key, value in update.buffers.items():
+        if not value.is_floating_point() and value.numel() and int(value.min()) < 0:
+            raise UpdateRejected(update.site, repr(key), f"{int(value.min())} (a count, must be >= 0)")
+
+
+def validate_update(update: SiteUpdate, template: Mapping[str, Tensor], profile: CountProfile | None = None) -> None:
+    """Raise :class:`UpdateRejected` naming the site and tensor at the first problem.
+
+    ``profile`` (``common.bnstats.bn_count_profile``) also checks the BN counts against
+    each other as the architecture relates them.
+    """
+    if update.num_examples <= 0:
+        raise UpdateRejected(update.site, "num_examples", f"{update.num_examples} (must be > 0)")
     signature = template_signature(template)
     _check_keys(update, signature)
     for key, value in update.state_dict().items():
         _check_tensor(update.site, key, value, *signature[key])
+    _check_integer_buffers(update)
     for layer in bn_layer_names(template):
         _check_bn(update, layer, template[f"{layer}.running_mean"].numel())
-    if update.num_examples <= 0:
-        raise UpdateRejected(update.site, "num_examples", f"{update.num_examples} (must be > 0)")
+    if profile is not None:
+        _check_count_profile(update, profile)
 
 
 def _check_sum_tensor(site: str, name: str, value: object, channels: int) -> None:

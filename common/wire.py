@@ -24,6 +24,7 @@ from common.bnstats import BNSums
 from common.updates import SiteUpdate, site_label
 
 __all__ = [
+    "census_records",
     "claimed_examples",
     "manifest",
     "numpy_to_array",
@@ -38,9 +39,30 @@ _LAYER = "bn:"
 _MAX_COUNT = 2**62  # far above any real count, far below where int64 sums could overflow
 
 
+def _value_bytes(value: object) -> int:
+    """A config or metric value's footprint as Flower counts it: 1 per bool, 8 per number, 1 per character."""
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    if isinstance(value, bool):
+        return 1
+    if isinstance(value, str | bytes):
+        return len(value)
+    return 8
+
+
 def wire_bytes(content: RecordDict) -> int:
-    """The bytes of every record a site sends, as Flower serialises them: the one definition of traffic."""
-    return sum(record.count_bytes() for record in content.values())
+    """The bytes of every record a site sends, as Flower counts them: the one definition of traffic.
+
+    Flower's own ``count_bytes`` of a config or metric record raises on an empty string or
+    list, which any site can send; the same rule is applied here without that failure.
+    """
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += record.count_bytes()
+        else:
+            total += sum(len(k) + _value_bytes(v) for k, v in record.items())
+    return total
 
 
 def _count(value: object, what: str) -> int:
@@ -189,6 +211,13 @@ def records_to_update(content: RecordDict, fallback_site: str) -> SiteUpdate:
         counts=counts,
         num_examples=num_examples,
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)},
+    )
+
+
+def census_records(num_examples: int, site: str) -> RecordDict:
+    """A census reply: how many images the site holds, nothing else."""
+    return RecordDict(
+        {"counts": MetricRecord({"num-examples": int(num_examples)}), "info": ConfigRecord({"domain": site})}
     )
 
 

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients.adaptation import get_method, make_config
 from common.data import DataSpec
 from common.pretrain import PretrainPlan
+from common.typed_options import closest
+from experiments.strategies import get_strategy, make_options
 from server.runtime import PROJECT_ROOT
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "LMCConfig",
     "LocalMethod",
     "PretrainPlan",
+    "ProtocolConfig",
     "SiteSpec",
     "SourceModel",
     "StrategyEntry",
@@ -89,6 +93,20 @@ class LMCConfig:
 
 
 @dataclass(frozen=True)
+class ProtocolConfig:
+    """Repeated runs over time folds of each target sequence and over seeds (``experiments.protocol``)."""
+
+    folds: int = 3
+    gap: int = 5  # frames skipped between a fold's adaptation frames and its evaluation window
+    eval_fraction: float = 0.2  # each evaluation window, as a share of its sequence
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if self.folds < 1 or self.gap < 0 or not 0 < self.eval_fraction < 1 or not self.seeds:
+            raise ValueError(f"protocol needs folds >= 1, gap >= 0, 0 < eval-fraction < 1 and seeds; got {self}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     source: SourceModel
@@ -97,6 +115,7 @@ class ExperimentConfig:
     method: LocalMethod
     strategies: tuple[StrategyEntry, ...]
     lmc: LMCConfig | None = None
+    protocol: ProtocolConfig | None = None
     seed: int = 0
     eval_batch_size: int = 8
     description: str = ""
@@ -136,10 +155,12 @@ class ExperimentConfig:
         _check_keys(raw, _TOP_KEYS, name)
         root = _data_root(raw, data_root)
         seed = int(raw.get("seed", 0))
-        sites = tuple(SiteSpec(str(s["name"]), _spec(s["data"], root, name)) for s in raw.get("sites", []))
+        site_tables = _tables(raw.get("sites", []), "sites", {"name", "data"}, {"name", "data"}, name)
+        sites = tuple(SiteSpec(str(s["name"]), _spec(s["data"], root, name)) for s in site_tables)
+        eval_tables = _tables(raw.get("eval", []), "eval", {"domain", "data", "site"}, {"domain", "data"}, name)
         eval_sets = tuple(
             EvalSet(str(e["domain"]), _spec(e["data"], root, name), str(e.get("site", e["domain"])))
-            for e in raw.get("eval", [])
+            for e in eval_tables
         )
         lmc_raw = raw.get("lmc")
         lmc = None
@@ -157,6 +178,7 @@ class ExperimentConfig:
             method=_method(raw.get("method", {}), root, name),
             strategies=_strategies(raw.get("strategies", []), [s.name for s in sites]),
             lmc=lmc,
+            protocol=_protocol(raw.get("protocol"), name),
             seed=seed,
             eval_batch_size=int(raw.get("eval-batch-size", 8)),
             description=str(raw.get("description", "")),
@@ -165,18 +187,44 @@ class ExperimentConfig:
 
 _TOP_KEYS = {
     "description", "seed", "data-root-default", "eval-batch-size", "source", "method", "sites", "eval",
-    "strategies", "lmc",
+    "strategies", "lmc", "protocol",
 }  # fmt: skip
+
+
+def _protocol(raw: Any, where: str) -> ProtocolConfig | None:
+    if raw is None:
+        return None
+    _check_keys(raw, {"folds", "gap", "eval-fraction", "seeds"}, f"{where} [protocol]")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{where} [protocol]: seeds must be a list of integers, not {seeds!r}")
+    return ProtocolConfig(int(raw.get("folds", 3)), int(raw.get("gap", 5)), float(raw.get("eval-fraction", 0.2)),
+                          tuple(seeds))  # fmt: skip
+
+
+def _tables(raw: Any, what: str, allowed: set[str], required: set[str], where: str) -> list[Mapping[str, Any]]:
+    """``[[what]]`` as a list of tables with known keys, or one error naming the entry and the key."""
+    if not isinstance(raw, list) or not all(isinstance(t, Mapping) for t in raw):
+        raise ValueError(f"{where}: {what} must be a list of tables ([[{what}]] entries), not {raw!r}")
+    for i, table in enumerate(raw):
+        _check_keys(table, allowed, f"{where} [[{what}]] #{i + 1}")
+        missing = required - set(table)
+        if missing:
+            raise ValueError(f"{where} [[{what}]] #{i + 1}: missing {sorted(missing)}")
+    return list(raw)
 
 
 def _dupes(items: list[str]) -> list[str]:
     return sorted({x for x in items if items.count(x) > 1})
 
 
-def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = set(raw) - allowed
+def _check_keys(raw: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: expected a table, not {raw!r}")
+    unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        hint = closest(unknown[0], allowed)
+        raise ValueError(f"{where}: unknown keys {unknown}{hint}; allowed: {sorted(allowed)}")
 
 
 def _data_root(raw: Mapping[str, Any], given: str | None) -> str | None:
@@ -227,6 +275,8 @@ def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel
 def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod:
     _check_keys(raw, {"name", "options", "batch-size", "source"}, f"{where} [method]")
     source = raw.get("source")
+    method = get_method(str(raw.get("name", "adabn")))
+    make_config(method, dict(raw.get("options", {})))  # a misspelt option fails now, not after pretraining
     return LocalMethod(
         name=str(raw.get("name", "adabn")),
         options=dict(raw.get("options", {})),
@@ -241,17 +291,24 @@ def _strategies(raw: list[Any], sites: list[str]) -> tuple[StrategyEntry, ...]:
     ``single`` expands to ``single:<site>`` for every site.
     """
     out: list[StrategyEntry] = []
+    if not isinstance(raw, list):
+        raise ValueError(f"strategies must be a list, not {raw!r}")
     for item in raw:
         if isinstance(item, str):
             name, options, label = item, {}, item
-        else:
+        elif isinstance(item, Mapping) and "name" in item:
             options = {k: v for k, v in item.items() if k not in ("name", "label")}
             name = str(item["name"])
             label = str(item.get("label", name))
+        else:
+            raise ValueError(f"a strategy is a name or a table with a 'name', not {item!r}")
         if name == "single":
             out += [StrategyEntry(f"single:{s}", f"single:{s}", dict(options)) for s in sites]
         else:
             out.append(StrategyEntry(name, label, options))
+    for entry in out:  # every name and option checked now, before any site trains
+        strategy, implied = get_strategy(entry.name)
+        make_options(strategy, {**implied, **entry.options})
     return tuple(out)
 
 

@@ -61,8 +61,14 @@ def _check_updates(updates: Sequence[SiteUpdate]) -> None:
 
 
 def merge_spec(method: str = "linear", options: Mapping[str, Any] | None = None, **changes: Any) -> MergeSpec:
-    """The run config's default merge with ``method``, its ``options`` and other fields changed."""
+    """The run config's default merge with ``method``, its ``options`` and other fields changed.
+
+    A named row is the maths its name says (``gaussian``: pooled by counts), so the cap
+    on a site's share is off unless ``changes`` set it; the ``merge`` row takes every
+    default of a real run, the cap included.
+    """
     base = RunConfig.defaults().merge_spec()
+    changes = {"max_share": 1.0, **changes}
     return dataclasses.replace(base, method=method, options=method_options(method, options or {}), **changes)
 
 
@@ -316,12 +322,18 @@ class TaskArithmeticOptions:
     lam: float = 0.3  # the scaling the Task Arithmetic paper found best on its tasks
     buffers: str = "average"
 
+    def __post_init__(self) -> None:
+        merge_spec("task-arithmetic", {"lam": self.lam}, buffers=self.buffers)  # checked when the config is read
+
 
 @dataclass(frozen=True)
 class TiesOptions:
     k: float = 0.2  # fraction of each task vector kept (TIES's default top-20%)
     lam: float = 1.0
     buffers: str = "average"
+
+    def __post_init__(self) -> None:
+        merge_spec("ties", {"k": self.k, "lam": self.lam}, buffers=self.buffers)
 
 
 @dataclass(frozen=True)
@@ -336,11 +348,15 @@ class MergeOptions:
     max_share: float | None = None
     clip_norm: float | None = None
 
+    def __post_init__(self) -> None:
+        self.spec()
+
     def spec(self) -> MergeSpec:
         changes = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("method", "options")
         }
         changes = {k: v for k, v in changes.items() if v is not None}
+        changes.setdefault("max_share", RunConfig.defaults().max_site_share)  # a real run's default
         return merge_spec(self.method, parse_key_values(self.options, "merge options"), **changes)
 
 
@@ -348,6 +364,10 @@ class MergeOptions:
 class RecalibrateOptions:
     mode: str = "batch"  # how the sites' statistics pass normalises (BNStatsConfig.mode)
     equal_sites: bool = False  # pool the sites' statistics with equal weights instead of by their counts
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("batch", "eval"):
+            raise ValueError(f"recalibrate: mode must be batch or eval, not {self.mode!r}")
 
 
 @dataclass(frozen=True)
@@ -364,6 +384,7 @@ class FedAvgOptions:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"fedavg-rounds: rounds must be at least 1, not {self.rounds}")
+        merge_spec(buffers=self.buffers)
 
 
 @register("source-only", NoOptions, "nothing", summary="the shared start, unadapted")

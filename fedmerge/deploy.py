@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,8 +194,8 @@ def make_node_keys(out: Path, names: Sequence[str]) -> list[NodeKey]:
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"key names must be distinct and at least one: {list(names)}")
     for name in names:
-        if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"{name!r} cannot name a key file")
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}", name):
+            raise ValueError(f"key name {name!r}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with a dot)")
     out.mkdir(parents=True, exist_ok=True)
     keys = [NodeKey(n, out / f"{n}.key", out / f"{n}.pub") for n in names]
     _refuse_existing([p for k in keys for p in (k.private_key, k.public_key)])

@@ -21,14 +21,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
+from common.bnstats import CountProfile, bn_count_profile
 from common.merge_engine import MergeEngine
 from common.model_factory import build_model
-from common.wire import claimed_examples
 from server.config import MergeConfig, ServerConfig
 from server.intake import ReplyIntake
 from server.report import MergeReport
 from server.results import MERGED_FILE, REPORT_FILE, save_merged
-from server.strategy import MinSitesNotMet, state_record
+from server.strategy import MinSitesNotMet, claimed_weight, state_record
 
 __all__ = ["BNFedAvg", "run_fedavg"]
 
@@ -38,7 +38,13 @@ log = logging.getLogger(__name__)
 class BNFedAvg(FedAvg):
     """FedAvg whose ``aggregate_train`` reads fedmerge replies and pools BN statistics properly."""
 
-    def __init__(self, template: Mapping[str, Tensor], config: MergeConfig, report: MergeReport) -> None:
+    def __init__(
+        self,
+        template: Mapping[str, Tensor],
+        config: MergeConfig,
+        report: MergeReport,
+        profile: CountProfile | None = None,
+    ) -> None:
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=0.0,
@@ -49,14 +55,15 @@ class BNFedAvg(FedAvg):
         self.config = config
         self.report = report
         self.spec = dataclasses.replace(config.spec, method="linear", weighting="counts")
+        self.profile = profile
         self.engine: MergeEngine | None = None  # the last round's, whose result is the run's model
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)  # FedAvg hands every reply at once; they are all in memory already
-        self.engine = engine = MergeEngine(self.spec, self.template)
-        claims = [n for n in (_claim(r) for r in replies) if n is not None]
+        self.engine = engine = MergeEngine(self.spec, self.template, self.profile)
+        claims = [n for n in (claimed_weight(r) for r in replies) if n is not None]
         if claims and self.spec.max_share < 1.0:
             engine.expect_weights(claims)
         intake = ReplyIntake(engine, self.report, label=f"round {server_round}: ")
@@ -71,24 +78,15 @@ class BNFedAvg(FedAvg):
         return state_record(engine.iter_result()), MetricRecord({"sites": accepted})
 
 
-def _claim(reply: Message) -> int | None:
-    """A reply's claimed number of examples, if it can be read: the weights must be known before capping."""
-    if reply.has_error():
-        return None
-    try:
-        return claimed_examples(reply.content)
-    except Exception:  # an unreadable reply is refused later, with its reason, by the intake
-        return None
-
-
 def run_fedavg(grid: Grid, config: ServerConfig) -> MergeReport:
     """R rounds of FedAvg from the initial weights; writes ``merged.safetensors`` and ``report.json``."""
     run = config.run
     config.out_dir.mkdir(parents=True, exist_ok=True)
     report = MergeReport(config={**config.describe(), "strategy": "fedavg", "num_rounds": run.num_rounds})
     torch.manual_seed(run.seed)
-    template = build_model(run.arch, run.num_classes, weights=run.initial_weights or None).state_dict()
-    strategy = BNFedAvg(template, config.merge, report)
+    model = build_model(run.arch, run.num_classes, weights=run.initial_weights or None)
+    template = model.state_dict()
+    strategy = BNFedAvg(template, config.merge, report, bn_count_profile(model))
     report.start("rounds")
     try:
         strategy.start(grid, ArrayRecord(template), num_rounds=run.num_rounds, timeout=run.timeout,

@@ -38,6 +38,7 @@ class ReplyIntake:
         self.node_names = node_names if node_names is not None else {}
         self.on_update = on_update
         self.label = label  # e.g. "round 2: ", prefixed to incident reasons
+        self.claims: dict[int, int] = {}  # node id -> images it claimed in a census round, when there was one
 
     def incident(self, node_id: int, site: str, kind: str, reason: str) -> None:
         name = self.node_names.get(node_id, "")
@@ -58,6 +59,11 @@ class ReplyIntake:
             update = records_to_update(reply.content, fallback_site=f"node-{node_id}")
         except Exception as exc:  # a hostile reply may break decoding in any way; none may stop the run
             self.incident(node_id, "", "refused", f"unreadable reply: {type(exc).__name__}: {exc}")
+            return False
+        claimed = self.claims.get(node_id)
+        if claimed is not None and update.num_examples != claimed:
+            reason = f"claims {update.num_examples} images, {claimed} in the census"
+            self.incident(node_id, update.site, "refused", reason)
             return False
         outcome = self.engine.ingest(update, weight)
         if isinstance(outcome, Refused):

@@ -43,6 +43,7 @@ class MergeReport:
     sites: list[SiteEntry] = field(default_factory=list)
     incidents: list[Incident] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    census: dict[str, int] = field(default_factory=dict)  # node id -> images claimed before the train round
     recalibration: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)  # the merged model
     eval_initial: dict[str, Any] = field(default_factory=dict)  # the model every site started from

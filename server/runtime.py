@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -31,6 +31,7 @@ __all__ = [
     "format_node_config",
     "free_port",
     "simulation_env",
+    "stop_on_sigterm",
     "wait_for_port",
 ]
 
@@ -113,6 +114,7 @@ class FlowerEnv:
 
     home: Path
     processes: list[Process] = field(default_factory=list)
+    _previous_handler: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -301,6 +303,9 @@ class FlowerEnv:
                     echo.write(line)
                     echo.flush()
                 returncode = proc.wait()
+            except BaseException:  # a stop signal or Ctrl-C: flwr run goes first, then the context stops the rest
+                proc.kill()
+                raise
             finally:
                 timed_out = not timer.is_alive()
                 timer.cancel()
@@ -328,10 +333,30 @@ class FlowerEnv:
         self.processes.clear()
 
     def __enter__(self) -> FlowerEnv:
+        self._previous_handler = stop_on_sigterm()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop_all()
+        try:
+            self.stop_all()
+        finally:
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stop_on_sigterm() -> signal.Handlers | Callable | int | None:
+    """Turn SIGTERM into SystemExit in this process, so ``with`` blocks stop what they started.
+
+    Python's default is to die at once, leaving every child process running. Returns the
+    previous handler (None when not on the main thread, where handlers cannot be set).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def format_node_config(config: Mapping[str, NodeConfigValue]) -> str:

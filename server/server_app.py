@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.bnstats import bn_count_profile
 from common.checkpoints import read_model_file
 from common.evaluation import StateEvaluator
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
@@ -25,6 +26,7 @@ from server.config import ServerConfig
 from server.fedavg import run_fedavg
 from server.report import MergeReport
 from server.results import MERGED_FILE, PARTIAL_FILE, REPORT_FILE, save_merged, save_update
+from server.runtime import stop_on_sigterm
 from server.strategy import OneShotMerge
 
 __all__ = ["app", "run_merge"]
@@ -66,17 +68,19 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     report = MergeReport(config=config.describe())
     torch.manual_seed(run.seed)  # without initial weights, a seeded random start keeps runs comparable
-    template = build_model(run.arch, run.num_classes, weights=run.initial_weights or None).state_dict()
+    model = build_model(run.arch, run.num_classes, weights=run.initial_weights or None)
+    template = model.state_dict()
     evaluator = (
         StateEvaluator(run.arch, run.num_classes, config.eval_specs, run.batch_size) if config.eval_specs else None
     )
-    strategy = OneShotMerge(config.merge, template, report, _on_update(config, report, evaluator))
+    handle = _on_update(config, report, evaluator)
+    strategy = OneShotMerge(config.merge, template, report, handle, profile=bn_count_profile(model))
     report.config["initial_sha256"] = fingerprint = state_fingerprint(template)
     initial = ArrayRecord(template) if run.send_initial_weights else ArrayRecord()
     try:
         strategy.start(grid, initial, train_config=ConfigRecord({INITIAL_SHA256: fingerprint}))
         save_merged(strategy.engine, config.out_dir / MERGED_FILE, run)
-    except Exception as exc:
+    except BaseException as exc:  # even a stop signal: what was received is written before the run ends
         _fail(report, exc, strategy, config)
         raise
     strategy.engine.release()
@@ -105,6 +109,7 @@ def _log_through_flower() -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _log_through_flower()
+    stop_on_sigterm()  # a stopped run still writes its report and partial merge (see run_merge)
     config = ServerConfig.from_run(RunConfig.read(context.run_config))
     if config.run.strategy == "fedavg":  # the multi-round baseline
         run_fedavg(grid, config)

@@ -19,9 +19,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor
 
+from common.bnstats import CountProfile
 from common.merge_engine import MergeEngine
 from common.updates import SiteUpdate
-from common.wire import numpy_to_array
+from common.wire import claimed_examples, numpy_to_array
 from server.config import MergeConfig
 from server.intake import ReplyIntake
 from server.report import MergeReport
@@ -39,6 +40,16 @@ class MinSitesNotMet(RuntimeError):
 def flower_message(content: RecordDict, node_id: int, message_type: str, group_id: str) -> Message:
     """A message to one node; only possible inside a Flower run (tests pass their own factory)."""
     return Message(content=content, dst_node_id=node_id, message_type=message_type, group_id=group_id)
+
+
+def claimed_weight(reply: Message) -> int | None:
+    """A reply's claimed number of examples, if it can be read: weights must be known before capping."""
+    if reply.has_error():
+        return None
+    try:
+        return claimed_examples(reply.content)
+    except Exception:  # an unreadable reply is refused later, with its reason, by the intake
+        return None
 
 
 def _node_names(grid: Grid) -> dict[int, str]:
@@ -65,10 +76,11 @@ class OneShotMerge(Strategy):
         report: MergeReport | None = None,
         on_update: Callable[[SiteUpdate, int], None] | None = None,
         make_message: MessageFactory = flower_message,
+        profile: CountProfile | None = None,
     ) -> None:
         self.config = config
         self.report = report or MergeReport()
-        self.engine = MergeEngine(config.spec, template)
+        self.engine = MergeEngine(config.spec, template, profile)
         self.intake = ReplyIntake(self.engine, self.report, on_update=on_update)
         self.make_message = make_message
 
@@ -79,7 +91,11 @@ class OneShotMerge(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        node_ids = self._wait_for_nodes(grid)
+        return self._train_messages(self._wait_for_nodes(grid), server_round, arrays, config)
+
+    def _train_messages(
+        self, node_ids: list[int], server_round: int, arrays: ArrayRecord, config: ConfigRecord
+    ) -> list[Message]:
         config["server-round"] = server_round
         content = RecordDict({"arrays": arrays, "config": config})
         return [self.make_message(content, nid, MessageType.TRAIN, str(server_round)) for nid in node_ids]
@@ -87,9 +103,16 @@ class OneShotMerge(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)  # Flower's own loop hands them all at once
+        if self._needs_census():
+            self.engine.expect_weights([n for n in (claimed_weight(r) for r in replies) if n is not None])
         for reply in replies:
             self.intake.take_update(reply, reply.metadata.src_node_id)
         return self.finish()
+
+    def _needs_census(self) -> bool:
+        """Capped shares of weights that differ per site: every claim must be known before the first is summed."""
+        return self.config.spec.weighting != "uniform" and self.config.spec.max_share < 1.0
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
         return []  # evaluation, when asked for, happens on the server (see server_app)
@@ -164,8 +187,11 @@ class OneShotMerge(Strategy):
         if num_rounds != 1:
             raise ValueError("OneShotMerge runs exactly one round")
         self.summary()
+        nodes = self._wait_for_nodes(grid)
+        if self._needs_census():
+            self.census(grid, nodes)
         self.report.start("train-round")
-        messages = self.configure_train(1, initial_arrays, train_config or ConfigRecord(), grid)
+        messages = self._train_messages(nodes, 1, initial_arrays, train_config or ConfigRecord())
         self._stream(grid, messages, self.intake.take_update)
         self.report.stop("train-round")
         self.report.start("merge-finish")
@@ -182,6 +208,31 @@ class OneShotMerge(Strategy):
             if res is not None:
                 result.evaluate_metrics_serverapp[1] = res
         return result
+
+    # ----- before the train round: the weights every site will claim -------------------
+    def census(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask every site how many images it holds (a scalar, nothing else) before anything is merged.
+
+        The capped shares of count-weighted sums need every claim up front; a site's
+        update must then claim the same number, or it is refused.
+        """
+        self.report.start("census-round")
+
+        def handle(reply: Message, node_id: int) -> None:
+            if reply.has_error():
+                self.intake.incident(node_id, "", "failed", f"census error code {reply.error.code}")
+                return
+            try:
+                self.intake.claims[node_id] = claimed_examples(reply.content)
+            except Exception as exc:  # untrusted reply
+                self.intake.incident(node_id, "", "refused", f"census: unreadable reply: {exc}")
+
+        content = RecordDict({"config": ConfigRecord({"phase": "census"})})
+        self._stream(grid, [self.make_message(content, n, MessageType.QUERY, "census") for n in nodes], handle)
+        self.report.stop("census-round")
+        if self.intake.claims:
+            self.engine.expect_weights(list(self.intake.claims.values()))
+        self.report.census = {str(node): n for node, n in self.intake.claims.items()}
 
     # ----- second round: statistics under the merged parameters ------------------------
     def recalibrate(self, grid: Grid, arrays: ArrayRecord) -> None:

@@ -25,8 +25,12 @@ from server.config import MergeConfig
 
 
 def spec(**changes: object) -> MergeSpec:
-    """The run config's default merge with ``changes`` (MergeSpec field names)."""
-    return dataclasses.replace(RunConfig.defaults().merge_spec(), **changes)
+    """The run config's default merge with ``changes`` (MergeSpec field names), uncapped unless asked.
+
+    The tests of the maths check exact pooling by counts; the default cap on a site's
+    share (``max-site-share``) has tests of its own.
+    """
+    return dataclasses.replace(RunConfig.defaults().merge_spec(), **{"max_share": 1.0, **changes})
 
 
 def merge_config(
@@ -41,6 +45,8 @@ def engine_merge(
 ) -> dict[str, Tensor]:
     """Every update through one engine, all accepted: the reference the adapters must reproduce."""
     engine = MergeEngine(spec(**changes), template)
+    if engine.spec.weighting != "uniform" and engine.spec.max_share < 1.0:  # the claims, declared up front
+        engine.expect_weights(weights or [float(u.num_examples) for u in updates])
     for i, update in enumerate(updates):
         assert isinstance(engine.ingest(update, None if weights is None else weights[i]), Accepted)
     return engine.result()
@@ -64,16 +70,16 @@ def site_update(
     site: str,
     state: Mapping[str, Tensor],
     num_examples: int = 10,
-    count: int | None = None,
+    per_image: int = 100,
     metrics: dict[str, float] | None = None,
     counts: Mapping[str, Tensor] | None = None,
 ) -> SiteUpdate:
-    """The update a site holding ``state`` sends: ``count`` values per BN channel (default 100 per image).
+    """The update a site holding ``state`` sends: ``per_image`` values per BN channel and image.
 
     ``counts`` gives every layer's counts explicitly instead.
     """
     params, buffers = split_state(dict(state))
-    n = 100 * num_examples if count is None else count
+    n = per_image * num_examples
     if counts is None:
         counts = {layer: torch.full((state[f"{layer}.running_mean"].numel(),), n, dtype=torch.int64)
                   for layer in bn_layer_names(state)}  # fmt: skip

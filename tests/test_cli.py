@@ -93,34 +93,3 @@ def test_every_command_reads_every_model_file(checkpoint, tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
     assert cli_main(["merge", str(update_file), str(model_file), "--out", str(out)]) == 0
     assert cli_main(["evaluate", str(out), "--data", FOG]) == 0
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--out", "{tmp}/m.pt"], "end the name in .safetensors"),
-        (["--out", "{tmp}"], "is a directory"),
-        (["--out", "{a}"], "is one of the inputs"),
-        (["--weights", "inf,1"], "finite and >= 0"),
-        (["--weights", "0,0"], "not all 0"),
-        (["--method", "ties"], "needs the shared starting model: --base"),
-        (["--option", "k=2", "--method", "ties", "--base", "{a}"], "k (fraction of entries kept) must be in (0, 1]"),
-    ],
-)
-def test_merge_refuses_bad_flags_with_one_line(tmp_path, capsys, args, message):
-    from common.update_format import save_site_update
-    from tests.fakes import site_update
-
-    paths = []
-    for name in ("a", "b"):
-        paths.append(tmp_path / f"{name}.safetensors")
-        save_site_update(paths[-1], site_update(name, build_model("tiny_unet", 9).state_dict()), "tiny_unet", 9)
-    filled = [a.format(tmp=tmp_path, a=paths[0]) for a in args]
-    if "--out" not in filled:
-        filled += ["--out", str(tmp_path / "m.safetensors")]
-    before = {p: p.read_bytes() for p in paths}
-    assert cli_main(["merge", *map(str, paths), *filled]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-    assert all(p.read_bytes() == data for p, data in before.items())
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))

@@ -47,7 +47,7 @@ def test_spec_parse_reads_every_field() -> None:
         ("camvid", "needs a root"),
         ("synthetic?colour=red", "unknown key 'colour'"),
         ("synthetic?size=12", "expected HxW"),
-        ("synthetic?time=middle:3", "'first' or 'last'"),
+        ("synthetic?time=middle:3", "'first', 'last' or 'frames'"),
         ("synthetic?time=first:1.5", r"fraction must be in \(0, 1\]"),
         ("synthetic?n=abc", "expected an integer"),
         ("synthetic?seed=1.5", "expected an integer"),
@@ -86,6 +86,16 @@ def test_time_split_first_and_complementary_last_partition_exactly() -> None:
     assert str(TimeSplit.parse("last:0.3")) == "last:0.3"
     with pytest.raises(ValueError, match="asks for 50 frames but the sequence has 10"):
         TimeSplit("first", count=50).select(10)
+
+
+def test_a_frames_window_keeps_exactly_its_frames_and_round_trips() -> None:
+    window = TimeSplit.parse("frames:10-25")
+    assert list(window.select(62)) == list(range(10, 25)) and str(window) == "frames:10-25"
+    with pytest.raises(ValueError, match="frames up to 25 but the sequence has 20"):
+        window.select(20)
+    for bad in ("frames:9-3", "frames:a-b", "frames:4"):
+        with pytest.raises(ValueError, match="frames:A-B"):
+            TimeSplit.parse(bad)
 
 
 # ----------------------------------------------------------------------------- readers on tiny trees
@@ -293,7 +303,9 @@ def test_missing_label_file_is_named(tmp_path) -> None:
 def test_corrupt_image_is_named(tmp_path) -> None:
     _camvid_tree(tmp_path)
     (tmp_path / "test/Seq05VD_f00030.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    ds = build_dataset(DataSpec("camvid", str(tmp_path), split="test"))
+    with pytest.raises(DataError, match=r"test/Seq05VD_f00030.png: cannot read the image"):
+        build_dataset(DataSpec("camvid", str(tmp_path), split="test"))  # named when the set is built
+    ds = build_dataset(DataSpec("camvid", str(tmp_path), split="test", size=(4, 6)))  # a resized set reads lazily
     ds[0]
     with pytest.raises(DataError, match=r"test/Seq05VD_f00030.png: cannot read the image"):
         ds[1]

@@ -26,7 +26,7 @@ def merge_updates(template, updates, weighting="uniform", weights=None, param_dt
 
 
 def _update(site: str, seed: int, template: dict[str, torch.Tensor]) -> SiteUpdate:
-    return site_update(site, perturbed(template, seed), num_examples=5 + seed, count=50 + 7 * seed)
+    return site_update(site, perturbed(template, seed), num_examples=5 + seed, per_image=10 + seed)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,15 @@ from common.updates import SiteUpdate, bn_layer_names
 from tests.fakes import site_update
 
 
-def _site(name: str, state: dict, counts: dict, n: int = 4) -> SiteUpdate:
+def _site(name: str, state: dict, counts: dict, n: int = 1) -> SiteUpdate:
     return site_update(name, state, num_examples=n, counts=counts)
 
 
 def merge_updates(template, updates, param_weighting="uniform", buffer_mode="gaussian", weights=None):
-    """The engine over a list, with the run config's defaults but for the two settings named."""
-    spec = dataclasses.replace(RunConfig.defaults().merge_spec(), weighting=param_weighting, buffers=buffer_mode)
+    """The engine over a list, uncapped (the closed forms below), otherwise with the run config's defaults."""
+    spec = dataclasses.replace(
+        RunConfig.defaults().merge_spec(), weighting=param_weighting, buffers=buffer_mode, max_share=1.0
+    )
     engine = MergeEngine(spec, template)
     for i, update in enumerate(updates):
         assert isinstance(engine.ingest(update, None if weights is None else weights[i]), Accepted)
@@ -124,7 +126,7 @@ def test_parameter_weighting_modes():
     net = _bn_net()
     a = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
     b = {k: torch.ones_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
-    counts = {"1": torch.full((4,), 5), "4": torch.full((2,), 5)}
+    counts = {"1": torch.full((4,), 15), "4": torch.full((2,), 15)}
     ua, ub = _site("a", a, counts, n=1), _site("b", b, counts, n=3)
     uniform = merge_updates(net.state_dict(), [ua, ub])
     assert torch.allclose(uniform["0.weight"], torch.full_like(uniform["0.weight"], 0.5))

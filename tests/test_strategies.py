@@ -69,7 +69,7 @@ def adabn_updates(source, site_data) -> list[SiteUpdate]:
 
 def _update(site: str, base: dict[str, torch.Tensor], seed: int, n: int) -> SiteUpdate:
     """A hand-made update: every float tensor moved at random, variances kept positive, n values per channel."""
-    return site_update(site, perturbed(base, seed, scale=1.0), num_examples=n, count=n)
+    return site_update(site, perturbed(base, seed, scale=1.0), num_examples=n, per_image=1)
 
 
 def _inputs(source: SourceBundle, updates: list[SiteUpdate], sites=None) -> MergeInputs:

@@ -28,7 +28,7 @@ def strategy_of(template, **config) -> OneShotMerge:
 def _update(site: str, seed: int) -> SiteUpdate:
     torch.manual_seed(seed)
     state = perturbed(build_model("tiny_unet", 4).state_dict(), seed, scale=0.01)
-    return site_update(site, state, num_examples=10 + seed, count=100 + seed, metrics={"mean-entropy": 0.5})
+    return site_update(site, state, num_examples=10 + seed, per_image=10 + seed, metrics={"mean-entropy": 0.5})
 
 
 @pytest.fixture()

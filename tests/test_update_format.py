@@ -20,7 +20,7 @@ def _update(site: str = "dusk", scale: float = 0.0) -> SiteUpdate:
     torch.manual_seed(0)
     state = build_model("tiny_unet", 4).state_dict()
     state = {k: v + scale if v.is_floating_point() and not k.endswith("running_var") else v for k, v in state.items()}
-    return site_update(site, state, num_examples=12, count=77)
+    return site_update(site, state, num_examples=12, per_image=7)
 
 
 def test_round_trip_keeps_tensors_counts_and_metadata(tmp_path):
@@ -92,27 +92,18 @@ def test_cli_merge_refuses_a_nan_update_naming_site_and_tensor(tmp_path, capsys)
 
 
 def test_cli_merge_with_count_weights(tmp_path):
-    a, b = _update("a", 0.0), _update("b", 1.0)
-    b.num_examples = 36  # a has 12: weights 1/4 and 3/4
-    for u in (a, b):
-        save_site_update(tmp_path / f"{u.site}.safetensors", u, "tiny_unet", 4)
-    out = tmp_path / "m.safetensors"
-    assert (
-        cli_main(
-            [
-                "merge",
-                str(tmp_path / "a.safetensors"),
-                str(tmp_path / "b.safetensors"),
-                "--out",
-                str(out),
-                "--weights",
-                "counts",
-            ]
-        )
-        == 0
-    )
     from safetensors.torch import load_file
 
-    merged = load_file(str(out))
+    a, b = _update("a", 0.0), _update("b", 1.0)
+    b.num_examples = 36  # a has 12: weights 1/4 and 3/4
+    b.counts = {k: v * 3 for k, v in b.counts.items()}
+    for u in (a, b):
+        save_site_update(tmp_path / f"{u.site}.safetensors", u, "tiny_unet", 4)
+    files = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
     key = next(iter(a.params))
-    torch.testing.assert_close(merged[key], a.params[key] + 0.75)
+    uncapped, capped = tmp_path / "uncapped.safetensors", tmp_path / "capped.safetensors"
+    assert cli_main(["merge", *files, "--out", str(uncapped), "--weights", "counts", "--max-site-share", "1"]) == 0
+    torch.testing.assert_close(load_file(str(uncapped))[key], a.params[key] + 0.75)
+    # by default no site holds more than half the weight: with two sites, counts cannot tilt the merge
+    assert cli_main(["merge", *files, "--out", str(capped), "--weights", "counts"]) == 0
+    torch.testing.assert_close(load_file(str(capped))[key], a.params[key] + 0.5)

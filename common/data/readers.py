@@ -303,5 +303,28 @@ class FileDataset(Dataset):
         return _domain_of(self.samples[idx].sequence)
 
 
+def _check_one_size(spec: DataSpec, samples: list[Sample]) -> None:
+    """Images of one set must share a size unless the spec resizes them: batches stack them.
+
+    Only the headers are read; a clash names a file of each size, not a stack error later.
+    """
+    first: dict[tuple[int, int], Path] = {}
+    for sample in samples:
+        try:
+            with Image.open(sample.image) as image:
+                first.setdefault(image.size, sample.image)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"{sample.image}: cannot read the image ({exc})") from None
+        if len(first) > 1:
+            (a, pa), (b, pb) = list(first.items())[:2]
+            raise DataError(
+                f"{spec}: images of different sizes in one set: {pa} is {a[0]}x{a[1]}, {pb} is {b[0]}x{b[1]} "
+                "(W x H); add size=HxW to the data spec to resize them, or keep one size per folder"
+            )
+
+
 def build_file_dataset(spec: DataSpec) -> FileDataset:
-    return FileDataset(list_samples(spec), _codec(spec), spec.size)
+    samples = list_samples(spec)
+    if spec.size is None:
+        _check_one_size(spec, samples)
+    return FileDataset(samples, _codec(spec), spec.size)

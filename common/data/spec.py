@@ -20,20 +20,26 @@ _QUERY_KEYS = ("split", "domain", "time", "size", "n", "seed")
 
 @dataclass(frozen=True)
 class TimeSplit:
-    """The first or last part of each sequence in time order.
+    """The first or last part of each sequence in time order, or a window of frames.
 
     Neighbouring video frames are near-duplicates, so a random split leaks the test set
     into training; a time split keeps adaptation and evaluation frames apart.
-    ``first:f`` and ``last:1-f`` partition a sequence exactly.
+    ``first:f`` and ``last:1-f`` partition a sequence exactly; ``frames:a-b`` keeps frames
+    a to b - 1 (counted from 0), so folds can adapt on one window and score a later one.
     """
 
     part: str
     fraction: float | None = None
     count: int | None = None
+    start: int | None = None  # with part "frames": the window's first frame
 
     def __post_init__(self) -> None:
+        if self.part == "frames":
+            if self.start is None or self.count is None or self.start < 0 or self.count < 1:
+                raise ValueError(f"time split frames window needs 0 <= start and a count >= 1, got {self}")
+            return
         if self.part not in ("first", "last"):
-            raise ValueError(f"time split part must be 'first' or 'last', not {self.part!r}")
+            raise ValueError(f"time split part must be 'first', 'last' or 'frames', not {self.part!r}")
         if (self.fraction is None) == (self.count is None):
             raise ValueError("a time split takes exactly one of a fraction or a frame count")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
@@ -46,7 +52,16 @@ class TimeSplit:
         """``first:42`` (frames) or ``last:0.3`` (a fraction: the value has a decimal point)."""
         part, sep, amount = text.strip().partition(":")
         if not sep or not amount:
-            raise ValueError(f"time split {text!r}: expected first:N, last:N, first:0.F or last:0.F")
+            raise ValueError(f"time split {text!r}: expected first:N, last:N, first:0.F, last:0.F or frames:A-B")
+        if part == "frames":
+            low, dash, high = amount.partition("-")
+            try:
+                start, stop = int(low), int(high)
+            except ValueError:
+                raise ValueError(f"time split {text!r}: expected frames:A-B with whole numbers A < B") from None
+            if not dash or stop <= start:
+                raise ValueError(f"time split {text!r}: expected frames:A-B with A < B")
+            return cls("frames", count=stop - start, start=start)
         try:
             if "." in amount:
                 return cls(part, fraction=float(amount))
@@ -55,6 +70,9 @@ class TimeSplit:
             raise ValueError(f"time split {text!r}: {exc}") from None
 
     def __str__(self) -> str:
+        if self.part == "frames":
+            assert self.start is not None and self.count is not None
+            return f"frames:{self.start}-{self.start + self.count}"
         return f"{self.part}:{self.fraction!r}" if self.fraction is not None else f"{self.part}:{self.count}"
 
     def num_frames(self, total: int) -> int:
@@ -69,6 +87,11 @@ class TimeSplit:
     def select(self, total: int) -> range:
         """Indices (in time order) of the kept frames; a count beyond ``total`` is an error."""
         k = self.num_frames(total)
+        if self.part == "frames":
+            assert self.start is not None
+            if self.start + k > total:
+                raise ValueError(f"time split {self} asks for frames up to {self.start + k} but the sequence has {total}")
+            return range(self.start, self.start + k)
         if k > total:
             raise ValueError(f"time split {self} asks for {k} frames but the sequence has {total}")
         return range(k) if self.part == "first" else range(total - k, total)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,7 @@ def synth(args: argparse.Namespace) -> int:
         raise CommandError(f"unknown style {unknown[0]!r}; styles: {', '.join(SYNTHETIC_STYLES)}")
     if args.images_per_domain < 1:
         raise CommandError("--images-per-domain must be at least 1")
+    _prepare_folder(Path(args.out), args.overwrite)
     start = time.perf_counter()
     dirs = write_synthetic_folder(args.out, styles, args.images_per_domain, args.seed, args.size)
     print(
@@ -27,6 +30,21 @@ def synth(args: argparse.Namespace) -> int:
         f"to {args.out} in {time.perf_counter() - start:.1f} s; read one back with folder:{args.out}?domain=STYLE"
     )
     return 0
+
+
+def _prepare_folder(out: Path, overwrite: bool) -> None:
+    """An empty (or new) folder: files left from another run would mix into the dataset read from it."""
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CommandError(f"--out {out} is not empty; pass --overwrite to empty it first")
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def check(args: argparse.Namespace) -> int:
@@ -67,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--images-per-domain", type=int, default=DEFAULT_IMAGES_PER_DOMAIN)
     s.add_argument("--size", type=_size, default=DEFAULT_SIZE, metavar="HxW", help="default 96x128")
     s.add_argument("--styles", default=",".join(SYNTHETIC_STYLES), help="comma list (default: all)")
+    s.add_argument("--overwrite", action="store_true", help="empty a non-empty --out folder first")
     s.set_defaults(func=synth)
     c = data_sub.add_parser("check", help="read every image and label of a data spec; print class frequencies")
     c.add_argument("--data", required=True, metavar="SPEC", help="e.g. camvid:/data/camvid?split=all&domain=0016E5")

@@ -1,0 +1,88 @@
+"""The run config: one typed reader whose defaults live only in pyproject.toml; every bad value refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+
+import pytest
+
+from clients.config import SiteConfig
+from common.run_config import PYPROJECT, ConfigError, RunConfig, declared_defaults
+from common.typed_options import OptionError
+from server.config import ServerConfig
+from server.simulation import SimulationPlan
+
+
+def test_the_typed_config_has_exactly_the_declared_keys_with_their_types():
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    hints = typing.get_type_hints(RunConfig)
+    fields = {f.name.replace("_", "-"): hints[f.name] for f in dataclasses.fields(RunConfig)}
+    assert fields == {k: type(v) for k, v in declared.items()}
+    assert RunConfig.defaults().to_flower() == declared  # the defaults are pyproject's, nothing else
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"recalibrate": "False"}, "run-config key 'recalibrate' must be true or false, not 'False'"),
+        ({"save-updates": "no"}, "'save-updates' must be true or false, not 'no'"),
+        ({"save-updates": 1}, "'save-updates' must be true or false, not 1"),
+        ({"min-sites": "abc"}, "'min-sites' must be an integer, not 'abc'"),
+        ({"min-sites": 2.5}, "'min-sites' must be an integer, not 2.5"),
+        ({"timeout": "soon"}, "'timeout' must be a number"),
+        ({"timeout": float("inf")}, "'timeout' must be a finite number"),
+        ({"min-site": 2}, "unknown run-config key 'min-site' (did you mean 'min-sites'?)"),
+        ({"bufer-mode": "x"}, "(did you mean 'buffer-mode'?)"),
+        ({"buffer-mode": "gausian"}, "buffer-mode must be one of gaussian, reference, average, first, not 'gausian'"),
+        ({"param-weighting": "explicit"}, "param-weighting must be one of uniform, counts"),
+        ({"merge-method": "tie"}, "unknown merge method 'tie' (did you mean 'ties'?)"),
+        ({"merge-method": "ties", "merge-options": "k=2"}, "k (fraction of entries kept) must be in (0, 1]"),
+        ({"merge-options": "lam"}, "merge-options item 'lam' is not key=value"),
+        ({"max-site-share": 0.0}, "max-site-share must be in (0, 1]"),
+        ({"clip-norm": -1.0}, "clip-norm must be a finite number >= 0"),
+        ({"min-sites": 0}, "min-sites must be at least 1, not 0"),
+        ({"num-images": -2}, "num-images must be at least 0"),
+        ({"strategy": "fedprox"}, "strategy must be one of one-shot, fedavg"),
+    ],
+)
+def test_a_bad_value_is_one_error_naming_the_key(values, message):
+    with pytest.raises(OptionError) as info:
+        RunConfig.read(values)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_booleans_are_toml_booleans_or_exactly_true_or_false():
+    assert RunConfig.read({"recalibrate": "true"}).recalibrate is True
+    assert RunConfig.read({"recalibrate": False}).recalibrate is False
+    assert RunConfig.read({"timeout": 5}).timeout == 5.0  # an integer is a fine float
+
+
+@pytest.mark.parametrize(
+    "num_sites,overrides,message",
+    [
+        (0, {}, "num-sites must be an integer of at least 1, not 0"),
+        ("three", {}, "num-sites must be an integer of at least 1"),
+        (3, {"min-sites": 4}, "min-sites = 4 is more than the 3 simulated sites"),
+    ],
+)
+def test_impossible_simulations_are_refused_before_anything_starts(num_sites, overrides, message):
+    plan = SimulationPlan("t", num_sites, {"min-sites": 1})
+    with pytest.raises(ConfigError, match=message):
+        plan.resolve(overrides)
+
+
+def test_a_simulation_file_with_a_bad_key_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "sim.toml"
+    path.write_text('num-sites = 2\n[run-config]\nrecalibrate = "yes"\n')
+    with pytest.raises(ValueError, match=r"sim\.toml: run-config key 'recalibrate' must be true or false"):
+        SimulationPlan.load(path)
+
+
+def test_node_config_keys_are_checked_by_name_and_server_out_dir_must_be_absolute():
+    with pytest.raises(ConfigError, match=r"unknown node-config key 'domian' \(did you mean 'domain'\?\)"):
+        SiteConfig.from_flower(declared_defaults(), {"domian": "fog"})
+    with pytest.raises(ConfigError, match="'out-dir' must be an absolute path"):
+        ServerConfig.from_run(RunConfig.read({"out-dir": "relative/dir"}))

@@ -81,11 +81,22 @@ class MomentPool:
     def add(self, site: str, moments: SiteMoments) -> None:
         self.entries.append((site, moments.digest(), moments))
 
+    def _ordered(self) -> list[tuple[str, bytes, SiteMoments]]:
+        return sorted(self.entries, key=lambda e: (e[0], e[1]))
+
+    def per_site(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Each site's own (mean, variance) per channel, in the canonical order: a bank's entries."""
+        out = []
+        for site, _, m in self._ordered():
+            var = m.second - m.mean * m.mean if self.gaussian else m.second
+            out.append((site, m.mean, np.maximum(var, 0.0)))
+        return out
+
     def combine(self) -> tuple[np.ndarray, np.ndarray]:
         """Pooled (mean, variance) per channel."""
         if not self.entries:
             raise ValueError("no BN statistics to pool")
-        ordered = [m for _, _, m in sorted(self.entries, key=lambda e: (e[0], e[1]))]
+        ordered = [m for _, _, m in self._ordered()]
         shares = capped_shares(np.stack([m.weight for m in ordered]), self.max_share)
         mean = (shares * np.stack([m.mean for m in ordered])).sum(0)
         second = (shares * np.stack([m.second for m in ordered])).sum(0)

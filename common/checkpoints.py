@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from common.bn_bank import BANK_META, BANK_PREFIX, BankedSegmenter, BNBank
 from common.model_factory import build_model
 from common.models import Segmenter
 from common.multires import HRDA_PREFIX, MultiResSegmenter
@@ -151,6 +152,7 @@ class ModelFile:
     state: dict[str, Tensor]
     counts: dict[str, Tensor]  # BN layer -> values per channel (site updates only)
     meta: dict[str, str]
+    bank: BNBank | None = None  # per-site BN statistics shipped with a merged model
 
     @property
     def arch(self) -> str:
@@ -203,7 +205,14 @@ def read_model_file(path: str | Path) -> ModelFile:
     if fmt not in _KINDS:
         raise ValueError(f"{path}: unknown format {fmt!r}; expected {CHECKPOINT_FORMAT!r} or {SITE_UPDATE_FORMAT!r}")
     counts = {k[: -len(COUNT_SUFFIX)]: tensors.pop(k) for k in list(tensors) if k.endswith(COUNT_SUFFIX)}
-    return ModelFile(path, _KINDS[fmt], tensors, counts, meta)
+    bank_tensors = {k: tensors.pop(k) for k in list(tensors) if k.startswith(BANK_PREFIX)}
+    bank = None
+    if bank_tensors:
+        try:
+            bank = BNBank.from_tensors(bank_tensors, tuple(meta.get(BANK_META, "").split(",")))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: a BN bank that does not fit together ({exc})") from None
+    return ModelFile(path, _KINDS[fmt], tensors, counts, meta, bank)
 
 
 def load_checkpoint(path: str | Path, classes: Sequence[str] | None = None) -> tuple[Segmenter, dict[str, str]]:
@@ -225,6 +234,8 @@ def load_checkpoint(path: str | Path, classes: Sequence[str] | None = None) -> t
         have = ", ".join(names) if names else f"{file.num_classes} classes"
         raise ValueError(f"{path}: checkpoint predicts [{have}], the data has [{', '.join(classes)}]")
     model = build_model(file.arch, file.num_classes, weights=path)
+    if file.bank is not None:
+        model = BankedSegmenter(model, file.bank)
     return model.eval(), dict(file.meta)
 
 

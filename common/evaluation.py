@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from common.bn_bank import BankedSegmenter, BNBank
 from common.data import DataSpec, build_dataset, make_loader
 from common.metrics import confusion_matrix, harmonic_mean, mean_iou, per_class_iou
 from common.model_factory import build_model
@@ -65,10 +66,11 @@ class StateEvaluator:
         self.loaders = {d: make_loader(build_dataset(spec), batch_size) for d, spec in specs.items()}
         self.progress = progress
 
-    def __call__(self, state: Mapping[str, Tensor]) -> dict[str, object]:
-        """The report's ``eval`` section: per-domain mIoU (and per class) and H."""
+    def __call__(self, state: Mapping[str, Tensor], bank: BNBank | None = None) -> dict[str, object]:
+        """The report's ``eval`` section: per-domain mIoU (and per class) and H; ``bank`` picks BN statistics."""
         self.model.load_state_dict(dict(state), strict=True)
-        scores, h = evaluate_domains(self.model, self.loaders, self.num_classes, self.progress)
+        model = BankedSegmenter(self.model, bank).eval() if bank is not None else self.model
+        scores, h = evaluate_domains(model, self.loaders, self.num_classes, self.progress)
         return {
             "per_domain": {d: s.miou for d, s in scores.items()},
             "per_class": {d: s.per_class for d, s in scores.items()},

@@ -10,14 +10,17 @@ straight from the sums. The ServerApp's strategies, ``fedmerge merge`` and
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from common.bn_bank import BANK_META, BNBank
 from common.bn_pooling import BufferMerger, MomentPool, capped_shares, moments_of_sums, statistics_buffers
 from common.bnstats import BNSums, CountProfile
 from common.checkpoints import checkpoint_metadata, write_safetensors
@@ -168,6 +171,23 @@ class MergeEngine:
         self._override = statistics_buffers(self.template, self.layers, *self.recalibration.combine())
         return dict(self._override)
 
+    def bank(self, source: str) -> BNBank:
+        """Every site's BN statistics as a bank: ``own`` (the sites' exact statistics under their own
+        parameters, one-shot) or ``recalibrated`` (under the merged parameters, the second round's)."""
+        pool = {"own": self.buffers.pool, "recalibrated": self.recalibration}.get(source)
+        if pool is None:
+            raise ValueError(f"a BN bank comes from 'own' or 'recalibrated' statistics, not {source!r}")
+        if not len(pool):
+            raise ValueError(f"no {source} BN statistics to make a bank of")
+        names, means, variances = zip(*pool.per_site(), strict=True)
+        mean, var = {}, {}
+        for site_mean, site_var in zip(means, variances, strict=True):
+            for key, value in statistics_buffers(self.template, self.layers, site_mean, site_var).items():
+                layer, _, leaf = key.rpartition(".")
+                (mean if leaf == "running_mean" else var).setdefault(layer, []).append(value.reshape(-1))
+        stack = {layer: torch.stack(values) for layer, values in mean.items()}
+        return BNBank(tuple(names), stack, {layer: torch.stack(values) for layer, values in var.items()})
+
     # ----- the result ------------------------------------------------------------------
     def merged_buffers(self) -> dict[str, Tensor]:
         """The merged BN buffers alone (small): statistics and batch counts."""
@@ -189,11 +209,24 @@ class MergeEngine:
     def result(self) -> dict[str, Tensor]:
         return dict(self.iter_result())
 
-    def save(self, path: str | Path, arch: str, num_classes: int, extra: Mapping[str, str] | None = None) -> Path:
-        """Write the merged ``checkpoint/1`` file tensor by tensor, straight from the sums."""
+    def save(
+        self,
+        path: str | Path,
+        arch: str,
+        num_classes: int,
+        extra: Mapping[str, str] | None = None,
+        bank: BNBank | None = None,
+    ) -> Path:
+        """Write the merged ``checkpoint/1`` file tensor by tensor, straight from the sums (and a BN bank)."""
         layout = {k: (tuple(v.shape), v.dtype) for k, v in self.template.items()}
         meta = checkpoint_metadata(arch, num_classes, {"merged_from": ",".join(self.sites), **(extra or {})})
-        return write_safetensors(path, layout, self.iter_result(), meta)
+        tensors: Iterator[tuple[str, Tensor]] = self.iter_result()
+        if bank is not None:
+            extra_tensors = bank.tensors()
+            layout.update({k: (tuple(v.shape), v.dtype) for k, v in extra_tensors.items()})
+            meta[BANK_META] = ",".join(bank.names)
+            tensors = itertools.chain(tensors, extra_tensors.items())
+        return write_safetensors(path, layout, tensors, meta)
 
     def release(self) -> None:
         """Free the sums once the result is written."""

@@ -27,6 +27,7 @@ __all__ = ["PYPROJECT", "ConfigError", "RunConfig", "declared_defaults"]
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 STRATEGIES = ("one-shot", "fedavg")
 RECALIBRATE_MODES = ("batch", "eval")
+BN_BANKS = ("", "own", "recalibrated")
 
 
 class ConfigError(OptionError):
@@ -88,6 +89,7 @@ class RunConfig:
     clip_norm: float
     recalibrate: bool
     recalibrate_mode: str
+    bn_bank: str
     param_precision: str
     save_updates: bool
     strategy: str
@@ -115,6 +117,9 @@ class RunConfig:
         _one_of(self.strategy, STRATEGIES, "strategy")
         _one_of(self.param_weighting, ("uniform", "counts"), "param-weighting")  # no per-site weights in a run
         _one_of(self.recalibrate_mode, RECALIBRATE_MODES, "recalibrate-mode")
+        _one_of(self.bn_bank, BN_BANKS, "bn-bank")
+        if self.bn_bank == "recalibrated" and not self.recalibrate:
+            raise ConfigError("bn-bank = recalibrated needs recalibrate = true (the second round measures them)")
         self.merge_spec()  # every merge key checked now, not when the first reply arrives
 
     @classmethod

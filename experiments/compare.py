@@ -190,7 +190,7 @@ def run_compare(config: ExperimentConfig, cache_dir: Path) -> CompareResult:
         t = time.perf_counter()
         outcome = strategy.run(inputs, options)
         strategy_seconds = time.perf_counter() - t
-        scores = tasks.score(source, outcome.state, outcome.per_site)
+        scores = tasks.score(source, outcome.state, outcome.per_site, bank=outcome.bank)
         rows.append(
             StrategyRow(entry.label, strategy.name, scores.per_domain, scores.harmonic_mean, outcome.rounds,
                         outcome.bytes_sent, strategy.test_time_domain, strategy.needs, outcome.site_seconds,

@@ -46,6 +46,7 @@ class SourceModel:
 
     checkpoint: str = ""
     pretrain: PretrainPlan | None = None
+    wrap: str = ""  # "hrda": every site starts from the checkpoint wrapped as hrda_<arch> (multi-resolution)
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,10 @@ def _spec(text: str, root: str | None, where: str) -> DataSpec:
 
 
 def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel:
-    _check_keys(raw, {"checkpoint", "pretrain"}, f"{where} [source]")
+    _check_keys(raw, {"checkpoint", "pretrain", "wrap"}, f"{where} [source]")
+    wrap = str(raw.get("wrap", ""))
+    if wrap not in ("", "hrda"):
+        raise ValueError(f"{where} [source]: wrap must be 'hrda' or absent, not {wrap!r}")
     checkpoint = str(raw.get("checkpoint", ""))
     if checkpoint and DATA_ROOT in checkpoint:
         if root is None:
@@ -269,7 +273,7 @@ def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel
         )
     if not checkpoint and plan is None:
         raise ValueError(f"{where}: [source] needs a checkpoint or a [source.pretrain] plan")
-    return SourceModel(checkpoint, plan)
+    return SourceModel(checkpoint, plan, wrap)
 
 
 def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod:

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from clients.adaptation import AdaptContext, get_method, make_config
 from clients.site import SiteJob, package_update, run_adaptation
-from common.checkpoints import load_checkpoint
+from common.checkpoints import load_checkpoint, read_model_file, wrap_checkpoint_for_hrda
 from common.data import build_dataset, image_batches
 from common.fingerprint import recipe_key, state_fingerprint
 from common.model_factory import build_model
@@ -92,10 +92,21 @@ def load_source(source: SourceModel, cache_dir: Path) -> SourceBundle:
             log.info("reusing the cached source model %s", path)
     else:
         raise FileNotFoundError(f"source checkpoint not found: {source.checkpoint} (and no pretraining plan)")
+    if source.wrap == "hrda":
+        path = _wrapped(path, cache_dir)
     model, meta = load_checkpoint(path)
     classes = [c for c in meta.get("classes", "").split(",") if c] or [str(i) for i in range(int(meta["num_classes"]))]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     return SourceBundle(state, meta["arch"], classes, path.resolve(), state_fingerprint(state)[:20])
+
+
+def _wrapped(path: Path, cache_dir: Path) -> Path:
+    """The checkpoint wrapped as ``hrda_<arch>``, once per source (the attention head is seeded: same everywhere)."""
+    wrapped = cache_dir / f"source-hrda-{state_fingerprint(read_model_file(path).state)[:16]}.safetensors"
+    if not wrapped.is_file():
+        log.info("wrapping %s as a multi-resolution (hrda_) model", path)
+        wrap_checkpoint_for_hrda(path, wrapped)
+    return wrapped
 
 
 def _bn_buffers(model: Segmenter) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from common.bn_bank import BNBank
 from common.bnstats import BNSums
 from common.merge_engine import MergeEngine, Refused
 from common.merge_spec import MergeSpec, method_options
@@ -242,6 +243,7 @@ class Outcome:
     bytes_sent: dict[str, int] = field(default_factory=dict)  # site -> bytes it sent, all rounds
     site_seconds: float = 0.0  # site-side compute on the critical path (the slowest site), all rounds
     notes: str = ""
+    bank: BNBank | None = None  # per-site BN statistics the model picks from, image by image
 
 
 @dataclass(frozen=True)
@@ -347,14 +349,14 @@ class MergeOptions:
     equal_site_stats: bool | None = None
     max_share: float | None = None
     clip_norm: float | None = None
+    bank: bool = False  # ship every site's own BN statistics; each test image picks the closest
 
     def __post_init__(self) -> None:
         self.spec()
 
     def spec(self) -> MergeSpec:
-        changes = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("method", "options")
-        }
+        skip = ("method", "options", "bank")
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         changes = {k: v for k, v in changes.items() if v is not None}
         changes.setdefault("max_share", RunConfig.defaults().max_site_share)  # a real run's default
         return merge_spec(self.method, parse_key_values(self.options, "merge options"), **changes)
@@ -364,6 +366,7 @@ class MergeOptions:
 class RecalibrateOptions:
     mode: str = "batch"  # how the sites' statistics pass normalises (BNStatsConfig.mode)
     equal_sites: bool = False  # pool the sites' statistics with equal weights instead of by their counts
+    bank: bool = False  # ship each site's statistics under the merged parameters; each test image picks one
 
     def __post_init__(self) -> None:
         if self.mode not in ("batch", "eval"):
@@ -449,8 +452,16 @@ def _ties(inputs: MergeInputs, options: TiesOptions) -> Outcome:
 def _merge(inputs: MergeInputs, options: MergeOptions) -> Outcome:
     spec = options.spec()
     updates = inputs.ema_updates if spec.buffers == "reference" else inputs.updates
+    engine = MergeEngine(spec, inputs.base)
+    if spec.weighting != "uniform" and spec.max_share < 1.0:
+        engine.expect_weights([float(u.num_examples) for u in updates])
+    for update in updates:
+        _accept(engine.ingest(update))
     notes = f"{spec.method} {spec.options}, BN {spec.buffers}, weights {spec.weighting}"
-    return _one_shot(inputs, merge(inputs.base, updates, spec), notes)
+    outcome = _one_shot(inputs, engine.result(), notes)
+    if options.bank:
+        outcome.bank, outcome.notes = engine.bank("own"), notes + ", BN bank of the sites' own statistics"
+    return outcome
 
 
 @register("fedbn", NoOptions, test_time_domain=True, summary="BN layers stay local; the rest averaged")
@@ -482,9 +493,11 @@ def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
         second_round = max(second_round, seconds)
     engine.apply_recalibration()
     outcome.state = engine.result()
+    if options.bank:
+        outcome.bank = engine.bank("recalibrated")
     outcome.rounds, outcome.site_seconds = 2, outcome.site_seconds + second_round
     weights = "equal site weights" if options.equal_sites else "pooled by counts"
-    outcome.notes = f"second round: {options.mode}-mode BN sums, {weights}"
+    outcome.notes = f"second round: {options.mode}-mode BN sums, {weights}" + (", BN bank" if options.bank else "")
     return outcome
 
 

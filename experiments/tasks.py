@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from common.bn_bank import BankedSegmenter, BNBank
 from common.data import build_dataset, make_loader
 from common.evaluation import evaluate_domain
 from common.metrics import harmonic_mean
@@ -50,12 +51,15 @@ class TaskPool:
         state: Mapping[str, Tensor] | None = None,
         per_site: Mapping[str, Mapping[str, Tensor]] | None = None,
         domains: list[str] | None = None,
+        bank: BNBank | None = None,
     ) -> Scores:
         """mIoU per domain and H, for one model or for one model per site (chosen by each set's ``site``)."""
         if (state is None) == (per_site is None):
             raise ValueError("score one model (state) or one per site (per_site), not both or neither")
         wanted = [e for e in self.sets if domains is None or e.domain in domains]
         shared = source.model(state) if state is not None else None
+        if shared is not None and bank is not None:
+            shared = BankedSegmenter(shared, bank).eval()
         per_domain: dict[str, float] = {}
         for e in wanted:
             if shared is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.bn_bank import BNBank
 from common.merge_engine import MergeEngine
 from common.run_config import RunConfig
 from common.update_format import save_site_update
@@ -22,9 +23,9 @@ REPORT_FILE = "report.json"
 UPDATES_DIR = "updates"
 
 
-def save_merged(engine: MergeEngine, path: Path, run: RunConfig) -> Path:
-    """The merged model as a ``checkpoint/1`` file, written straight from the engine's sums."""
-    return engine.save(path, run.arch, run.num_classes)
+def save_merged(engine: MergeEngine, path: Path, run: RunConfig, bank: BNBank | None = None) -> Path:
+    """The merged model as a ``checkpoint/1`` file, written straight from the engine's sums (and a BN bank)."""
+    return engine.save(path, run.arch, run.num_classes, bank=bank)
 
 
 def update_path(out_dir: Path, node_id: int, site: str) -> Path:

@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.bn_bank import BNBank
 from common.bnstats import bn_count_profile
 from common.checkpoints import read_model_file
 from common.evaluation import StateEvaluator
@@ -62,6 +63,19 @@ def _fail(report: MergeReport, exc: BaseException, strategy: OneShotMerge, confi
     report.write(config.out_dir / REPORT_FILE)
 
 
+def _bank(strategy: OneShotMerge, run: RunConfig, report: MergeReport) -> BNBank | None:
+    """The BN bank the run asked for; recalibrated statistics only when the second round was applied."""
+    if not run.bn_bank:
+        return None
+    source = run.bn_bank
+    if source == "recalibrated" and not report.recalibration.get("applied"):
+        log.warning("bn-bank: the recalibration round was not applied; shipping the sites' own statistics")
+        source = "own"
+    bank = strategy.engine.bank(source)
+    report.config["bn_bank"] = {"statistics": source, "entries": list(bank.names)}
+    return bank
+
+
 def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     """The whole server side of a run; framework objects stay in here and the strategy."""
     run = config.run
@@ -79,15 +93,16 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     initial = ArrayRecord(template) if run.send_initial_weights else ArrayRecord()
     try:
         strategy.start(grid, initial, train_config=ConfigRecord({INITIAL_SHA256: fingerprint}))
-        save_merged(strategy.engine, config.out_dir / MERGED_FILE, run)
+        bank = _bank(strategy, run, report)
+        save_merged(strategy.engine, config.out_dir / MERGED_FILE, run, bank)
     except BaseException as exc:  # even a stop signal: what was received is written before the run ends
         _fail(report, exc, strategy, config)
         raise
     strategy.engine.release()
     if evaluator is not None:
         report.start("evaluation")
-        merged = read_model_file(config.out_dir / MERGED_FILE).state
-        report.eval, report.eval_initial = evaluator(merged), evaluator(template)
+        merged = read_model_file(config.out_dir / MERGED_FILE)
+        report.eval, report.eval_initial = evaluator(merged.state, merged.bank), evaluator(template)
         report.stop("evaluation")
     report.status = "ok"
     report.write(config.out_dir / REPORT_FILE)

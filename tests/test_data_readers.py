@@ -91,7 +91,7 @@ def test_time_split_first_and_complementary_last_partition_exactly() -> None:
 def test_a_frames_window_keeps_exactly_its_frames_and_round_trips() -> None:
     window = TimeSplit.parse("frames:10-25")
     assert list(window.select(62)) == list(range(10, 25)) and str(window) == "frames:10-25"
-    with pytest.raises(ValueError, match="frames up to 25 but the sequence has 20"):
+    with pytest.raises(ValueError, match="frames up to 25; the sequence has 20"):
         window.select(20)
     for bad in ("frames:9-3", "frames:a-b", "frames:4"):
         with pytest.raises(ValueError, match="frames:A-B"):

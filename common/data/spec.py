@@ -90,7 +90,7 @@ class TimeSplit:
         if self.part == "frames":
             assert self.start is not None
             if self.start + k > total:
-                raise ValueError(f"time split {self} asks for frames up to {self.start + k} but the sequence has {total}")
+                raise ValueError(f"time split {self} asks for frames up to {self.start + k}; the sequence has {total}")
             return range(self.start, self.start + k)
         if k > total:
             raise ValueError(f"time split {self} asks for {k} frames but the sequence has {total}")

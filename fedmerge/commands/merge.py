@@ -77,7 +77,7 @@ def merge(args: argparse.Namespace) -> int:
         if isinstance(outcome, Refused):
             raise CommandError(f"{path}: {outcome.reason}")
         del update
-    written = engine.save(out, arch, num_classes)
+    written = engine.save(out, arch, num_classes, bank=engine.bank("own") if args.bn_bank else None)
     print(f"merged {len(engine.sites)} sites ({', '.join(engine.sites)}) with {spec.method} into {written}")
     return 0
 
@@ -96,6 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--equal-site-stats", action="store_true", help="pool BN statistics with equal site weights")
     p.add_argument("--max-site-share", type=float, help="cap on one site's share of the weight (0, 1]")
     p.add_argument("--clip-norm", type=float, help="L2 bound on a site's parameter change from --base")
+    p.add_argument("--bn-bank", action="store_true", help="ship every site's BN statistics; each image picks one")
     p.add_argument("--arch", default="", help="the model, for site updates that do not record it (plain .pt)")
     p.add_argument("--num-classes", type=int, default=0, help="with --arch")
     p.set_defaults(func=merge)

@@ -90,6 +90,7 @@ class RunConfig:
     recalibrate: bool
     recalibrate_mode: str
     bn_bank: str
+    secure_aggregation: bool
     param_precision: str
     save_updates: bool
     strategy: str
@@ -120,7 +121,20 @@ class RunConfig:
         _one_of(self.bn_bank, BN_BANKS, "bn-bank")
         if self.bn_bank == "recalibrated" and not self.recalibrate:
             raise ConfigError("bn-bank = recalibrated needs recalibrate = true (the second round measures them)")
+        if self.secure_aggregation:
+            self._check_secure()
         self.merge_spec()  # every merge key checked now, not when the first reply arrives
+
+    def _check_secure(self) -> None:
+        """Secure aggregation sums; what needs one site's values cannot run under it."""
+        if self.merge_method not in ("linear", "task-arithmetic"):
+            raise ConfigError(f"secure-aggregation merges linearly; merge-method {self.merge_method!r} is not a sum")
+        if self.buffer_mode != "gaussian":
+            raise ConfigError(f"secure-aggregation pools BN statistics as Gaussians, not {self.buffer_mode!r}")
+        if self.bn_bank:
+            raise ConfigError("bn-bank ships each site's statistics: it cannot be combined with secure-aggregation")
+        if self.clip_norm > 0 or self.strategy != "one-shot":
+            raise ConfigError("secure-aggregation runs the one-shot merge, without clip-norm (no update is seen)")
 
     @classmethod
     def read(cls, values: Mapping[str, Any] | None = None) -> RunConfig:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,13 @@ class MergeConfig:
     timeout: float
     recalibrate: bool
     recalibrate_mode: str
-    poll_interval: float = 0.2  # seconds between pulls while replies are outstanding
+    poll_interval: float = 0.05  # seconds between pulls while replies are outstanding
+    secure: bool = False  # secure aggregation: the server learns only sums (server/secure_round.py)
 
     @classmethod
     def from_run(cls, run: RunConfig) -> MergeConfig:
-        return cls(run.merge_spec(), run.min_sites, run.timeout, run.recalibrate, run.recalibrate_mode)
+        return cls(run.merge_spec(), run.min_sites, run.timeout, run.recalibrate, run.recalibrate_mode,
+                   secure=run.secure_aggregation)  # fmt: skip
 
 
 def _eval_specs(run: RunConfig) -> dict[str, DataSpec]:
@@ -45,7 +47,11 @@ class ServerConfig:
     eval_specs: dict[str, DataSpec]
 
     @classmethod
-    def from_run(cls, run: RunConfig) -> ServerConfig:
+    def from_run(cls, run: RunConfig, run_id: int | None = None) -> ServerConfig:
+        """``out-dir`` as given (it must be absolute), or, left empty, ``runs/flwr-run-<id>`` under the working
+        directory: ``flwr run .`` with the declared defaults then writes beside the project it ran."""
+        if not run.out_dir and run_id is not None:
+            run = replace(run, out_dir=str((Path.cwd() / "runs" / f"flwr-run-{run_id}").resolve()))
         out_dir = Path(run.out_dir)
         if not run.out_dir or not out_dir.is_absolute():
             raise ConfigError(

@@ -44,6 +44,7 @@ class MergeReport:
     incidents: list[Incident] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     census: dict[str, int] = field(default_factory=dict)  # node id -> images claimed before the train round
+    secure: dict[str, Any] = field(default_factory=dict)  # secure aggregation: survivors, threshold, error bound
     recalibration: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)  # the merged model
     eval_initial: dict[str, Any] = field(default_factory=dict)  # the model every site started from
@@ -66,6 +67,7 @@ class MergeReport:
         out.pop("_clock")
         out["refused"] = [asdict(i) for i in self.incidents_of("refused")]
         out["failed"] = [asdict(i) for i in self.incidents_of("failed") + self.incidents_of("timeout")]
+        out["dropouts"] = [asdict(i) for i in self.incidents_of("dropout")]
         return out
 
     def write(self, path: Path) -> None:

@@ -9,15 +9,17 @@ nothing received is lost.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
+import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.bn_bank import BNBank
 from common.bnstats import bn_count_profile
-from common.checkpoints import read_model_file
+from common.checkpoints import read_model_file, save_state
 from common.evaluation import StateEvaluator
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
 from common.model_factory import build_model
@@ -81,6 +83,8 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     run = config.run
     config.out_dir.mkdir(parents=True, exist_ok=True)
     report = MergeReport(config=config.describe())
+    report.timings["serverapp-started-at"] = now = time.time()
+    report.timings["serverapp-startup-seconds"] = now - psutil.Process().create_time()
     torch.manual_seed(run.seed)  # without initial weights, a seeded random start keeps runs comparable
     model = build_model(run.arch, run.num_classes, weights=run.initial_weights or None)
     template = model.state_dict()
@@ -93,8 +97,12 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     initial = ArrayRecord(template) if run.send_initial_weights else ArrayRecord()
     try:
         strategy.start(grid, initial, train_config=ConfigRecord({INITIAL_SHA256: fingerprint}))
-        bank = _bank(strategy, run, report)
-        save_merged(strategy.engine, config.out_dir / MERGED_FILE, run, bank)
+        if strategy.secure_state is not None:  # secure aggregation: only the sum was ever seen
+            sites = ",".join(s.domain for s in report.sites)
+            save_state(strategy.secure_state, config.out_dir / MERGED_FILE, run.arch, run.num_classes,
+                       {"merged_from": sites, "secure-aggregation": "true"})  # fmt: skip
+        else:
+            save_merged(strategy.engine, config.out_dir / MERGED_FILE, run, _bank(strategy, run, report))
     except BaseException as exc:  # even a stop signal: what was received is written before the run ends
         _fail(report, exc, strategy, config)
         raise
@@ -105,6 +113,7 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
         report.eval, report.eval_initial = evaluator(merged.state, merged.bank), evaluator(template)
         report.stop("evaluation")
     report.status = "ok"
+    report.timings["serverapp-finished-at"] = time.time()
     report.write(config.out_dir / REPORT_FILE)
     log.info("merged %d sites into %s", len(report.sites), config.out_dir / MERGED_FILE)
     return report
@@ -125,7 +134,8 @@ def _log_through_flower() -> None:
 def main(grid: Grid, context: Context) -> None:
     _log_through_flower()
     stop_on_sigterm()  # a stopped run still writes its report and partial merge (see run_merge)
-    config = ServerConfig.from_run(RunConfig.read(context.run_config))
+    config = ServerConfig.from_run(RunConfig.read(context.run_config), run_id=context.run_id)
+    log.info("run %s: results go to %s", context.run_id, config.out_dir)
     if config.run.strategy == "fedavg":  # the multi-round baseline
         run_fedavg(grid, config)
         return

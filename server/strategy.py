@@ -14,18 +14,22 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor
 
+from common.bn_pooling import capped_shares
 from common.bnstats import CountProfile
 from common.merge_engine import MergeEngine
-from common.updates import SiteUpdate
-from common.wire import claimed_examples, numpy_to_array
+from common.secure_merge import decode_merge, decode_statistics, merge_layout, statistics_layout
+from common.updates import SiteUpdate, site_label
+from common.wire import claimed_examples, numpy_to_array, wire_bytes
 from server.config import MergeConfig
 from server.intake import ReplyIntake
-from server.report import MergeReport
+from server.report import MergeReport, SiteEntry
+from server.secure_round import SecureOutcome, SecureSum, threshold_for
 
 __all__ = ["MessageFactory", "MinSitesNotMet", "OneShotMerge", "flower_message"]
 
@@ -83,6 +87,9 @@ class OneShotMerge(Strategy):
         self.engine = MergeEngine(config.spec, template, profile)
         self.intake = ReplyIntake(self.engine, self.report, on_update=on_update)
         self.make_message = make_message
+        self.secure_state: dict[str, Tensor] | None = None  # the merged model, in secure mode
+        self.secure_sites: dict[int, str] = {}  # node id -> reported label, in secure mode
+        self.secure_bytes: dict[int, int] = {}  # node id -> bytes of its key advertisements
 
     # ----- Message-API hooks ------------------------------------------------------------
     def summary(self) -> None:
@@ -188,9 +195,12 @@ class OneShotMerge(Strategy):
             raise ValueError("OneShotMerge runs exactly one round")
         self.summary()
         nodes = self._wait_for_nodes(grid)
+        if self.config.secure:
+            return self._start_secure(grid, nodes, initial_arrays, train_config or ConfigRecord())
         if self._needs_census():
             self.census(grid, nodes)
         self.report.start("train-round")
+        self.report.timings["train-round-started-at"] = time.time()
         messages = self._train_messages(nodes, 1, initial_arrays, train_config or ConfigRecord())
         self._stream(grid, messages, self.intake.take_update)
         self.report.stop("train-round")
@@ -208,6 +218,109 @@ class OneShotMerge(Strategy):
             if res is not None:
                 result.evaluate_metrics_serverapp[1] = res
         return result
+
+    # ----- secure aggregation: the same merge, learning only sums ---------------------
+    def _start_secure(self, grid: Grid, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord) -> Result:
+        self.report.start("train-round")
+        config["secure"] = True
+        self.report.timings["train-round-started-at"] = time.time()
+        keys, claims = self._advertised(grid, self._train_messages(nodes, 1, arrays, config), "train")
+        self.report.stop("train-round")
+        if len(keys) < self.config.min_sites:
+            raise MinSitesNotMet(f"only {len(keys)} site(s) adapted and advertised keys, min-sites is "
+                                 f"{self.config.min_sites}")  # fmt: skip
+        self.report.start("secure-sum")
+        weights = self._secure_weights(claims)
+        layout = merge_layout(self.engine.template, len(keys))
+        outcome = self._secure_sum(grid, keys, "merge").run(layout, weights)
+        self.report.stop("secure-sum")
+        totals = [sum(weights[n][i] for n in outcome.survivors) for i in (0, 1)]
+        self.secure_state = decode_merge(outcome.segments, self.engine.template, *totals)
+        self._record_secure(outcome, claims, "merge")
+        merged = state_record(self.secure_state.items())
+        if self.config.recalibrate:
+            self._recalibrate_secure(grid, merged, outcome.survivors, weights)
+        result = Result()
+        result.arrays = merged
+        return result
+
+    def _advertised(
+        self, grid: Grid, messages: list[Message], phase: str
+    ) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, int]]:
+        keys: dict[int, tuple[bytes, bytes]] = {}
+        claims: dict[int, int] = {}
+
+        def handle(reply: Message, node_id: int) -> None:
+            if reply.has_error():
+                self.intake.incident(node_id, "", "failed", f"secure {phase}: error code {reply.error.code}: "
+                                     f"{reply.error.reason}")  # fmt: skip
+                return
+            self.secure_bytes[node_id] = self.secure_bytes.get(node_id, 0) + wire_bytes(reply.content)
+            try:
+                record = reply.content["keys"]
+                keys[node_id] = (bytes(record["share-public"]), bytes(record["mask-public"]))
+                claims[node_id] = claimed_examples(reply.content)
+                self.secure_sites[node_id] = site_label(reply.content["info"].get("domain", ""), f"node-{node_id}")
+            except Exception as exc:  # untrusted reply
+                keys.pop(node_id, None)
+                self.intake.incident(node_id, "", "refused", f"secure {phase}: unreadable reply: {exc}")
+
+        self._stream(grid, messages, handle)
+        return keys, {n: claims[n] for n in keys}
+
+    def _secure_weights(self, claims: dict[int, int]) -> dict[int, tuple[float, float]]:
+        """(parameter, statistics) weight of each site: 1, or its capped share of the claimed images."""
+        nodes = sorted(claims)
+        shares = capped_shares(np.array([float(claims[n]) for n in nodes]), self.config.spec.max_share)
+        spec = self.config.spec
+        return {
+            n: (float(s) if spec.weighting == "counts" else 1.0, 1.0 if spec.equal_site_stats else float(s))
+            for n, s in zip(nodes, shares, strict=True)
+        }
+
+    def _secure_sum(self, grid: Grid, keys: dict[int, tuple[bytes, bytes]], kind: str) -> SecureSum:
+        threshold = threshold_for(len(keys), self.config.min_sites)
+        return SecureSum(grid, self._stream, self.make_message, keys, threshold, kind)
+
+    def _record_secure(self, outcome: SecureOutcome, claims: dict[int, int], kind: str) -> None:
+        for node in outcome.dropped_before_input:
+            self.intake.incident(node, self.secure_sites.get(node, ""), "failed",
+                                 f"secure {kind}: dropped out before sending its masked vector")  # fmt: skip
+        for node in outcome.dropped_after_input:
+            reason = f"secure {kind}: sent its masked vector, then dropped out (still in the sum)"
+            self.intake.incident(node, self.secure_sites.get(node, ""), "dropout", reason)
+        if kind == "merge":
+            for node in outcome.survivors:
+                sent = outcome.bytes_received.get(node, 0) + self.secure_bytes.get(node, 0)
+                self.report.sites.append(SiteEntry(self.secure_sites[node], node, claims[node], 0, sent))
+        self.report.secure[kind] = {"survivors": outcome.survivors, "threshold": threshold_for(
+            len(claims), self.config.min_sites), "relative_error_bound": outcome.relative_error}  # fmt: skip
+
+    def _recalibrate_secure(
+        self, grid: Grid, merged: ArrayRecord, nodes: list[int], weights: dict[int, tuple[float, float]]
+    ) -> None:
+        """The recalibration round as a second secure sum of the sites' moments under the merged model."""
+        self.report.start("recalibration-round")
+        config = ConfigRecord(
+            {"phase": "secagg-advertise", "sum": "statistics", "bn-mode": self.config.recalibrate_mode}
+        )
+        messages = [self.make_message(RecordDict({"arrays": merged, "config": config}), n, MessageType.QUERY,
+                                      "secagg-advertise") for n in nodes]  # fmt: skip
+        keys, claims = self._advertised(grid, messages, "recalibration")
+        if len(keys) < self.config.min_sites:
+            self.report.recalibration.update({"applied": False, "reason": "fewer replies than min-sites"})
+            return
+        sub_weights = {n: weights[n] for n in keys}
+        layout = statistics_layout(self.engine.template, len(keys))
+        outcome = self._secure_sum(grid, keys, "statistics").run(layout, sub_weights)
+        total = sum(sub_weights[n][1] for n in outcome.survivors)
+        statistics = decode_statistics(outcome.segments, self.engine.template, total)
+        self.secure_state.update(statistics)
+        for key, tensor in statistics.items():
+            merged[key] = numpy_to_array(tensor.numpy())
+        self._record_secure(outcome, claims, "statistics")
+        self.report.recalibration.update({"applied": True, "sites": [self.secure_sites[n] for n in outcome.survivors]})
+        self.report.stop("recalibration-round")
 
     # ----- before the train round: the weights every site will claim -------------------
     def census(self, grid: Grid, nodes: list[int]) -> None:

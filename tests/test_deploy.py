@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load_file, save_file
 
-from clients.client_app import _initial_model, round_seed
+from clients.client_app import initial_model, round_seed
 from clients.config import SiteConfig
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
 from common.model_factory import build_model
@@ -104,12 +103,10 @@ def test_node_config_is_formatted_the_way_flower_parses_it():
 
 
 # ----- the site's local copy of the initial weights ----------------------------------------------
-def _train_message(state: dict | None, fingerprint: str) -> SimpleNamespace:
-    """What the ClientApp reads of a train message (a real Message needs a run)."""
+def _train_message(state: dict | None, fingerprint: str) -> RecordDict:
+    """What the ClientApp reads of a train message."""
     arrays = ArrayRecord(state) if state is not None else ArrayRecord()
-    return SimpleNamespace(
-        content=RecordDict({"arrays": arrays, "config": ConfigRecord({INITIAL_SHA256: fingerprint})})
-    )
+    return RecordDict({"arrays": arrays, "config": ConfigRecord({INITIAL_SHA256: fingerprint})})
 
 
 def _site(weights: str) -> SiteConfig:
@@ -123,14 +120,14 @@ def test_site_uses_its_local_weights_only_when_their_fingerprint_is_the_runs(tmp
     path = tmp_path / "initial.safetensors"
     save_file({k: v.contiguous() for k, v in shared.items()}, str(path))
     sha = state_fingerprint(shared)
-    model = _initial_model(_train_message(None, sha), _site(str(path)))
+    model = initial_model(_train_message(None, sha), _site(str(path)))
     assert state_fingerprint(model.state_dict()) == sha
     other = {k: v + 1 if v.is_floating_point() else v for k, v in shared.items()}
     with pytest.raises(ValueError, match="not the run's initial model"):
-        _initial_model(_train_message(None, state_fingerprint(other)), _site(str(path)))
+        initial_model(_train_message(None, state_fingerprint(other)), _site(str(path)))
     with pytest.raises(ValueError, match="names no local 'weights'"):
-        _initial_model(_train_message(None, sha), _site(""))
-    received = _initial_model(_train_message(other, state_fingerprint(other)), _site(""))
+        initial_model(_train_message(None, sha), _site(""))
+    received = initial_model(_train_message(other, state_fingerprint(other)), _site(""))
     assert state_fingerprint(received.state_dict()) == state_fingerprint(other)
 
 
@@ -154,8 +151,8 @@ def test_site_configuration_comes_from_node_config_over_the_declared_run_config(
 
 
 def test_each_round_of_a_multi_round_run_adapts_with_its_own_seed():
-    def message(config: dict) -> SimpleNamespace:
-        return SimpleNamespace(content=RecordDict({"config": ConfigRecord(config)}))
+    def message(config: dict) -> RecordDict:
+        return RecordDict({"config": ConfigRecord(config)})
 
     assert round_seed(message({"server-round": 1}), 7) == 7  # the one-shot merge's seed
     assert round_seed(message({"server-round": 3}), 7) == 9

@@ -80,9 +80,16 @@ def test_cli_merge_of_received_updates_is_bit_identical_to_the_strategy(gaussian
         assert torch.equal(ours[key], theirs[key]), key
 
 
-def test_recalibration_round_replaces_bn_statistics_only(gaussian_run, tmp_path):
+@pytest.fixture(scope="module")
+def recalibrated_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sim-recalibrated")
     plan = SimulationPlan.preset("tiny")
-    run_simulation(plan, tmp_path, plan.resolve({"recalibrate": True}))
+    run_simulation(plan, out, plan.resolve({"recalibrate": True}))
+    return out
+
+
+def test_recalibration_round_replaces_bn_statistics_only(gaussian_run, recalibrated_run):
+    tmp_path = recalibrated_run
     report = _report(tmp_path)
     assert report["recalibration"]["applied"] is True
     assert sorted(report["recalibration"]["sites"]) == ["fog", "night", "rain"]
@@ -132,3 +139,21 @@ def test_every_merge_method_gives_the_same_bits_in_flower_in_fedmerge_merge_and_
     assert flower.keys() == cli.keys() == row.keys()
     for key in flower:
         assert torch.equal(flower[key], cli[key]) and torch.equal(flower[key], row[key]), key
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_a_secure_simulation_gives_the_plain_merge_within_the_stated_bound(
+    gaussian_run, recalibrated_run, recalibrate, tmp_path
+):
+    """Real Flower: secure aggregation over the tiny preset equals the plain run's merge (same sites, same data)."""
+    plan = SimulationPlan.preset("tiny")
+    run_simulation(plan, tmp_path, plan.resolve({"secure-aggregation": True, "recalibrate": recalibrate}))
+    report = _report(tmp_path)
+    assert report["status"] == "ok" and report["secure"]["merge"]["relative_error_bound"] < 1e-12
+    assert sorted(s["domain"] for s in report["sites"]) == ["fog", "night", "rain"]
+    assert len(report["secure"]["merge"]["survivors"]) == 3 and report["secure"]["merge"]["threshold"] == 3
+    plain = load_file(str((recalibrated_run if recalibrate else gaussian_run) / "merged.safetensors"))
+    secure = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in plain.items():
+        scale = float(value.double().abs().max()) or 1.0
+        assert float((secure[key].double() - value.double()).abs().max()) <= 1e-6 * scale, key

@@ -1,0 +1,140 @@
+"""Secure aggregation: the server learns only sums, and they equal the plain merge within the stated bound."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, MessageType, RecordDict
+
+from clients.client_app import handle_query, handle_train
+from common.model_factory import build_model
+from common.run_config import RunConfig
+from server.config import MergeConfig
+from server.strategy import OneShotMerge
+from tests.fakes import FakeReply, fake_message
+
+SITES = (101, 202, 303)
+RUN = {"arch": "tiny_unet", "dataset": "synthetic", "domains": "fog,night,rain", "num-images": 4, "size": "32x48",
+       "batch-size": 2, "method": "adabn", "min-sites": 2}  # fmt: skip
+
+
+@dataclass
+class SiteGrid:
+    """Sites inside this process: every message goes to the real ClientApp handlers with that node's context.
+
+    ``vanish`` maps a step (``train``, ``secagg-share-keys``, ...) to the nodes that never answer it
+    (and nothing after). Every reply the server pulls is kept in ``received``.
+    """
+
+    contexts: dict[int, Context]
+    vanish: dict[str, set[int]] = field(default_factory=dict)
+    received: list[tuple[int, str, RecordDict]] = field(default_factory=list)
+    truth: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # each site's adapted model
+    gone: set[int] = field(default_factory=set)
+    _ready: dict[str, FakeReply] = field(default_factory=dict)
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for i, msg in enumerate(messages):
+            node = msg.metadata.dst_node_id
+            step = "train" if msg.message_type == MessageType.TRAIN else str(msg.content["config"].get("phase"))
+            mid = f"{step}-{node}-{i}"
+            ids.append(mid)
+            if node in self.gone or node in self.vanish.get(step, set()):
+                self.gone.add(node)
+                continue
+            handler = handle_train if msg.message_type == MessageType.TRAIN else handle_query
+            self._ready[mid] = FakeReply(handler(msg.content, self.contexts[node]), node, mid)
+            self.received.append((node, step, self._ready[mid].content))
+            if step == "train" and "secagg-update" in self.contexts[node].state:
+                self.truth[node] = self.contexts[node].state["secagg-update"].to_torch_state_dict()
+        return ids
+
+    def pull_messages(self, message_ids) -> list[FakeReply]:
+        return [self._ready.pop(m) for m in message_ids if m in self._ready]
+
+
+def _contexts(run: RunConfig) -> dict[int, Context]:
+    flower = run.to_flower()
+    return {node: Context(1, node, {"partition-id": i, "num-partitions": len(SITES)}, RecordDict(), flower)
+            for i, node in enumerate(SITES)}  # fmt: skip
+
+
+def _merge(overrides: dict, vanish: dict | None = None) -> tuple[OneShotMerge, SiteGrid, dict[str, torch.Tensor]]:
+    run = RunConfig.read({**RUN, **overrides})
+    torch.manual_seed(0)
+    template = build_model(run.arch, 9).state_dict()
+    grid = SiteGrid(_contexts(run), vanish or {})
+    config = MergeConfig.from_run(run)
+    strategy = OneShotMerge(MergeConfig(**{**config.__dict__, "timeout": 5.0, "poll_interval": 0.0}), template,
+                            make_message=fake_message)  # fmt: skip
+    result = strategy.start(grid, ArrayRecord(template))
+    return strategy, grid, result.arrays.to_torch_state_dict()
+
+
+def _assert_close(secure: dict, plain: dict, rtol: float) -> None:
+    for key, value in plain.items():
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(secure[key], value), key
+            continue
+        scale = float(value.double().abs().max()) or 1.0
+        diff = float((secure[key].double() - value.double()).abs().max())
+        assert diff <= rtol * scale, (key, diff, scale)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "counts"])
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_the_secure_merge_equals_the_plain_merge_within_the_stated_bound(weighting, recalibrate):
+    settings = {"param-weighting": weighting, "recalibrate": recalibrate}
+    _, _, plain = _merge(settings)
+    strategy, _, secure = _merge({**settings, "secure-aggregation": True})
+    bound = strategy.report.secure["merge"]["relative_error_bound"]
+    assert 0 < bound < 1e-12  # 64-bit fixed point: far inside the 1e-4 relative asked for
+    _assert_close(secure, plain, rtol=1e-6)
+    assert sorted(s.node_id for s in strategy.report.sites) == list(SITES)
+
+
+def test_the_server_receives_nothing_from_which_one_sites_model_could_be_read():
+    arch = {"arch": "small_unet"}  # half a million parameters: a correlation of 0.01 is 7 standard errors
+    strategy, grid, merged = _merge({"secure-aggregation": True, **arch})
+    assert {step for _, step, _ in grid.received} == {"train", "secagg-share-keys", "secagg-masked-input",
+                                                      "secagg-unmask"}  # fmt: skip
+    params = [k for k in merged if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    size = sum(merged[k].numel() for k in params)
+    for node, step, content in grid.received:
+        assert "params" not in content and "buffers" not in content
+        if step == "train":  # after adapting, only public keys, the image count and the label leave
+            assert set(content) == {"keys", "counts", "info"}
+        if step == "secagg-masked-input":
+            masked = content["masked"]["y"].numpy()[:size].astype(np.float64)
+            true = torch.cat([grid.truth[node][k].double().reshape(-1) for k in params]).numpy()
+            assert abs(np.corrcoef(masked, true)[0, 1]) < 0.01  # independent of this site's parameters
+            assert "secagg-update" not in grid.contexts[node].state  # the site kept nothing of the sum
+    assert len(strategy.report.sites) == len(SITES)
+
+
+def test_a_site_that_drops_out_after_its_masked_input_is_named_and_the_merge_completes():
+    _, _, plain = _merge({})
+    strategy, _, secure = _merge({"secure-aggregation": True}, vanish={"secagg-unmask": {303}})
+    dropouts = strategy.report.incidents_of("dropout")
+    assert [i.node_id for i in dropouts] == [303] and "still in the sum" in dropouts[0].reason
+    _assert_close(secure, plain, rtol=1e-6)  # its vector is in the sum: the same merge as with everyone
+
+
+def test_a_site_that_drops_out_before_its_masked_input_is_left_out_and_its_masks_removed():
+    _, _, two = _merge({"domains": "fog,night,rain"}, vanish={"train": {303}})
+    strategy, _, secure = _merge({"secure-aggregation": True}, vanish={"secagg-masked-input": {303}})
+    assert 303 not in strategy.report.secure["merge"]["survivors"]
+    _assert_close(secure, two, rtol=1e-6)
+
+
+def test_secure_aggregation_refuses_what_would_need_one_sites_values():
+    for bad in ({"merge-method": "ties"}, {"bn-bank": "own"}, {"clip-norm": 1.0}, {"buffer-mode": "average"}):
+        with pytest.raises(ValueError):
+            RunConfig.read({**RUN, **bad, "secure-aggregation": True})

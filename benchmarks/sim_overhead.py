@@ -1,29 +1,30 @@
-"""What a small federated run costs beyond the sites' own work: a real 3-site Flower simulation.
+"""Where a small simulation's wall time goes: fedmerge's ``tiny`` preset beside a trivial Flower app.
 
-Runs a simulation preset (default ``tiny``: 3 synthetic sites, tiny_unet, AdaBN) through
-``server.simulation.run_simulation`` (SuperLink, ``flwr run``, Ray actors) and splits
-its wall time with the report the ServerApp writes:
+Both run through the same driver (``server.runtime``: a SuperLink in simulation mode,
+``flwr run``, teardown by PID), with 3 simulated sites. The trivial app (benchmarks/
+trivial_app) is Flower's floor on this machine: ClientApps that echo a small array back,
+Flower's own FedAvg, no torch. Each run's time is split by wall-clock stamps the driver,
+the ServerApp and the ClientApps record:
 
-* the sites' adaptation (``adapt-seconds`` per site) and BN-statistics/metrics pass
-  (``bn-seconds``; for AdaBN that pass is the adaptation): work a site does whatever
-  the framework. Sites run concurrently (one CPU each, 2 cores), so the work they
-  overlap is somewhere between the longest site's and the sum; the overhead is printed
-  against both;
-* the server's train round (push, wait, validate and merge each reply as it comes),
-  the merge finish, and any server-side evaluation (``timings`` in the report);
-* the rest: starting the SuperLink and SuperExec, ``flwr run``, Ray and the ClientApp
-  processes (torch imports), message transport and teardown.
+* runtime start-up: starting the SuperLink until it listens;
+* run start-up: ``flwr run`` (FAB build and install, SuperExec, the simulation process,
+  Ray) until the ServerApp's main starts, of which the ServerApp process's own start-up
+  (imports) is shown apart;
+* server until the train round: reading the config, building the model, waiting for nodes;
+* backend and worker start-up: from the train round's start until the first ClientApp
+  handler runs (Ray actors, the ClientApp's imports);
+* ClientApp set-up (config, model, data), the sites' own work, and transport: from a
+  ClientApp's reply until the server had it (the mean over sites);
+* server after the last reply (merge, save, report), ServerApp end until ``flwr run``
+  returns, and teardown.
 
-Server-side evaluation is switched off unless ``--keep-eval``, so the run measures the
-merge, not scoring.
-
-    .venv/bin/python benchmarks/sim_overhead.py --repeats 3     # ~4 min on 2 shared cores
-    .venv/bin/python benchmarks/sim_overhead.py --keep-eval
+    .venv/bin/python benchmarks/sim_overhead.py --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -35,61 +36,87 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from server.runtime import simulation_env  # noqa: E402
 from server.simulation import SimulationPlan, run_simulation  # noqa: E402
 
+TRIVIAL_APP = ROOT / "benchmarks" / "trivial_app"
 NO_EVAL = {"eval-domains": "", "eval-sites": False}
+SITES = 3
 
 
-def one_run(plan: SimulationPlan, keep_eval: bool) -> dict[str, Any]:
-    """Run the plan once in a fresh folder; wall time and the report's own numbers."""
+def run_fedmerge(keep_eval: bool) -> dict[str, Any]:
+    plan = SimulationPlan.preset("tiny")
     with tempfile.TemporaryDirectory(prefix="sim_overhead_") as tmp:
-        start = time.perf_counter()
+        started = time.time()
         report = run_simulation(plan, Path(tmp), plan.resolve(None if keep_eval else NO_EVAL))
-        wall = time.perf_counter() - start
-    sites = report["sites"]
-    adapt = [float(s["metrics"].get("adapt-seconds", 0.0)) for s in sites]
-    bn = [float(s["metrics"].get("bn-seconds", 0.0)) for s in sites]
-    timings = {k: float(v) for k, v in report.get("timings", {}).items()}
-    return {"wall": wall, "sites": len(sites), "adapt": adapt, "bn": bn, "timings": timings}
+    timings = report["timings"]
+    sites = [s["metrics"] for s in report["sites"]]
+    return {
+        "driver": {**report["driver"], "started-at": started},
+        "server": timings,
+        "sites": sites,
+        "work": [s.get("adapt-seconds", 0.0) + s.get("bn-seconds", 0.0) for s in sites],
+    }
 
 
-def breakdown(run: dict[str, Any]) -> list[tuple[str, float]]:
-    """Rows of (what, seconds) for one run; a site's own work is its adaptation plus its BN pass."""
-    wall, adapt, bn, timings = run["wall"], run["adapt"], run["bn"], run["timings"]
-    work = [a + b for a, b in zip(adapt, bn, strict=True)]
-    rows = [("wall time of the run", wall)]
-    for i, (a, b) in enumerate(zip(adapt, bn, strict=True)):
-        rows += [(f"site {i}: adaptation (adapt-seconds)", a), (f"site {i}: BN statistics and metrics (bn-seconds)", b)]
-    rows += [(f"server {name}", seconds) for name, seconds in sorted(timings.items())]
-    rows += [
-        ("overhead = wall - longest site's work (sites fully overlapped)", wall - max(work, default=0.0)),
-        ("overhead = wall - all sites' work (sites one after another)", wall - sum(work)),
-        ("wall - server phases: runtime start-up, ClientApp start, transport, teardown", wall - sum(timings.values())),
-    ]
-    return rows
+def run_trivial() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="sim_overhead_trivial_") as tmp:
+        out = Path(tmp) / "timing.json"
+        clock = {"started-at": time.time()}
+        with simulation_env(Path(tmp) / ".flwr", SITES) as (env, connection):
+            clock["superlink-ready-at"] = time.time()
+            result = env.run_app(connection, {"out-file": str(out), "min-nodes": SITES}, 600, app_dir=TRIVIAL_APP)
+            clock["flwr-run-ended-at"] = time.time()
+        clock["stopped-at"] = time.time()
+        if not out.is_file():
+            raise RuntimeError(f"the trivial app failed: {(result.stdout + result.stderr)[-2000:]}")
+        timing = json.loads(out.read_text())
+    return {"driver": clock, "server": timing, "sites": timing["sites"], "work": [0.0] * len(timing["sites"])}
+
+
+def split(run: dict[str, Any]) -> dict[str, float]:
+    """The wall time of one run, phase by phase (seconds)."""
+    d, s, sites = run["driver"], run["server"], run["sites"]
+    first_client = min(x["clientapp-started-at"] for x in sites)
+    last_reply = max(x["server-received-at"] for x in sites)
+    setup = [x.get("clientapp-setup-seconds", 0.0) for x in sites]
+    transport = [x["server-received-at"] - x["clientapp-replied-at"] for x in sites]
+    return {
+        "runtime start-up (SuperLink listening)": d["superlink-ready-at"] - d["started-at"],
+        "run start-up (flwr run until the ServerApp's main)": s["serverapp-started-at"] - d["superlink-ready-at"],
+        "  of which the ServerApp process's own start-up": s["serverapp-startup-seconds"],
+        "server until the train round (config, model, nodes)": s["train-round-started-at"] - s["serverapp-started-at"],
+        "backend and worker start-up (until the first ClientApp handler)": first_client - s["train-round-started-at"],
+        "  of which a ClientApp worker's start-up (mean)": statistics.fmean(
+            x["clientapp-startup-seconds"] for x in sites
+        ),
+        "ClientApp set-up: config, model, data (mean)": statistics.fmean(setup),
+        "sites' own work (mean; adaptation and BN pass)": statistics.fmean(run["work"]),
+        "transport and polling, reply to server (mean)": statistics.fmean(transport),
+        "train round, first ClientApp handler to last reply received": last_reply - first_client,
+        "server after the last reply (merge, save, report)": s["serverapp-finished-at"] - last_reply,
+        "ServerApp end until flwr run returns": d["flwr-run-ended-at"] - s["serverapp-finished-at"],
+        "teardown (every process stopped)": d["stopped-at"] - d["flwr-run-ended-at"],
+        "wall time": d["stopped-at"] - d["started-at"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--keep-eval", action="store_true", help="keep the preset's server-side evaluation")
+    parser.add_argument("--keep-eval", action="store_true", help="keep the tiny preset's server-side evaluation")
     args = parser.parse_args()
-    plan = SimulationPlan.preset(args.preset)
-    print(f"preset {plan.name}: {plan.num_sites} sites, {plan.description}")
-    print(f"run config: {plan.run_config}" + ("" if args.keep_eval else f" with {NO_EVAL}"))
-    runs = [one_run(plan, args.keep_eval) for _ in range(args.repeats)]
-    tables = [breakdown(run) for run in runs]
-    header = "| what | " + " | ".join(f"run {i + 1} s" for i in range(len(runs)))
-    header += " | median s |" if len(runs) > 1 else " |"
-    print()
-    print(header)
-    print("|---|" + "---|" * (len(runs) + (1 if len(runs) > 1 else 0)))
-    for i, (what, _) in enumerate(tables[0]):
-        values = [table[i][1] for table in tables]
-        cells = " | ".join(f"{v:.2f}" for v in values)
-        median = f" | {statistics.median(values):.2f}" if len(runs) > 1 else ""
-        print(f"| {what} | {cells}{median} |")
+    runs: dict[str, list[dict[str, float]]] = {"trivial Flower app": [], "fedmerge tiny": []}
+    for _ in range(args.repeats):  # interleaved, so the machine's load hits both alike
+        runs["trivial Flower app"].append(split(run_trivial()))
+        runs["fedmerge tiny"].append(split(run_fedmerge(args.keep_eval)))
+    medians = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    print(f"{SITES} simulated sites, median of {args.repeats} run(s) each, seconds\n")
+    print("| phase | trivial Flower app | fedmerge tiny |\n|---|---:|---:|")
+    for phase in medians["fedmerge tiny"]:
+        print(f"| {phase} | {medians['trivial Flower app'][phase]:.2f} | {medians['fedmerge tiny'][phase]:.2f} |")
+    ours, floor = medians["fedmerge tiny"]["wall time"], medians["trivial Flower app"]["wall time"]
+    print(f"\nfedmerge tiny / trivial app: {ours / floor:.2f}x, {ours - floor:+.1f} s")
 
 
 if __name__ == "__main__":

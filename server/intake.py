@@ -9,6 +9,7 @@ sums stay as they were. Nothing a reply says can end the run.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from flwr.app import Message
@@ -53,6 +54,7 @@ class ReplyIntake:
 
     def take_update(self, reply: Message, node_id: int, weight: float | None = None) -> bool:
         """Fold a training reply into the merge; False (with an incident) if it did not enter."""
+        received_at = time.time()
         if self._failed(reply, node_id, ""):
             return False
         try:
@@ -74,6 +76,7 @@ class ReplyIntake:
             update.metrics, manifest(reply.content), self.node_names.get(node_id, ""), outcome.weight,
             outcome.clip_scale,
         )  # fmt: skip
+        entry.metrics["server-received-at"] = received_at
         self.report.sites.append(entry)
         log.info("merged site %s (node %s, %d images)", update.site, node_id, update.num_examples)
         if self.on_update is not None:

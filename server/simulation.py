@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from common.data import DataSpec
-from common.pretrain import PretrainPlan, pretrain_to_file
+from common.data.spec import DataSpec
 from common.run_config import ConfigError, RunConfig
 from server.runtime import simulation_env
+
+if TYPE_CHECKING:
+    from common.pretrain import PretrainPlan
 
 __all__ = ["PRESETS_DIR", "SimulationPlan", "list_presets", "run_simulation"]
 
@@ -76,6 +79,8 @@ class SimulationPlan:
 
 
 def _pretrain_plan(raw: dict[str, Any], path: Path) -> PretrainPlan:
+    from common.pretrain import PretrainPlan
+
     options = {k.replace("-", "_"): v for k, v in raw.items()}
     unknown = set(options) - {"data", "arch", "steps", "batch_size", "seed"}
     if unknown or "data" not in options:
@@ -89,6 +94,8 @@ def list_presets() -> list[str]:
 
 def _source_weights(plan: SimulationPlan, out_dir: Path) -> str:
     """Pretrain the shared source model once per output folder."""
+    from common.pretrain import pretrain_to_file
+
     assert plan.pretrain is not None
     path = out_dir / SOURCE_CHECKPOINT
     if path.exists():
@@ -114,10 +121,15 @@ def run_simulation(
     timeout = run.timeout * (rounds + 1) + 120
     report_path = out_dir / "report.json"
     report_path.unlink(missing_ok=True)  # never mistake an earlier run's report for this one's
+    clock = {"started-at": time.time()}
     with simulation_env(out_dir / ".flwr", plan.num_sites) as (env, connection):
+        clock["superlink-ready-at"] = time.time()
         result = env.run_app(connection, run.to_flower(), timeout=timeout, echo=echo)
+        clock["flwr-run-ended-at"] = time.time()
+    clock["stopped-at"] = time.time()
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     if report.get("status") == "ok":
+        report["driver"] = clock  # when each step of the run happened, for benchmarks/sim_overhead.py
         return report
     if report:
         raise SimulationFailed(f"simulation ended with status {report.get('status')!r}: {report.get('error')}")

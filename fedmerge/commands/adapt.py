@@ -10,28 +10,26 @@ import argparse
 import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from clients.adaptation import METHODS, AdaptContext, get_method, make_config
-from clients.site import SiteJob, adapt_site
-from common.checkpoints import load_checkpoint, read_model_file
-from common.data import DataSpec, build_dataset, dataset_classes, make_loader
-from common.evaluation import evaluate_domain
-from common.model_factory import build_model
-from common.typed_options import parse_key_values
-from common.update_format import save_site_update
 from fedmerge.cli import CommandError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def _options(items: list[str]) -> dict[str, str]:
+    from common.typed_options import parse_key_values
+
     return parse_key_values(" ".join(items), "--set")
 
 
 def describe_methods() -> str:
     """Every registered method with its summary and its config fields, typed, with defaults."""
+    from clients.adaptation import METHODS, get_method
+
     get_method("adabn")  # loads the built-in methods
     lines = []
     for name in sorted(METHODS):
@@ -45,6 +43,9 @@ def describe_methods() -> str:
 
 
 def _load_model(path: str, arch: str | None, classes: list[str]) -> tuple[torch.nn.Module, str]:
+    from common.checkpoints import load_checkpoint, read_model_file
+    from common.model_factory import build_model
+
     if arch is None:
         model, meta = load_checkpoint(path, classes)
         return model, meta["arch"]
@@ -55,6 +56,14 @@ def _load_model(path: str, arch: str | None, classes: list[str]) -> tuple[torch.
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from clients.adaptation import AdaptContext, get_method, make_config
+    from clients.site import SiteJob, adapt_site
+    from common.data import DataSpec, build_dataset, dataset_classes, make_loader
+    from common.evaluation import evaluate_domain
+    from common.update_format import save_site_update
+
     if args.list:
         print(describe_methods())
         return 0

@@ -8,14 +8,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-from common.data import SYNTHETIC_STYLES, DataSpec, build_dataset, dataset_classes, parse_size
-from common.data.synthetic import DEFAULT_IMAGES_PER_DOMAIN, DEFAULT_SIZE, write_synthetic_folder
+from common.data.spec import parse_size
 from fedmerge.cli import CommandError
 
 
 def synth(args: argparse.Namespace) -> int:
+    from common.data.synthetic import DEFAULT_IMAGES_PER_DOMAIN, DEFAULT_SIZE, SYNTHETIC_STYLES, write_synthetic_folder
+
+    args.images_per_domain = args.images_per_domain or DEFAULT_IMAGES_PER_DOMAIN
+    args.size = args.size or DEFAULT_SIZE
+    args.styles = args.styles or ",".join(SYNTHETIC_STYLES)
     styles = [s.strip() for s in args.styles.split(",") if s.strip()]
     unknown = [s for s in styles if s not in SYNTHETIC_STYLES]
     if unknown:
@@ -49,6 +51,10 @@ def _prepare_folder(out: Path, overwrite: bool) -> None:
 
 def check(args: argparse.Namespace) -> int:
     """Read every item once: labels are checked lazily, so this is how to find a bad file early."""
+    import torch
+
+    from common.data import DataSpec, build_dataset, dataset_classes
+
     spec = DataSpec.parse(args.data)
     names = dataset_classes(spec.kind, spec.root)
     dataset = build_dataset(spec)
@@ -82,9 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = data_sub.add_parser("synth", help="write the synthetic styles in the folder layout")
     s.add_argument("--out", required=True, help="output directory (DIR/classes.txt, DIR/<style>/images|labels)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--images-per-domain", type=int, default=DEFAULT_IMAGES_PER_DOMAIN)
-    s.add_argument("--size", type=_size, default=DEFAULT_SIZE, metavar="HxW", help="default 96x128")
-    s.add_argument("--styles", default=",".join(SYNTHETIC_STYLES), help="comma list (default: all)")
+    s.add_argument("--images-per-domain", type=int, default=0, help="images per style (default: the generator's)")
+    s.add_argument("--size", type=_size, default=None, metavar="HxW", help="default 96x128")
+    s.add_argument("--styles", default="", help="comma list (default: all)")
     s.add_argument("--overwrite", action="store_true", help="empty a non-empty --out folder first")
     s.set_defaults(func=synth)
     c = data_sub.add_parser("check", help="read every image and label of a data spec; print class frequencies")

@@ -6,9 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common.checkpoints import load_checkpoint
-from common.data import DataSpec, build_dataset, make_loader
-from common.evaluation import evaluate_domains
+from common.data.spec import DataSpec
 from experiments.tables import markdown_table
 from fedmerge.cli import CommandError
 
@@ -25,6 +23,10 @@ def _specs(items: list[str]) -> dict[str, DataSpec]:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    from common.checkpoints import load_checkpoint
+    from common.data import build_dataset, make_loader
+    from common.evaluation import evaluate_domains
+
     specs = _specs(args.data)
     loaders = {d: make_loader(build_dataset(s), args.batch_size) for d, s in specs.items()}
     results: dict[str, dict] = {}

@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
-from common.checkpoints import save_checkpoint
-from common.data import DataSpec, dataset_classes, parse_size
-from common.pretrain import PretrainConfig, pretrain
+from common.data.spec import DataSpec, parse_size
 from fedmerge.cli import CommandError
 
 log = logging.getLogger(__name__)
@@ -26,6 +22,12 @@ def _pair(text: str, kind: type) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from common.checkpoints import save_checkpoint
+    from common.data import dataset_classes
+    from common.pretrain import PretrainConfig, pretrain
+
     spec = DataSpec.parse(args.data)
     if not args.out.endswith(".safetensors"):
         raise CommandError(f"--out must end in .safetensors, got {args.out!r}")

@@ -1,0 +1,1 @@
+"""A trivial Flower app: the floor fedmerge's simulation overhead is measured against."""

@@ -11,15 +11,17 @@ from functools import lru_cache
 
 import numpy as np
 import psutil
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
 from clients import secure_site
 from clients.config import SiteConfig
 from clients.site import adapt_site, recalibration_sums
-from common.data import DataSpec, build_dataset
+from common.bn_bank import BankedSegmenter, BNBank
+from common.data import DataSpec, build_dataset, image_batches
 from common.fingerprint import INITIAL_SHA256, state_fingerprint
+from common.label_free import label_free_scores, score_images
 from common.model_factory import build_model
 from common.models import Segmenter
 from common.secure_merge import merge_segments, statistics_segments
@@ -30,6 +32,7 @@ from common.wire import census_records, sums_to_records, update_to_records
 STARTUP_SECONDS = time.time() - psutil.Process().create_time()
 app = ClientApp()
 SECURE_UPDATE, SECURE_STATISTICS = "secagg-update", "secagg-statistics"  # kept in context.state between messages
+OWN_MODEL = "own-model"  # the site's adapted model, kept while a label-free selection scores candidates
 
 
 @lru_cache(maxsize=4)
@@ -106,6 +109,8 @@ def handle_train(received: RecordDict, context: Context) -> RecordDict:
     target = _dataset(config.data)
     ready = time.perf_counter()
     update = adapt_site(model, target, config.job)
+    if _config(received).get("keep-own"):  # a label-free selection will ask to score candidates against it
+        context.state[OWN_MODEL] = ArrayRecord(update.state_dict())
     if _config(received).get("secure"):  # keep the update here; only public keys and the image count leave
         context.state[SECURE_UPDATE] = ArrayRecord(update.state_dict())
         return secure_site.advertise(context, len(target), config.job.domain)
@@ -159,6 +164,21 @@ def _secure_query(received: RecordDict, context: Context, config: SiteConfig, ph
     return content
 
 
+def _score_candidate(received: RecordDict, context: Context, config: SiteConfig, target: Dataset) -> RecordDict:
+    """Every label-free score of the candidate sent, on (at most 16 of) this site's images: scalars only."""
+    candidate = _global_model(received, config)
+    if "bank" in received:
+        names = tuple(str(n) for n in _config(received)["bank-names"])  # type: ignore[union-attr]
+        candidate = BankedSegmenter(candidate, BNBank.from_tensors(received["bank"].to_torch_state_dict(), names))
+    own = None
+    if OWN_MODEL in context.state:
+        own = build_model(config.arch, config.num_classes)
+        own.load_state_dict(context.state[OWN_MODEL].to_torch_state_dict())
+    batches = image_batches(score_images(target), config.job.batch_size)
+    scores = label_free_scores(candidate, own, batches, seed=config.run.seed)
+    return RecordDict({"scores": MetricRecord(scores), "info": ConfigRecord({"domain": config.job.domain})})
+
+
 def handle_query(received: RecordDict, context: Context) -> RecordDict:
     config = _site_config(context)
     phase = str(_config(received).get("phase", "recalibrate"))
@@ -167,6 +187,8 @@ def handle_query(received: RecordDict, context: Context) -> RecordDict:
     target = _dataset(config.data)
     if phase == "census":
         return census_records(len(target), config.job.domain)
+    if phase == "score":
+        return _score_candidate(received, context, config, target)
     model = _global_model(received, config)
     mode = str(_config(received).get("bn-mode", "batch"))
     sums = recalibration_sums(model, target, config.job.batch_size, mode)

@@ -22,7 +22,7 @@ from typing import Any
 from common.merge_spec import MergeSpec, method_info, method_options
 from common.typed_options import OptionError, closest, coerce, parse_key_values
 
-__all__ = ["PYPROJECT", "ConfigError", "RunConfig", "declared_defaults"]
+__all__ = ["PYPROJECT", "ConfigError", "MergeCandidate", "RunConfig", "declared_defaults"]
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 STRATEGIES = ("one-shot", "fedavg")
@@ -32,6 +32,21 @@ BN_BANKS = ("", "own", "recalibrated")
 
 class ConfigError(OptionError):
     """A run configuration that cannot run: named key, what is wrong, what would be right."""
+
+
+@dataclass(frozen=True)
+class MergeCandidate:
+    """One merge a label-free selection may choose: its label (the run-config changes), spec and BN bank."""
+
+    label: str
+    spec: MergeSpec
+    bn_bank: str
+
+
+CANDIDATE_KEYS = {"merge-method", "merge-options", "param-weighting", "buffer-mode", "equal-site-stats",
+                  "max-site-share", "bn-bank"}  # fmt: skip
+# The label-free scores (common.label_free), named here so a configuration is checked without torch.
+SCORE_NAMES = ("agreement", "neg-entropy", "confident", "diversity", "mix", "photometric")
 
 
 @functools.cache
@@ -91,6 +106,10 @@ class RunConfig:
     recalibrate_mode: str
     bn_bank: str
     secure_aggregation: bool
+    select: str
+    select_score: str
+    select_aggregate: str
+    select_candidates: str
     param_precision: str
     save_updates: bool
     strategy: str
@@ -123,6 +142,11 @@ class RunConfig:
             raise ConfigError("bn-bank = recalibrated needs recalibrate = true (the second round measures them)")
         if self.secure_aggregation:
             self._check_secure()
+        _one_of(self.select, ("", "label-free"), "select")
+        if self.select:
+            if self.secure_aggregation:
+                raise ConfigError("select = label-free scores one site's own model: not with secure-aggregation")
+            self.candidates()  # every candidate checked now
         self.merge_spec()  # every merge key checked now, not when the first reply arrives
 
     def _check_secure(self) -> None:
@@ -149,6 +173,26 @@ class RunConfig:
     def to_flower(self) -> dict[str, bool | int | float | str]:
         """Kebab-case keys and plain values, as ``flwr run --run-config`` takes them."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def candidates(self) -> list[MergeCandidate]:
+        """The candidate merges of a label-free selection: this run's merge changed by each item."""
+        _one_of(self.select_aggregate, ("worst", "mean"), "select-aggregate")
+        if self.select_score not in SCORE_NAMES:
+            raise ConfigError(f"select-score must be one of {', '.join(SCORE_NAMES)}, not {self.select_score!r}"
+                              f"{closest(self.select_score, SCORE_NAMES)}")  # fmt: skip
+        out = []
+        for item in (part.strip() for part in self.select_candidates.split(";")):
+            if not item:
+                continue
+            changes = {} if item == "default" else dict(kv.partition("=")[::2] for kv in item.split())
+            unknown = set(changes) - CANDIDATE_KEYS
+            if unknown:
+                raise ConfigError(f"select-candidates item {item!r}: only {sorted(CANDIDATE_KEYS)} can change")
+            run = RunConfig.read({**self.to_flower(), **changes, "select": ""})
+            out.append(MergeCandidate(item, run.merge_spec(), run.bn_bank))
+        if len(out) < 2:
+            raise ConfigError(f"select-candidates needs at least two candidates, got {self.select_candidates!r}")
+        return out
 
     def merge_spec(self) -> MergeSpec:
         """The merge this run asks for."""

@@ -18,8 +18,10 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 
 from clients.site import recalibration_sums
+from common.bn_bank import BankedSegmenter, BNBank
 from common.bnstats import BNSums
-from common.data import build_dataset
+from common.data import build_dataset, image_batches
+from common.label_free import label_free_scores, score_images
 from common.updates import SiteUpdate
 from common.wire import sums_to_records, update_to_records, wire_bytes
 from experiments.config import ExperimentConfig
@@ -56,12 +58,27 @@ class LocalSites:
     pool: ModelPool
     data: dict[str, Dataset]
     cache_dir: Path
+    pool_updates: dict[str, SiteUpdate] = field(default_factory=dict)  # each site's own adapted model
 
     def bn_sums(self, site: str, state: Mapping[str, Tensor], mode: str) -> tuple[dict[str, BNSums], int, float]:
         started = time.perf_counter()
         sums = recalibration_sums(self.source.model(state), self.data[site], self.config.method.batch_size, mode)
         seconds = time.perf_counter() - started
         return sums, wire_bytes(sums_to_records(sums, len(self.data[site]), site)), seconds
+
+    def label_free(self, state: Mapping[str, Tensor], bank: BNBank | None) -> dict[str, dict[str, float]]:
+        """Every label-free score of one model at each site, on (at most 16 of) its own images."""
+        out: dict[str, dict[str, float]] = {}
+        for site in self.config.sites:
+            images = score_images(self.data[site.name])
+            candidate = self.source.model(state)
+            if bank is not None:
+                candidate = BankedSegmenter(candidate, bank)
+            own = self.source.model(self.pool_updates[site.name].state_dict())
+            batches = image_batches(images, self.config.method.batch_size)
+            for name, value in label_free_scores(candidate, own, batches, seed=self.config.seed).items():
+                out.setdefault(name, {})[site.name] = value
+        return out
 
     def combined(self) -> tuple[SiteUpdate, dict[str, int], float]:
         union = ConcatDataset([self.data[s.name] for s in self.config.sites])
@@ -89,6 +106,7 @@ class StrategyRow:
     site_seconds: float
     strategy_seconds: float  # this run's wall time of the strategy (merge; in-process site work; Flower)
     notes: str = ""
+    label_free: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> site -> value
 
 
 @dataclass
@@ -167,13 +185,14 @@ def run_compare(config: ExperimentConfig, cache_dir: Path) -> CompareResult:
     entries: dict[str, PoolEntry] = {s.name: pool.get(s.name, data[s.name], str(s.data)) for s in config.sites}
     timings["adaptation-seconds"] = time.perf_counter() - t
     updates = [entries[s.name].update for s in config.sites]
+    local = LocalSites(config, source, pool, data, cache_dir, {u.site: u for u in updates})
     inputs = MergeInputs(
         base=source.state,
         updates=updates,
         ema_updates=[entries[s.name].ema_update() for s in config.sites],
         update_bytes={u.site: update_bytes(u, config.method.name) for u in updates},
         adapt_seconds={name: e.adapt_seconds for name, e in entries.items()},
-        sites=LocalSites(config, source, pool, data, cache_dir),
+        sites=local,
     )
     sites = [
         SiteRecord(s.name, str(s.data), entries[s.name].update.num_examples, entries[s.name].key,
@@ -191,10 +210,11 @@ def run_compare(config: ExperimentConfig, cache_dir: Path) -> CompareResult:
         outcome = strategy.run(inputs, options)
         strategy_seconds = time.perf_counter() - t
         scores = tasks.score(source, outcome.state, outcome.per_site, bank=outcome.bank)
+        label_free = {} if outcome.state is None else local.label_free(outcome.state, outcome.bank)
         rows.append(
             StrategyRow(entry.label, strategy.name, scores.per_domain, scores.harmonic_mean, outcome.rounds,
                         outcome.bytes_sent, strategy.test_time_domain, strategy.needs, outcome.site_seconds,
-                        strategy_seconds, outcome.notes)
+                        strategy_seconds, outcome.notes, label_free)
         )  # fmt: skip
         log.info("  %s: H %.4f %s", entry.label, scores.harmonic_mean, scores.per_domain)
 

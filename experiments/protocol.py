@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from common.data import DataSpec, TimeSplit, build_dataset
+from common.label_free import SCORES
 from experiments.config import ExperimentConfig, ProtocolConfig
+from experiments.selection import selection_rows
 from experiments.tables import markdown_table
 
 __all__ = ["ProtocolRun", "aggregate", "fold_config", "fold_windows", "protocol_markdown", "run_protocol"]
@@ -189,10 +191,36 @@ def protocol_markdown(config: ExperimentConfig, runs: list[dict[str, Any]], comm
         "each sequence. 'H - best single site' is paired: run by run, the strategy's H minus the best single "
         "site's H in that same run.",
         markdown_table(header, table),
+        *selection_section(runs),
         "## Runs",
         "\n".join(runs_lines),
     ]
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def selection_section(runs: list[dict[str, Any]]) -> list[str]:
+    """How each label-free score would have chosen among the one-shot merges, run by run, summarised."""
+    per_run = [selection_rows(run["strategies"]) for run in runs]
+    if not any(per_run):
+        return []
+    table = []
+    for name in SCORES:
+        rows = [r for rows in per_run for r in rows if r["score"] == name]
+        if not rows:
+            continue
+        rho = _mean_sd([r["spearman"] for r in rows])
+        gap = _mean_sd([r["pick_h"] - r["best_h"] for r in rows])
+        over_default = _mean_sd([r["pick_h"] - r["default_h"] for r in rows])
+        near = sum(r["best_h"] - r["pick_h"] <= 0.01 for r in rows)
+        table.append([name, f"{rho[0]:.2f} ± {rho[1]:.2f}", _pct(over_default), _pct(gap), f"{near}/{len(rows)}"])
+    header = ["score", "Spearman rho with H", "pick - default merge (H %)", "pick - best in hindsight (H %)",
+              "runs within 1 H of the best"]  # fmt: skip
+    return [
+        "## Choosing the merge without labels",
+        "Each site scores every one-shot merge on its own images; a score picks the merge with the highest "
+        "worst-site value. Per run, against the true H of those merges:",
+        markdown_table(header, table),
+    ]
 
 
 def _time(spec_text: str) -> str:

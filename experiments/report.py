@@ -14,8 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from common.label_free import SCORES
 from experiments.compare import CompareResult, StrategyRow
 from experiments.pool import EMA_FROM_TRAIN_PASS
+from experiments.selection import selection_rows, worst_site
 from experiments.tables import markdown_table
 
 __all__ = ["RESULT_FILES", "results_dict", "results_markdown", "write_results"]
@@ -74,6 +76,46 @@ def _mb(row: StrategyRow, sites: list[str]) -> str:
     return " / ".join(f"{s}: {row.bytes_sent[s] / MB:.3f}" for s in sites if s in row.bytes_sent)
 
 
+def _selection_section(result: CompareResult) -> list[str]:
+    """The label-free scores of every one-model row at its worst site, and which row each score would pick."""
+    rows = [asdict(r) for r in result.rows]
+    scored = [r for r in rows if r["label_free"]]
+    if not scored:
+        return []
+    names = list(SCORES)
+    table = [[r["label"], *[f"{worst_site(r['label_free'].get(n, {})):.3f}" for n in names],
+              f"{_pct(r['harmonic_mean']):.1f}"] for r in scored]  # fmt: skip
+    picks = selection_rows(rows)
+    lines = [
+        "## Choosing the merge without labels",
+        "",
+        "Each site scores each model on its own unlabeled images (common/label_free.py; higher is better); "
+        "shown is the worst site's value, and each score picks the one-shot row where that is highest.",
+        "",
+        markdown_table(["strategy", *names, "H %"], table),
+        "",
+    ]
+    if picks:
+        lines += [
+            markdown_table(
+                ["score", "Spearman rho with H", "picks", "its H %", "default merge H %", "best in hindsight"],
+                [
+                    [
+                        p["score"],
+                        f"{p['spearman']:.2f}",
+                        p["pick"],
+                        f"{_pct(p['pick_h']):.1f}",
+                        f"{_pct(p['default_h']):.1f}",
+                        f"{p['best']} ({_pct(p['best_h']):.1f})",
+                    ]
+                    for p in picks
+                ],
+            ),
+            "",
+        ]
+    return lines
+
+
 def results_markdown(result: CompareResult, command: str = "", plots: list[str] | None = None) -> str:
     config = result.config
     site_names = [s.name for s in result.sites]
@@ -123,6 +165,7 @@ def results_markdown(result: CompareResult, command: str = "", plots: list[str] 
     notes = [(r.label, r.notes) for r in result.rows if r.notes]
     if notes:
         lines += ["Notes per strategy:", ""] + [f"- `{label}`: {note}" for label, note in notes] + [""]
+    lines += _selection_section(result)
     lines += _weighting_section(result)
     lines += _reading_notes(result)
     if result.lmc is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from common.data import DataSpec
 from common.merge_spec import MergeSpec
-from common.run_config import ConfigError, RunConfig
+from common.run_config import ConfigError, MergeCandidate, RunConfig
 
 __all__ = ["MergeConfig", "ServerConfig"]
 
@@ -24,11 +24,17 @@ class MergeConfig:
     recalibrate_mode: str
     poll_interval: float = 0.05  # seconds between pulls while replies are outstanding
     secure: bool = False  # secure aggregation: the server learns only sums (server/secure_round.py)
+    bn_bank: str = ""  # ship the sites' own or recalibrated BN statistics with the merge
+    candidates: tuple[MergeCandidate, ...] = ()  # a label-free selection among these (server/selection_round.py)
+    select_score: str = "agreement"
+    select_aggregate: str = "worst"
 
     @classmethod
     def from_run(cls, run: RunConfig) -> MergeConfig:
+        candidates = tuple(run.candidates()) if run.select else ()
         return cls(run.merge_spec(), run.min_sites, run.timeout, run.recalibrate, run.recalibrate_mode,
-                   secure=run.secure_aggregation)  # fmt: skip
+                   secure=run.secure_aggregation, bn_bank=run.bn_bank, candidates=candidates,
+                   select_score=run.select_score, select_aggregate=run.select_aggregate)  # fmt: skip
 
 
 def _eval_specs(run: RunConfig) -> dict[str, DataSpec]:

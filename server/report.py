@@ -45,6 +45,7 @@ class MergeReport:
     timings: dict[str, float] = field(default_factory=dict)
     census: dict[str, int] = field(default_factory=dict)  # node id -> images claimed before the train round
     secure: dict[str, Any] = field(default_factory=dict)  # secure aggregation: survivors, threshold, error bound
+    selection: dict[str, Any] = field(default_factory=dict)  # label-free selection: every score, the choice
     recalibration: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)  # the merged model
     eval_initial: dict[str, Any] = field(default_factory=dict)  # the model every site started from

@@ -65,11 +65,11 @@ def _fail(report: MergeReport, exc: BaseException, strategy: OneShotMerge, confi
     report.write(config.out_dir / REPORT_FILE)
 
 
-def _bank(strategy: OneShotMerge, run: RunConfig, report: MergeReport) -> BNBank | None:
-    """The BN bank the run asked for; recalibrated statistics only when the second round was applied."""
-    if not run.bn_bank:
+def _bank(strategy: OneShotMerge, report: MergeReport) -> BNBank | None:
+    """The BN bank the run asked for (or selected); recalibrated statistics only if the second round applied."""
+    if not strategy.bank_source:
         return None
-    source = run.bn_bank
+    source = strategy.bank_source
     if source == "recalibrated" and not report.recalibration.get("applied"):
         log.warning("bn-bank: the recalibration round was not applied; shipping the sites' own statistics")
         source = "own"
@@ -102,7 +102,7 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
             save_state(strategy.secure_state, config.out_dir / MERGED_FILE, run.arch, run.num_classes,
                        {"merged_from": sites, "secure-aggregation": "true"})  # fmt: skip
         else:
-            save_merged(strategy.engine, config.out_dir / MERGED_FILE, run, _bank(strategy, run, report))
+            save_merged(strategy.engine, config.out_dir / MERGED_FILE, run, _bank(strategy, report))
     except BaseException as exc:  # even a stop signal: what was received is written before the run ends
         _fail(report, exc, strategy, config)
         raise

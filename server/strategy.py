@@ -30,6 +30,7 @@ from server.config import MergeConfig
 from server.intake import ReplyIntake
 from server.report import MergeReport, SiteEntry
 from server.secure_round import SecureOutcome, SecureSum, threshold_for
+from server.selection_round import Candidate, SelectionRound
 
 __all__ = ["MessageFactory", "MinSitesNotMet", "OneShotMerge", "flower_message"]
 
@@ -85,11 +86,43 @@ class OneShotMerge(Strategy):
         self.config = config
         self.report = report or MergeReport()
         self.engine = MergeEngine(config.spec, template, profile)
-        self.intake = ReplyIntake(self.engine, self.report, on_update=on_update)
+        self.bank_source = config.bn_bank  # which BN statistics ship with the merge ("" for none)
+        self.candidates = [  # a label-free selection's candidate merges, one engine each (shared when specs agree)
+            Candidate(c, self.engine if c.spec == config.spec else MergeEngine(c.spec, template, profile))
+            for c in config.candidates
+        ]
+        self.intake = ReplyIntake(self.engine, self.report, on_update=self._fan_out(on_update))
         self.make_message = make_message
         self.secure_state: dict[str, Tensor] | None = None  # the merged model, in secure mode
         self.secure_sites: dict[int, str] = {}  # node id -> reported label, in secure mode
         self.secure_bytes: dict[int, int] = {}  # node id -> bytes of its key advertisements
+
+    def _fan_out(self, on_update: Callable[[SiteUpdate, int], None] | None) -> Callable[[SiteUpdate, int], None] | None:
+        """After an update entered the main engine: into every other candidate's engine, then ``on_update``."""
+        if not self.config.candidates:
+            return on_update
+
+        def handle(update: SiteUpdate, node_id: int) -> None:
+            for candidate in self.candidates:
+                if candidate.engine is not self.engine:
+                    candidate.engine.ingest(update)
+            if on_update is not None:
+                on_update(update, node_id)
+
+        return handle
+
+    def select(self, grid: Grid) -> None:
+        """The label-free selection round: the chosen candidate's engine becomes the merge."""
+        self.report.start("selection-round")
+        nodes = [s.node_id for s in self.report.sites]
+        chooser = SelectionRound(grid, self._stream, self.make_message, self.config.select_score,
+                                 self.config.select_aggregate)  # fmt: skip
+        chosen = chooser.run(self.candidates, nodes)
+        self.engine, self.bank_source = chosen.engine, chosen.config.bn_bank
+        self.report.selection = {"score": self.config.select_score, "aggregate": self.config.select_aggregate,
+                                 "chosen": chosen.config.label, "candidates": [c.config.label for c in self.candidates],
+                                 "replies": chooser.record}  # fmt: skip
+        self.report.stop("selection-round")
 
     # ----- Message-API hooks ------------------------------------------------------------
     def summary(self) -> None:
@@ -201,9 +234,14 @@ class OneShotMerge(Strategy):
             self.census(grid, nodes)
         self.report.start("train-round")
         self.report.timings["train-round-started-at"] = time.time()
-        messages = self._train_messages(nodes, 1, initial_arrays, train_config or ConfigRecord())
+        train_config = train_config or ConfigRecord()
+        if self.candidates:
+            train_config["keep-own"] = True  # each site keeps its adapted model to score candidates against
+        messages = self._train_messages(nodes, 1, initial_arrays, train_config)
         self._stream(grid, messages, self.intake.take_update)
         self.report.stop("train-round")
+        if self.candidates and len(self.report.sites) >= self.config.min_sites:
+            self.select(grid)
         self.report.start("merge-finish")
         arrays, metrics = self.finish()
         self.report.stop("merge-finish")

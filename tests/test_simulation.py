@@ -157,3 +157,33 @@ def test_a_secure_simulation_gives_the_plain_merge_within_the_stated_bound(
     for key, value in plain.items():
         scale = float(value.double().abs().max()) or 1.0
         assert float((secure[key].double() - value.double()).abs().max()) <= 1e-6 * scale, key
+
+
+def test_a_label_free_selection_runs_in_flower_and_its_choice_is_the_merged_model(tmp_path):
+    """Every candidate goes to the sites; only scalar scores come back; the chosen one is merged.safetensors."""
+    from common.merge_engine import MergeEngine
+    from common.run_config import RunConfig
+    from common.update_format import load_site_update
+
+    plan = SimulationPlan.preset("tiny")
+    run = plan.resolve({"select": "label-free", "save-updates": True})
+    run_simulation(plan, tmp_path, run)
+    report = _report(tmp_path)
+    selection = report["selection"]
+    assert selection["chosen"] in selection["candidates"] and len(selection["candidates"]) == 4
+    assert len(selection["replies"]) == 3 * len(selection["candidates"])  # every site scored every candidate
+    for reply in selection["replies"]:
+        assert set(reply["manifest"]) == {"scores", "info"}  # scalars and the site's label, nothing else
+        assert reply["manifest"]["scores"]["value_types"] == ["float"]
+        assert "agreement" in reply["scores"]
+    chosen = next(c for c in run.candidates() if c.label == selection["chosen"])
+    updates = sorted((tmp_path / "updates").glob("*.safetensors"))
+    torch.manual_seed(run.seed)
+    template = build_model(run.arch, run.num_classes).state_dict()
+    engine = MergeEngine(chosen.spec, template)
+    for path in updates:
+        engine.ingest(load_site_update(path)[0])
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in engine.result().items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6)
+    assert RunConfig.defaults().select == ""  # selection is asked for, not the default

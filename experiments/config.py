@@ -18,6 +18,7 @@ from clients.adaptation import get_method, make_config
 from common.data import DataSpec
 from common.pretrain import PretrainPlan
 from common.typed_options import closest
+from experiments.shipped import CONFIGS_DIR, list_configs, resolve_config_path
 from experiments.strategies import get_strategy, make_options
 from server.runtime import PROJECT_ROOT
 
@@ -36,7 +37,6 @@ __all__ = [
     "resolve_config_path",
 ]
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
 DATA_ROOT = "{data_root}"
 
 
@@ -314,20 +314,3 @@ def _strategies(raw: list[Any], sites: list[str]) -> tuple[StrategyEntry, ...]:
         strategy, implied = get_strategy(entry.name)
         make_options(strategy, {**implied, **entry.options})
     return tuple(out)
-
-
-def list_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
-
-
-def resolve_config_path(name_or_path: str) -> Path:
-    """A file path as given, or a shipped config's name (``experiments/configs/NAME.toml``)."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"experiment config not found: {path}")
-        return path
-    shipped = CONFIGS_DIR / f"{name_or_path}.toml"
-    if not shipped.is_file():
-        raise ValueError(f"unknown experiment {name_or_path!r}; shipped configs: {', '.join(list_configs())}")
-    return shipped

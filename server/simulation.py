@@ -23,7 +23,7 @@ from server.runtime import simulation_env
 if TYPE_CHECKING:
     from common.pretrain import PretrainPlan
 
-__all__ = ["PRESETS_DIR", "SimulationPlan", "list_presets", "run_simulation"]
+__all__ = ["PRESETS_DIR", "SimulationPlan", "list_presets", "run_simulation", "starting_weights"]
 
 log = logging.getLogger(__name__)
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -41,6 +41,7 @@ class SimulationPlan:
     run_config: dict[str, Any] = field(default_factory=dict)
     pretrain: PretrainPlan | None = None
     description: str = ""
+    source: Path | None = None  # a shipped starting model, made once by the [pretrain] recipe
 
     @classmethod
     def load(cls, path: Path) -> SimulationPlan:
@@ -48,13 +49,14 @@ class SimulationPlan:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"{path}: cannot read simulation config ({exc})") from exc
-        unknown = set(raw) - {"description", "num-sites", "run-config", "pretrain"}
+        unknown = set(raw) - {"description", "num-sites", "run-config", "pretrain", "source"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         pre = raw.get("pretrain")
         pretrain = _pretrain_plan(pre, path) if pre else None
+        source = (path.parent / str(raw["source"])).resolve() if "source" in raw else None
         plan = cls(path.stem, raw.get("num-sites", 3), dict(raw.get("run-config", {})), pretrain,
-                   str(raw.get("description", "")))  # fmt: skip
+                   str(raw.get("description", "")), source)  # fmt: skip
         try:
             plan.resolve()
         except ValueError as exc:
@@ -92,11 +94,17 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
-def _source_weights(plan: SimulationPlan, out_dir: Path) -> str:
-    """Pretrain the shared source model once per output folder."""
+def starting_weights(plan: SimulationPlan, out_dir: Path, pretrain: bool) -> str:
+    """The shipped starting model, or one pretrained by the plan's recipe once per output folder."""
     from common.pretrain import pretrain_to_file
 
-    assert plan.pretrain is not None
+    if plan.source is not None and not pretrain:
+        if not plan.source.is_file():
+            raise FileNotFoundError(f"plan {plan.name!r}: its starting model {plan.source} is missing; "
+                                    "--pretrain makes one from the plan's [pretrain] recipe")  # fmt: skip
+        return str(plan.source)
+    if plan.pretrain is None:
+        raise ValueError(f"plan {plan.name!r} has no [pretrain] recipe to train a starting model with")
     path = out_dir / SOURCE_CHECKPOINT
     if path.exists():
         log.info("reusing source model %s", path)
@@ -105,18 +113,25 @@ def _source_weights(plan: SimulationPlan, out_dir: Path) -> str:
 
 
 def run_simulation(
-    plan: SimulationPlan, out_dir: Path, run: RunConfig | None = None, echo: TextIO | None = None
+    plan: SimulationPlan,
+    out_dir: Path,
+    run: RunConfig | None = None,
+    echo: TextIO | None = None,
+    pretrain: bool = False,
 ) -> dict[str, Any]:
     """Run the plan (its own run config, or ``run``); returns the report the ServerApp wrote.
 
-    Raises with Flower's log on failure. ``echo`` receives Flower's output line by line
-    while the run goes (e.g. ``sys.stderr``).
+    The sites start from the run's ``initial-weights``, else the plan's shipped model, else
+    (or with ``pretrain``) one trained by the plan's [pretrain] recipe. Raises with Flower's
+    log on failure. ``echo`` receives Flower's output line by line (e.g. ``sys.stderr``).
     """
     out_dir = out_dir.resolve()
     run = replace(run or plan.resolve(), out_dir=str(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    if plan.pretrain is not None and not run.initial_weights:
-        run = replace(run, initial_weights=_source_weights(plan, out_dir), arch=plan.pretrain.arch)
+    if (plan.pretrain is not None or plan.source is not None) and not run.initial_weights:
+        run = replace(run, initial_weights=starting_weights(plan, out_dir, pretrain))
+        if plan.pretrain is not None:  # the recipe names the architecture its model has
+            run = replace(run, arch=plan.pretrain.arch)
     rounds = run.num_rounds + (1 if run.recalibrate else 0)
     timeout = run.timeout * (rounds + 1) + 120
     report_path = out_dir / "report.json"

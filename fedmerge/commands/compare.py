@@ -44,7 +44,8 @@ def _run_protocol(config, out_dir: Path, cache_dir: Path, command: str) -> None:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from experiments.config import ExperimentConfig, resolve_config_path
+    from experiments.config import ExperimentConfig
+    from experiments.shipped import resolve_config_path
 
     if args.threads:
         import torch
@@ -63,7 +64,7 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from experiments.config import list_configs
+    from experiments.shipped import list_configs
 
     p = sub.add_parser("compare", help="compare merging strategies on the same cached site updates")
     p.add_argument("--config", required=True, help=f"a TOML file or a shipped name: {', '.join(list_configs())}")

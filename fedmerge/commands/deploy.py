@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 
 from fedmerge.cli import CommandError
-from fedmerge.deploy import CertificateConfig, make_certificates, make_node_keys
 
 
 def certs(args: argparse.Namespace) -> int:
+    from fedmerge.deploy import CertificateConfig, make_certificates  # cryptography: not on the help path
+
     config = CertificateConfig(sans=tuple(args.san), days=args.days)
     try:
         files = make_certificates(Path(args.out), config)
@@ -31,6 +32,8 @@ def _key_names(args: argparse.Namespace) -> list[str]:
 
 
 def keys(args: argparse.Namespace) -> int:
+    from fedmerge.deploy import make_node_keys
+
     try:
         made = make_node_keys(Path(args.out), _key_names(args))
     except FileExistsError as exc:

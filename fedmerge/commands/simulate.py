@@ -39,11 +39,14 @@ def simulate(args: argparse.Namespace) -> int:
     plan = _plan(args)
     run = plan.resolve(_overrides(args.set))  # every key and value checked before anything starts
     try:
-        report = run_simulation(plan, Path(args.out_dir), run, echo=echo)
+        report = run_simulation(plan, Path(args.out_dir), run, echo=echo, pretrain=args.pretrain)
     except SimulationFailed as exc:
         raise CommandError(str(exc)) from None
     print(report_table(report))
-    print(f"\nmerged model: {Path(args.out_dir).resolve() / 'merged.safetensors'}")
+    clock = report["driver"]
+    print(f"\n{len(report['sites'])} sites merged in {clock['stopped-at'] - clock['started-at']:.0f} s "
+          f"(Flower's SuperLink up after {clock['superlink-ready-at'] - clock['started-at']:.0f} s)")  # fmt: skip
+    print(f"merged model: {Path(args.out_dir).resolve() / 'merged.safetensors'}")
     return 0
 
 
@@ -52,18 +55,24 @@ def demo(args: argparse.Namespace) -> int:
     return simulate(args)
 
 
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
+    parser.add_argument("--quiet", action="store_true", help="do not echo Flower's log while the run goes")
+    parser.add_argument(
+        "--pretrain", action="store_true", help="train the starting model by the plan's [pretrain] recipe instead"
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="run N sites in Flower's simulation engine and merge once")
     p.add_argument("--out-dir", required=True, help="where merged.safetensors and report.json go")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=DEMO_PRESET, help=f"one of: {', '.join(list_presets())}")
     src.add_argument("--config", help="a simulation TOML file (see server/presets/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
-    p.add_argument("--quiet", action="store_true", help="do not echo Flower's log while the run goes")
+    _run_options(p)
     p.set_defaults(func=simulate)
 
     d = sub.add_parser("demo", help=f"simulate the embedded synthetic default ({DEMO_PRESET}) and print the table")
     d.add_argument("--out-dir", default="runs/demo")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
-    d.add_argument("--quiet", action="store_true", help="do not echo Flower's log while the run goes")
+    _run_options(d)
     d.set_defaults(func=demo)

@@ -1,0 +1,29 @@
+"""The command line answers at once: help and usage errors import neither torch nor Flower."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import sys
+from fedmerge.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+heavy = sorted({{m.split('.')[0] for m in sys.modules}} & {{'torch', 'torchvision', 'flwr'}})
+print('HEAVY', heavy)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["merge"], ["merge", "--help"], ["simulate", "--help"], ["compare", "--help"], ["evaluate"]],
+)
+def test_help_and_usage_errors_import_neither_torch_nor_flower(argv):
+    result = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert "HEAVY []" in result.stdout, (result.stdout, result.stderr[-2000:])

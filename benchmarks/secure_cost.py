@@ -7,8 +7,9 @@ Two measurements:
   ``MergeEngine.ingest``) against the secure one (key pairs, encrypted Shamir shares for
   every peer, the fixed-point vector and its K masks by AES-CTR; on the server the modular
   sum, the shares' reconstruction and the unmasking); bytes are what each site sends.
-* **real simulations of the synthetic preset** (``tiny``'s run config with K sites), plain and
-  secure, end to end.
+* **real simulations of the synthetic preset** (``synthetic-3``'s run config and shipped start,
+  with K sites of the synthetic styles, without its evaluation), plain and secure, end to end,
+  with the largest difference between the two merged models (relative to each tensor's size).
 
     .venv/bin/python benchmarks/secure_cost.py --sites 3,8
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -102,17 +104,26 @@ def merge_alone(sites: int) -> dict[str, float]:
             "secure_site": secure_site, "secure_server": secure_server, "secure_bytes": secure_bytes}  # fmt: skip
 
 
-def simulation(sites: int, secure: bool) -> tuple[float, float]:
-    """(wall seconds, mean bytes each site sent) of the tiny preset's run config with ``sites`` sites."""
-    plan = dataclasses.replace(SimulationPlan.preset("tiny"), num_sites=sites)
-    run = plan.resolve({"domains": STYLES, "min-sites": sites, "secure-aggregation": secure, "eval-domains": "",
-                        "eval-sites": False})  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        report = run_simulation(plan, Path(tmp), run)
-        wall = time.perf_counter() - started
+def simulation(sites: int, secure: bool, out_dir: Path) -> tuple[float, float]:
+    """(wall seconds, mean bytes each site sent) of the synthetic-3 preset with ``sites`` sites."""
+    plan = dataclasses.replace(SimulationPlan.preset("synthetic-3"), num_sites=sites)
+    run = plan.resolve({"domains": STYLES, "min-sites": sites, "secure-aggregation": secure, "bn-bank": "",
+                        "eval-domains": "", "eval-sites": False})  # fmt: skip
+    started = time.perf_counter()
+    report = run_simulation(plan, out_dir, run)
+    wall = time.perf_counter() - started
     sent = [s["bytes_received"] for s in report["sites"]]
     return wall, float(np.mean(sent))
+
+
+def largest_difference(plain: Path, secure: Path) -> float:
+    """max over tensors of max |secure - plain| / max |plain|: the merged models' disagreement."""
+    a, b = load_file(str(plain / "merged.safetensors")), load_file(str(secure / "merged.safetensors"))
+    worst = 0.0
+    for key, value in a.items():
+        scale = float(value.double().abs().max()) or 1.0
+        worst = max(worst, float((b[key].double() - value.double()).abs().max()) / scale)
+    return worst
 
 
 def main() -> None:
@@ -131,11 +142,15 @@ def main() -> None:
         r = merge_alone(k)
         print(f"| {k} | {r['plain_site']:.2f} | {r['secure_site']:.2f} | {r['plain_server']:.2f} | "
               f"{r['secure_server']:.2f} | {r['plain_bytes'] / MB:.1f} | {r['secure_bytes'] / MB:.1f} |")  # fmt: skip
-    print("\n## Simulations, the synthetic sites of the tiny preset (tiny_unet, AdaBN)\n")
-    print("| sites | plain wall s | secure wall s | plain kB/site | secure kB/site |\n|---|---|---|---|---|")
+    print("\n## Simulations, the synthetic-3 preset with K sites (small_unet, AdaBN)\n")
+    print("| sites | plain wall s | secure wall s | plain kB/site | secure kB/site | largest relative difference |")
+    print("|---|---|---|---|---|---|")
     for k in counts:
-        plain, secure = simulation(k, False), simulation(k, True)
-        print(f"| {k} | {plain[0]:.1f} | {secure[0]:.1f} | {plain[1] / 1e3:.1f} | {secure[1] / 1e3:.1f} |")
+        with tempfile.TemporaryDirectory() as tmp:
+            plain_dir, secure_dir = Path(tmp) / "plain", Path(tmp) / "secure"
+            plain, secure = simulation(k, False, plain_dir), simulation(k, True, secure_dir)
+            diff = largest_difference(plain_dir, secure_dir)
+        print(f"| {k} | {plain[0]:.1f} | {secure[0]:.1f} | {plain[1] / 1e3:.1f} | {secure[1] / 1e3:.1f} | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -7,17 +7,9 @@ import math
 import pytest
 import torch
 
-from clients.adaptation import AdaptContext, get_method, make_config
+from clients.adaptation import AdaptContext, get_method, losses, make_config
 from clients.adaptation.ema import EMATeacher, ema_alpha
 from clients.adaptation.loop import TrainState, run_training
-from clients.adaptation.losses import (
-    focal_entropy,
-    negative_label_loss,
-    normalized_entropy,
-    pseudo_labels,
-    weighted_cross_entropy,
-    weighted_diversity,
-)
 from clients.adaptation.mixing import StrongAugment, class_mix, class_mix_mask
 from clients.adaptation.optim import Schedule, build_optimizer
 from clients.adaptation.sampling import RareClassSampler
@@ -105,7 +97,7 @@ def test_pseudo_label_weight_is_the_confident_fraction_per_image():
     top = torch.tensor([[0.99, 0.968], [0.4, 0.9]])
     probs0 = torch.stack([top, 1 - top])
     probs1 = torch.stack([torch.full((2, 2), 0.02), torch.full((2, 2), 0.98)])
-    labels, weights = pseudo_labels(torch.stack([probs0, probs1]), threshold=0.968)
+    labels, weights = losses.pseudo_labels(torch.stack([probs0, probs1]), threshold=0.968)
     torch.testing.assert_close(weights, torch.tensor([0.5, 1.0]))
     assert labels[0].tolist() == [[0, 0], [1, 0]]
     assert labels[1].eq(1).all()
@@ -114,7 +106,7 @@ def test_pseudo_label_weight_is_the_confident_fraction_per_image():
 def test_weighted_cross_entropy_counts_ignored_pixels_as_zero():
     logits = torch.zeros(1, 2, 1, 2)
     labels = torch.tensor([[[0, IGNORE]]])
-    loss = weighted_cross_entropy(logits, labels, torch.tensor([0.5]))
+    loss = losses.weighted_cross_entropy(logits, labels, torch.tensor([0.5]))
     assert loss.item() == pytest.approx(0.5 * math.log(2) / 2)
 
 
@@ -155,24 +147,24 @@ def test_focal_entropy_value_on_a_known_input():
     # a pixel at p=(0.9, 0.1) has H = h(0.9)/log 2 and contributes (1-H)^5·H.
     h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2)
     probs = torch.tensor([[0.5, 1.0, 0.9], [0.5, 0.0, 0.1]]).view(1, 2, 1, 3)
-    assert normalized_entropy(probs)[0, 0].tolist() == pytest.approx([1.0, 0.0, h], abs=1e-6)
-    assert focal_entropy(probs, gamma=5.0).item() == pytest.approx((1 - h) ** 5 * h / 3, rel=1e-5)
+    assert losses.normalized_entropy(probs)[0, 0].tolist() == pytest.approx([1.0, 0.0, h], abs=1e-6)
+    assert losses.focal_entropy(probs, gamma=5.0).item() == pytest.approx((1 - h) ** 5 * h / 3, rel=1e-5)
 
 
 def test_weighted_diversity_is_high_for_spread_and_low_for_collapsed_predictions():
     spread = torch.eye(4).view(1, 4, 2, 2)  # four certain pixels, one per class
     collapsed = torch.zeros(1, 4, 2, 2)
     collapsed[:, 0] = 1
-    assert weighted_diversity(spread).item() == pytest.approx(1.0, abs=1e-6)
-    assert weighted_diversity(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.weighted_diversity(spread).item() == pytest.approx(1.0, abs=1e-6)
+    assert losses.weighted_diversity(collapsed).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_negative_label_loss_value_on_a_known_input():
     # Reference (teacher) 0.9/0.08/0.02: only class 2 is below 0.04; student puts 0.3 on it.
     reference = torch.tensor([0.9, 0.08, 0.02]).view(1, 3, 1, 1)
     student = torch.tensor([0.5, 0.2, 0.3]).view(1, 3, 1, 1)
-    assert negative_label_loss(student, reference, 0.04).item() == pytest.approx(-math.log(0.7), rel=1e-6)
-    assert negative_label_loss(student, reference, 0.01).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.negative_label_loss(student, reference, 0.04).item() == pytest.approx(-math.log(0.7), rel=1e-6)
+    assert losses.negative_label_loss(student, reference, 0.01).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_rare_class_sampling_prefers_rare_classes(source_set):

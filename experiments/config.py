@@ -95,7 +95,11 @@ class LMCConfig:
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    """Repeated runs over time folds of each target sequence and over seeds (``experiments.protocol``)."""
+    """Repeated runs over time folds of each target sequence and over seeds (``experiments.protocol``).
+
+    ``folds = 0`` is for sets without a time order (the synthetic styles): every run keeps the
+    config's own splits and only the seed changes.
+    """
 
     folds: int = 3
     gap: int = 5  # frames skipped between a fold's adaptation frames and its evaluation window
@@ -103,8 +107,8 @@ class ProtocolConfig:
     seeds: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
-        if self.folds < 1 or self.gap < 0 or not 0 < self.eval_fraction < 1 or not self.seeds:
-            raise ValueError(f"protocol needs folds >= 1, gap >= 0, 0 < eval-fraction < 1 and seeds; got {self}")
+        if self.folds < 0 or self.gap < 0 or not 0 < self.eval_fraction < 1 or not self.seeds:
+            raise ValueError(f"protocol needs folds >= 0, gap >= 0, 0 < eval-fraction < 1 and seeds; got {self}")
 
 
 @dataclass(frozen=True)

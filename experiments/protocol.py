@@ -35,11 +35,11 @@ RUNS_DIR = "runs"
 @dataclass(frozen=True)
 class ProtocolRun:
     seed: int
-    fold: int
+    fold: int | None  # None: the config's own splits (a protocol of seeds only)
 
     @property
     def name(self) -> str:
-        return f"seed{self.seed}-fold{self.fold}"
+        return f"seed{self.seed}" if self.fold is None else f"seed{self.seed}-fold{self.fold}"
 
 
 def fold_windows(total: int, protocol: ProtocolConfig, fold: int) -> tuple[TimeSplit, TimeSplit]:
@@ -78,6 +78,8 @@ def fold_config(
     config: ExperimentConfig, protocol: ProtocolConfig, run: ProtocolRun, lengths: Callable[[DataSpec], int]
 ) -> ExperimentConfig:
     """``config`` with every site adapting on its fold's frames and every evaluation set scoring its window."""
+    if run.fold is None:
+        return replace(config, name=f"{config.name}/{run.name}", seed=run.seed)
     windows = {}
     for site in config.sites:
         windows[site.name] = fold_windows(lengths(site.data), protocol, run.fold)
@@ -108,8 +110,9 @@ def run_protocol(
     lengths = lengths or _sequence_lengths()
 
     results = []
+    folds: list[int | None] = list(range(protocol.folds)) if protocol.folds else [None]
     for seed in protocol.seeds:
-        for fold in range(protocol.folds):
+        for fold in folds:
             run = ProtocolRun(seed, fold)
             run_dir = out_dir / RUNS_DIR / run.name
             done = run_dir / "results.json"
@@ -183,13 +186,11 @@ def protocol_markdown(config: ExperimentConfig, runs: list[dict[str, Any]], comm
         for run in runs
     ]  # fmt: skip
     parts = [
-        f"# {config.name}: {len(runs)} runs ({protocol.folds} time folds x seeds {list(protocol.seeds)})",
+        f"# {config.name}: {len(runs)} runs ({_design(protocol)})",
         config.description,
         f"Command: `{command}`" if command else "",
-        f"Each fold adapts on the first frames of every target sequence, skips {protocol.gap} frames, and "
-        f"scores the next window ({protocol.eval_fraction:.0%} of the sequence); the windows tile the end of "
-        "each sequence. 'H - best single site' is paired: run by run, the strategy's H minus the best single "
-        "site's H in that same run.",
+        _how_runs_differ(protocol) + " 'H - best single site' is paired: run by run, the strategy's H minus "
+        "the best single site's H in that same run.",
         markdown_table(header, table),
         *selection_section(runs),
         "## Runs",
@@ -221,6 +222,21 @@ def selection_section(runs: list[dict[str, Any]]) -> list[str]:
         "worst-site value. Per run, against the true H of those merges:",
         markdown_table(header, table),
     ]
+
+
+def _design(protocol: ProtocolConfig) -> str:
+    seeds = f"seeds {list(protocol.seeds)}"
+    return f"{protocol.folds} time folds x {seeds}" if protocol.folds else f"{seeds}, the config's own splits"
+
+
+def _how_runs_differ(protocol: ProtocolConfig) -> str:
+    if not protocol.folds:
+        return "Every run adapts and scores on the config's own sets; only the seed changes."
+    return (
+        f"Each fold adapts on the first frames of every target sequence, skips {protocol.gap} frames, and "
+        f"scores the next window ({protocol.eval_fraction:.0%} of the sequence); the windows tile the end of "
+        "each sequence."
+    )
 
 
 def _time(spec_text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -84,3 +85,17 @@ def test_finished_runs_are_read_back_and_only_missing_ones_computed(tmp_path):
     results = run_protocol(config, tmp_path, tmp_path / "cache", run_one, lengths=lambda s: lengths[s.domain])
     assert computed == ["t/seed0-fold1", "t/seed7-fold0", "t/seed7-fold1"]
     assert [r["experiment"] for r in results] == ["t/seed0-fold0", *computed]
+
+
+def test_a_protocol_without_folds_keeps_the_configs_own_sets_and_changes_only_the_seed(tmp_path):
+    config = _config()
+    config = dataclasses.replace(config, protocol=dataclasses.replace(config.protocol, folds=0))
+    computed = []
+
+    def run_one(run: ExperimentConfig, run_dir, cache_dir) -> dict:
+        computed.append((run.name, run.seed, [str(s.data) for s in run.sites], [str(e.data) for e in run.eval_sets]))
+        return _run(run.name, (0.3, 0.2), 0.31)
+
+    run_protocol(config, tmp_path, tmp_path / "cache", run_one, lengths=lambda s: pytest.fail("no sequence is split"))
+    own = ([str(s.data) for s in config.sites], [str(e.data) for e in config.eval_sets])
+    assert computed == [("t/seed0", 0, *own), ("t/seed7", 7, *own)]

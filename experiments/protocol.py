@@ -184,7 +184,7 @@ def protocol_markdown(config: ExperimentConfig, runs: list[dict[str, Any]], comm
         + ", ".join(f"{e['domain']} adapts on `{_time(s['data'])}`, scored on `{_time(e['data'])}` "
                     f"({e['num_images']} frames)" for s, e in _pairs(run))
         for run in runs
-    ]  # fmt: skip
+    ] if protocol.folds else [f"- {run['experiment']}: seed {run['seed']}" for run in runs]  # fmt: skip
     parts = [
         f"# {config.name}: {len(runs)} runs ({_design(protocol)})",
         config.description,

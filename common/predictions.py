@@ -11,10 +11,9 @@ import math
 
 from torch import Tensor
 
-__all__ = ["CONFIDENCE_THRESHOLD", "confident_fraction", "normalized_entropy"]
+from common.confidence import CONFIDENCE_THRESHOLD
 
-# DAFormer/HRDA's pseudo-label threshold: a pixel whose top probability reaches it counts as confident.
-CONFIDENCE_THRESHOLD = 0.968
+__all__ = ["CONFIDENCE_THRESHOLD", "confident_fraction", "normalized_entropy"]
 
 
 def normalized_entropy(probs: Tensor) -> Tensor:

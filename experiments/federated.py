@@ -20,7 +20,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from clients.adaptation import get_method, make_config
+from clients.adaptation import make_config, method_spec
 from common.fingerprint import recipe_key
 from common.run_config import RunConfig
 from experiments.config import ExperimentConfig
@@ -45,7 +45,7 @@ class FedAvgRun:
 def round_options(config: ExperimentConfig, rounds: int, split_steps: bool) -> dict[str, Any]:
     """The method options of one round: with ``split_steps`` each round runs ``ceil(steps / R)`` steps."""
     options = dict(config.method.options)
-    method = get_method(config.method.name)
+    method = method_spec(config.method.name)
     typed = make_config(method, options)
     if split_steps and hasattr(typed, "steps"):
         options["steps"] = max(1, math.ceil(int(typed.steps) / rounds))
@@ -94,7 +94,7 @@ def _key(config: ExperimentConfig, source: SourceBundle, rounds: int, options: M
             "source": source.fingerprint,
             "sites": [f"{s.name}={s.data}" for s in config.sites],
             "method": config.method.name,
-            "options": repr(make_config(get_method(config.method.name), options)),
+            "options": repr(make_config(method_spec(config.method.name), options)),
             "batch_size": config.method.batch_size,
             "method_source": str(config.method.source) if config.method.source else "",
             "seed": config.seed,

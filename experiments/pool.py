@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from clients.adaptation import AdaptContext, get_method, make_config
+from clients.adaptation import AdaptContext, make_config, method_spec
 from clients.site import SiteJob, package_update, run_adaptation
 from common.checkpoints import load_checkpoint, read_model_file, wrap_checkpoint_for_hrda
 from common.data import build_dataset, image_batches
@@ -168,7 +168,7 @@ class ModelPool:
 
     def key(self, data_id: str) -> str:
         """Hash of source weights, data, method with its full typed options, batch size and seed."""
-        method = get_method(self.method.name)
+        method = method_spec(self.method.name)
         options = make_config(method, self.method.options)
         recipe = {
             "version": CACHE_VERSION,

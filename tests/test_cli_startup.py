@@ -21,9 +21,30 @@ print('HEAVY', heavy)
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["merge"], ["merge", "--help"], ["simulate", "--help"], ["compare", "--help"], ["evaluate"]],
+    [
+        ["--help"],
+        ["merge"],
+        ["merge", "--help"],
+        ["simulate", "--help"],
+        ["compare", "--help"],
+        ["evaluate"],
+        ["adapt", "--list"],
+        [
+            "adapt",
+            "--method",
+            "hrda",
+            "--set",
+            "stesp=3",
+            "--model",
+            "m.safetensors",
+            "--data",
+            "synthetic",
+            "--out",
+            "o.safetensors",
+        ],
+    ],
 )
-def test_help_and_usage_errors_import_neither_torch_nor_flower(argv):
+def test_help_usage_errors_and_option_checks_import_neither_torch_nor_flower(argv):
     result = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert "HEAVY []" in result.stdout, (result.stdout, result.stderr[-2000:])

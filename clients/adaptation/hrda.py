@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from clients.adaptation.configs import HRDAConfig
 from clients.adaptation.losses import pseudo_labels, weighted_cross_entropy
 from clients.adaptation.mixing import StrongAugment, class_mix
 from clients.adaptation.norm import refresh_statistics, set_bn_mode
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import RareClassSampler, labeled_batch, target_batch, uniform_indices
-from clients.adaptation.teacher_student import TeacherStudentConfig, run_teacher_student, start_teacher_student
+from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
 from common.data import IGNORE
 from common.models import Segmenter, load_weights_file
 from common.multires import MultiResSegmenter, random_box
@@ -33,49 +33,6 @@ from common.multires import MultiResSegmenter, random_box
 __all__ = ["HRDAConfig", "adapt", "feature_distance", "imagenet_model"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class HRDAConfig(TeacherStudentConfig):
-    """Defaults follow HRDA/DAFormer, with the step budget of a short CPU run.
-
-    steps: optimisation steps (one source and one mixed batch each), 1000.
-    batch_size: source images and target images per step (each), 2.
-    lr: AdamW learning rate of the backbone, 1e-4 (head and attention x``head_lr_mult``).
-    head_lr_mult: decode-head learning-rate factor, 10.
-    weight_decay: AdamW weight decay, 0.01.
-    warmup: linear warm-up steps before the poly decay, 100.
-    threshold: probability that makes a pixel confident (pseudo-label weight, ``CONFIDENCE_THRESHOLD``).
-    ema_max: the EMA teacher's alpha cap, 0.999.
-    detail_weight: weight of the loss on the detail crop alone, 0.1.
-    rcs: rare class sampling of source images, on.
-    rcs_temperature: RCS temperature T, 0.01.
-    rcs_min_pixels: pixels of a class an image needs to be drawn for it, 3000 at 512x512
-        (scaled by image area).
-    fd_weight: ImageNet feature-distance weight, 0.005; used only when the site has
-        backbone weights (``AdaptContext.backbone_weights``).
-    fd_classes: class ids (comma-separated) whose source pixels the feature distance covers,
-        "" = every labeled pixel (DAFormer uses the "thing" classes of Cityscapes).
-    augment: strong augmentation (colour jitter, blur) of the mixed images, on.
-    flip: random horizontal flips of the source and target images, on.
-    bn: student BN mode, "train" (batch statistics) or "frozen" (exact target statistics).
-    bn_refresh: steps between re-measuring the teacher's target statistics, 100.
-    checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 100.
-    """
-
-    steps: int = 1000
-    warmup: int = 100
-    detail_weight: float = 0.1
-    rcs: bool = True
-    rcs_temperature: float = 0.01
-    rcs_min_pixels: int = 3000
-    fd_weight: float = 0.005
-    fd_classes: str = ""
-    augment: bool = True
-    flip: bool = True
-
-    def fd_class_ids(self) -> list[int]:
-        return [int(c) for c in self.fd_classes.replace(" ", "").split(",") if c]
 
 
 def imagenet_model(model: Segmenter, weights: str) -> Segmenter:
@@ -117,7 +74,7 @@ def _resize(images: Tensor, labels: Tensor, size: torch.Size) -> tuple[Tensor, T
     return images.clamp(0.0, 1.0), labels
 
 
-@register("hrda", HRDAConfig, needs_source=True, summary="HRDA/DAFormer: source + ClassMix self-training, multi-res")
+@register("hrda")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDAConfig) -> None:
     source = context.source
     if source is None:

@@ -19,27 +19,19 @@ from collections.abc import Iterator
 from torch import nn
 from torch.utils.data import Dataset
 
+from clients.adaptation.configs import check_bn_mode
 from common.bnstats import BNStatsConfig, exact_bn_statistics
 from common.data import image_batches
 
 __all__ = [
-    "BN_MODES",
     "BN_PASS_BATCH",
     "bn_affine_parameters",
-    "check_bn_mode",
     "refresh_bn",
     "refresh_statistics",
     "set_bn_mode",
 ]
 
-BN_MODES = ("train", "frozen")
 BN_PASS_BATCH = 8  # images per batch of the statistics pass, as the site's final pass uses
-
-
-def check_bn_mode(mode: str) -> str:
-    if mode not in BN_MODES:
-        raise ValueError(f"bn mode must be one of {', '.join(BN_MODES)}, not {mode!r}")
-    return mode
 
 
 def _bn_modules(model: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:

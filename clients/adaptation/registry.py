@@ -8,16 +8,20 @@ pass (see ``clients.site``), so methods need not care about running statistics.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import Dataset
-
-from common.models import Segmenter
+from clients.adaptation.configs import BUILTIN, MethodSpec
 from common.typed_options import build_options, closest
 
-__all__ = ["METHODS", "AdaptContext", "Method", "get_method", "make_config", "register"]
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from common.models import Segmenter
+
+__all__ = ["METHODS", "AdaptContext", "Method", "get_method", "make_config", "method_spec", "register"]
 
 
 @dataclass
@@ -32,7 +36,7 @@ class AdaptContext:
     metrics: dict[str, float] = field(default_factory=dict)  # filled by the method
 
 
-AdaptFn = Callable[[Segmenter, Dataset, AdaptContext, Any], None]
+AdaptFn = Callable[["Segmenter", "Dataset", AdaptContext, Any], None]
 
 
 @dataclass(frozen=True)
@@ -48,40 +52,45 @@ METHODS: dict[str, Method] = {}
 
 
 def register(
-    name: str, config_type: type, needs_source: bool = False, summary: str = ""
+    name: str, config_type: type | None = None, needs_source: bool = False, summary: str = ""
 ) -> Callable[[AdaptFn], AdaptFn]:
+    """Add ``name``'s training code; a built-in method's options and needs come from its ``BUILTIN`` spec."""
+
     def wrap(fn: AdaptFn) -> AdaptFn:
-        METHODS[name] = Method(name, config_type, fn, needs_source, summary)
+        if config_type is None:
+            spec = BUILTIN[name]
+            METHODS[name] = Method(name, spec.config_type, fn, spec.needs_source, spec.summary)
+        else:
+            METHODS[name] = Method(name, config_type, fn, needs_source, summary)
         return fn
 
     return wrap
 
 
+def method_spec(name: str) -> Method | MethodSpec:
+    """The method's options and needs, without importing any training code (or torch) for a built-in one."""
+    if name in METHODS:
+        return METHODS[name]
+    if name in BUILTIN:
+        return BUILTIN[name]
+    known = sorted({*METHODS, *BUILTIN})
+    raise ValueError(f"unknown adaptation method {name!r}{closest(name, known)}; choose one of {', '.join(known)}")
+
+
 def get_method(name: str) -> Method:
-    _load_builtin_methods()
-    if name not in METHODS:
-        hint = closest(name, METHODS)
-        raise ValueError(f"unknown adaptation method {name!r}{hint}; choose one of {', '.join(sorted(METHODS))}")
+    spec = method_spec(name)
+    if isinstance(spec, MethodSpec):
+        importlib.import_module(spec.module)
     return METHODS[name]
 
 
-def make_config(method: Method, options: Mapping[str, Any]) -> Any:
+def load_builtin_methods() -> dict[str, Method]:
+    """Every built-in method with its training code (imports torch)."""
+    for spec in BUILTIN.values():
+        importlib.import_module(spec.module)
+    return METHODS
+
+
+def make_config(method: Method | MethodSpec, options: Mapping[str, Any]) -> Any:
     """The method's config dataclass from kebab- or snake-case options; unknown keys and wrong types are errors."""
     return build_options(method.config_type, options, f"method {method.name!r}")
-
-
-def _load_builtin_methods() -> None:
-    """Import the modules that register the shipped methods."""
-    import importlib
-
-    for module in BUILTIN_METHOD_MODULES:
-        importlib.import_module(module)
-
-
-BUILTIN_METHOD_MODULES = [
-    "clients.adaptation.adabn",
-    "clients.adaptation.tent",
-    "clients.adaptation.selftrain",
-    "clients.adaptation.sfda",
-    "clients.adaptation.hrda",
-]

@@ -7,47 +7,22 @@ mixing nothing stops the model confirming its own errors; that is what it measur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.utils.data import Dataset
 
+from clients.adaptation.configs import SelfTrainConfig
 from clients.adaptation.losses import pseudo_labels, weighted_cross_entropy
 from clients.adaptation.mixing import StrongAugment
 from clients.adaptation.norm import refresh_statistics, set_bn_mode
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
-from clients.adaptation.teacher_student import TeacherStudentConfig, run_teacher_student, start_teacher_student
+from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
 from common.models import Segmenter
 
 __all__ = ["SelfTrainConfig", "adapt"]
 
 
-@dataclass(frozen=True)
-class SelfTrainConfig(TeacherStudentConfig):
-    """Defaults follow the DAFormer self-training recipe, scaled to a short CPU run.
-
-    steps: optimisation steps, 600.
-    batch_size: target images per step, 2.
-    lr: AdamW learning rate of the backbone, 1e-4 (head x``head_lr_mult``).
-    head_lr_mult: decode-head learning-rate factor, 10.
-    weight_decay: AdamW weight decay, 0.01.
-    warmup: linear warm-up steps before the poly decay, 50.
-    threshold: probability that makes a pixel confident (``CONFIDENCE_THRESHOLD``).
-    ema: pseudo-labels from an EMA teacher (True) or from the student itself (False).
-    ema_max: the EMA's alpha cap, 0.999.
-    augment: strong augmentation (colour jitter, blur) of the student's input, off.
-    bn: student BN mode, "train" (batch statistics) or "frozen" (exact target statistics).
-    bn_refresh: steps between re-measuring the target statistics of the teacher
-        (and of a frozen-BN student), 100.
-    checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 100.
-    """
-
-    ema: bool = True
-    augment: bool = False
-
-
-@register("selftrain", SelfTrainConfig, summary="pseudo-label self-training on the target, no mixing (EMA teacher)")
+@register("selftrain")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: SelfTrainConfig) -> None:
     state, teacher = start_teacher_student(model, target, config, ema_max=None if config.ema else 0.0)
     optimizer = state.optimizer

@@ -12,12 +12,11 @@ pulled back to.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from clients.adaptation.configs import SFDAConfig
 from clients.adaptation.losses import (
     focal_entropy,
     negative_label_loss,
@@ -30,61 +29,11 @@ from clients.adaptation.mixing import StrongAugment, class_mix
 from clients.adaptation.norm import BN_PASS_BATCH, refresh_statistics, set_bn_mode
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
-from clients.adaptation.teacher_student import TeacherStudentConfig, run_teacher_student, start_teacher_student
+from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
 from common.data import image_batches
 from common.models import Segmenter
 
 __all__ = ["SFDAConfig", "adapt", "easy_split", "sfda_losses"]
-
-
-@dataclass(frozen=True)
-class SFDAConfig(TeacherStudentConfig):
-    """Defaults follow the DAS3/ATP code, except a short, gentle run without strong augmentation.
-
-    The exceptions were measured on CamVid dusk (0001TP, adapting on frames 1-30 and scoring
-    on frames 31-42, never the evaluation frames), against AdaBN's 32.6 mIoU: 100 steps with
-    augmentation gave 27.7; without it, 35.0 and 35.6 (two seeds) at lr 1e-4, but 27.9 on
-    the real split (all 42 frames, scored on the last 20), and 29.9 at 300 steps; at lr
-    3e-5, 34.3 and 34.1. Without source labels nothing anchors the run: it drifts to its
-    own confident mistakes, faster with a higher rate or jittered colours on dark images.
-
-    steps: optimisation steps, 100.
-    batch_size: easy and hard images per step (each), 2.
-    lr: AdamW learning rate of the backbone, 3e-5 (head x``head_lr_mult``; final layer frozen).
-    head_lr_mult: decode-head learning-rate factor, 10.
-    weight_decay: AdamW weight decay, 0.01.
-    warmup: linear warm-up steps before the poly decay, 50.
-    threshold: probability that makes a pixel confident (hard images' weight, ``CONFIDENCE_THRESHOLD``).
-    ema_max: the EMA teacher's alpha cap, 0.999.
-    easy_fraction: share of target images ranked easy by the teacher's mean entropy, 0.3.
-    focal_gamma: focal-entropy exponent, 5.
-    diversity_alpha: confidence weight exp(-alpha H) of the diversity term, 3.
-    fe_weight: focal-entropy weight, 0.001.
-    div_weight: weighted-diversity weight (subtracted: diversity is maximised), 0.0001.
-    negative_threshold: a class below this teacher probability is a negative label, 0.04.
-    negative_weight: negative-label loss weight, 1.
-    augment: strong augmentation (colour jitter, blur) of the mixed images, off.
-    bn: student BN mode, "train" (batch statistics) or "frozen" (exact target statistics).
-    bn_refresh: steps between re-measuring the teacher's target statistics and re-ranking
-        easy/hard, 100.
-    checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 100.
-    """
-
-    steps: int = 100
-    lr: float = 3e-5
-    easy_fraction: float = 0.3
-    focal_gamma: float = 5.0
-    diversity_alpha: float = 3.0
-    fe_weight: float = 0.001
-    div_weight: float = 0.0001
-    negative_threshold: float = 0.04
-    negative_weight: float = 1.0
-    augment: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.easy_fraction < 1.0:
-            raise ValueError(f"easy_fraction must be in (0, 1), not {self.easy_fraction}")
 
 
 @torch.no_grad()
@@ -141,7 +90,7 @@ def _pick(pool: Tensor, batch: int, gen: torch.Generator) -> list[int]:
     return [int(pool[i]) for i in uniform_indices(len(pool), batch, gen)]
 
 
-@register("sfda", SFDAConfig, summary="source-free: easy-to-hard ClassMix, focal entropy, diversity, negative labels")
+@register("sfda")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: SFDAConfig) -> None:
     classifier = model.final_layer()
     flags = [p.requires_grad for p in classifier.parameters()]

@@ -8,39 +8,17 @@ differ only in their step function, which is where they really differ.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch.utils.data import Dataset
 
+from clients.adaptation.configs import TeacherStudentConfig
 from clients.adaptation.ema import EMATeacher
 from clients.adaptation.loop import StepFn, TrainState, run_training
-from clients.adaptation.norm import check_bn_mode, refresh_bn
+from clients.adaptation.norm import refresh_bn
 from clients.adaptation.optim import Schedule, build_optimizer
 from clients.adaptation.registry import AdaptContext
 from common.models import Segmenter
-from common.predictions import CONFIDENCE_THRESHOLD
 
 __all__ = ["TeacherStudentConfig", "run_teacher_student", "start_teacher_student"]
-
-
-@dataclass(frozen=True)
-class TeacherStudentConfig:
-    """The options every mean-teacher method has (each method documents its own defaults)."""
-
-    steps: int = 600
-    batch_size: int = 2
-    lr: float = 1e-4
-    head_lr_mult: float = 10.0
-    weight_decay: float = 0.01
-    warmup: int = 50
-    threshold: float = CONFIDENCE_THRESHOLD
-    ema_max: float = 0.999
-    bn: str = "train"
-    bn_refresh: int = 100
-    checkpoint_every: int = 100
-
-    def __post_init__(self) -> None:
-        check_bn_mode(self.bn)
 
 
 def start_teacher_student(

@@ -7,11 +7,10 @@ no usable running statistics; the site's exact statistics pass afterwards provid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.utils.data import Dataset
 
+from clients.adaptation.configs import TentConfig
 from clients.adaptation.loop import TrainState, run_training
 from clients.adaptation.losses import confident_fraction, normalized_entropy
 from clients.adaptation.norm import bn_affine_parameters
@@ -19,30 +18,11 @@ from clients.adaptation.optim import Schedule
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
 from common.models import Segmenter
-from common.predictions import CONFIDENCE_THRESHOLD
 
 __all__ = ["TentConfig", "adapt"]
 
 
-@dataclass(frozen=True)
-class TentConfig:
-    """Defaults: the Tent recipe (Adam, lr 1e-3, BN in batch-statistics mode).
-
-    steps: optimisation steps (each on ``batch_size`` random target images), 100.
-    batch_size: target images per step, 4 (batch statistics need a few images).
-    lr: Adam learning rate on the BN affine parameters, 1e-3.
-    threshold: confidence threshold of the reported confident-pixel fraction (``CONFIDENCE_THRESHOLD``).
-    checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 50.
-    """
-
-    steps: int = 100
-    batch_size: int = 4
-    lr: float = 1e-3
-    threshold: float = CONFIDENCE_THRESHOLD
-    checkpoint_every: int = 50
-
-
-@register("tent", TentConfig, summary="BN affine parameters by entropy minimisation (Tent), BN in batch-stat mode")
+@register("tent")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: TentConfig) -> None:
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)

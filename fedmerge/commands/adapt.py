@@ -28,12 +28,12 @@ def _options(items: list[str]) -> dict[str, str]:
 
 def describe_methods() -> str:
     """Every registered method with its summary and its config fields, typed, with defaults."""
-    from clients.adaptation import METHODS, get_method
+    from clients.adaptation import METHODS, method_spec
+    from clients.adaptation.configs import BUILTIN
 
-    get_method("adabn")  # loads the built-in methods
     lines = []
-    for name in sorted(METHODS):
-        method = METHODS[name]
+    for name in sorted({*BUILTIN, *METHODS}):
+        method = method_spec(name)
         needs = " [needs --source]" if method.needs_source else ""
         lines.append(f"{name}{needs}: {method.summary}")
         for f in dataclasses.fields(method.config_type):
@@ -56,13 +56,7 @@ def _load_model(path: str, arch: str | None, classes: list[str]) -> tuple[torch.
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from clients.adaptation import AdaptContext, get_method, make_config
-    from clients.site import SiteJob, adapt_site
-    from common.data import DataSpec, build_dataset, dataset_classes, make_loader
-    from common.evaluation import evaluate_domain
-    from common.update_format import save_site_update
+    from clients.adaptation import make_config, method_spec
 
     if args.list:
         print(describe_methods())
@@ -71,11 +65,20 @@ def run(args: argparse.Namespace) -> int:
                                         ("--out", args.out)) if not value]  # fmt: skip
     if missing:
         raise CommandError(f"{', '.join(missing)} required (or --list)")
+    method = method_spec(args.method)
+    options = _options(args.set)
+    make_config(method, options)  # a bad option fails before torch, the model or any data is loaded
+
+    import torch
+
+    from clients.adaptation import AdaptContext
+    from clients.site import SiteJob, adapt_site
+    from common.data import DataSpec, build_dataset, dataset_classes, make_loader
+    from common.evaluation import evaluate_domain
+    from common.update_format import save_site_update
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    method = get_method(args.method)
-    options = _options(args.set)
-    make_config(method, options)  # fail on a bad option before loading any data
     spec = DataSpec.parse(args.data)
     classes = dataset_classes(spec.kind, spec.root)
     model, arch = _load_model(args.model, args.arch, classes)

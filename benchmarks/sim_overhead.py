@@ -41,6 +41,7 @@ from server.simulation import SimulationPlan, run_simulation  # noqa: E402
 
 TRIVIAL_APP = ROOT / "benchmarks" / "trivial_app"
 NO_EVAL = {"eval-domains": "", "eval-sites": False}
+PROFILE = {"profile": True}
 SITES = 3
 
 
@@ -48,7 +49,7 @@ def run_fedmerge(keep_eval: bool) -> dict[str, Any]:
     plan = SimulationPlan.preset("tiny")
     with tempfile.TemporaryDirectory(prefix="sim_overhead_") as tmp:
         started = time.time()
-        report = run_simulation(plan, Path(tmp), plan.resolve(None if keep_eval else NO_EVAL))
+        report = run_simulation(plan, Path(tmp), plan.resolve(PROFILE if keep_eval else {**NO_EVAL, **PROFILE}))
     timings = report["timings"]
     sites = [s["metrics"] for s in report["sites"]]
     return {

@@ -114,10 +114,11 @@ def handle_train(received: RecordDict, context: Context) -> RecordDict:
     if _config(received).get("secure"):  # keep the update here; only public keys and the image count leave
         context.state[SECURE_UPDATE] = ArrayRecord(update.state_dict())
         return secure_site.advertise(context, len(target), config.job.domain)
-    update.metrics.update({  # where the worker's time went, for benchmarks/sim_overhead.py
-        "clientapp-startup-seconds": STARTUP_SECONDS, "clientapp-setup-seconds": ready - started,
-        "clientapp-started-at": started_wall, "clientapp-replied-at": time.time(),
-    })  # fmt: skip
+    if config.run.profile:  # where the worker's time went, for benchmarks/sim_overhead.py
+        update.metrics.update({
+            "clientapp-startup-seconds": STARTUP_SECONDS, "clientapp-setup-seconds": ready - started,
+            "clientapp-started-at": started_wall, "clientapp-replied-at": time.time(),
+        })  # fmt: skip
     return update_to_records(update, config.job.method)
 
 

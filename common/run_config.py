@@ -112,6 +112,7 @@ class RunConfig:
     select_candidates: str
     param_precision: str
     save_updates: bool
+    profile: bool
     strategy: str
     num_rounds: int
     # optional server-side evaluation

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clients.adaptation import get_method, make_config
+from clients.adaptation import make_config, method_spec
 from common.data import DataSpec
 from common.pretrain import PretrainPlan
-from common.typed_options import closest
+from common.typed_options import build_options, closest
 from experiments.shipped import CONFIGS_DIR, list_configs, resolve_config_path
 from experiments.strategies import get_strategy, make_options
 from server.runtime import PROJECT_ROOT
@@ -267,14 +267,10 @@ def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel
     pre = raw.get("pretrain")
     plan = None
     if pre is not None:
-        _check_keys(pre, {"data", "arch", "steps", "batch-size", "seed"}, f"{where} [source.pretrain]")
-        plan = PretrainPlan(
-            data=_spec(pre["data"], root, where),
-            arch=str(pre.get("arch", "small_unet")),
-            steps=int(pre.get("steps", 300)),
-            batch_size=int(pre.get("batch-size", 8)),
-            seed=int(pre.get("seed", 0)),
-        )
+        if not isinstance(pre, Mapping) or "data" not in pre:
+            raise ValueError(f"{where} [source.pretrain] needs a 'data' spec")
+        options = {**pre, "data": _spec(str(pre["data"]), root, where)}
+        plan = build_options(PretrainPlan, options, f"{where} [source.pretrain]")
     if not checkpoint and plan is None:
         raise ValueError(f"{where}: [source] needs a checkpoint or a [source.pretrain] plan")
     return SourceModel(checkpoint, plan, wrap)
@@ -283,7 +279,7 @@ def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel
 def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod:
     _check_keys(raw, {"name", "options", "batch-size", "source"}, f"{where} [method]")
     source = raw.get("source")
-    method = get_method(str(raw.get("name", "adabn")))
+    method = method_spec(str(raw.get("name", "adabn")))
     make_config(method, dict(raw.get("options", {})))  # a misspelt option fails now, not after pretraining
     return LocalMethod(
         name=str(raw.get("name", "adabn")),

@@ -82,12 +82,11 @@ class SimulationPlan:
 
 def _pretrain_plan(raw: dict[str, Any], path: Path) -> PretrainPlan:
     from common.pretrain import PretrainPlan
+    from common.typed_options import build_options
 
-    options = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = set(options) - {"data", "arch", "steps", "batch_size", "seed"}
-    if unknown or "data" not in options:
-        raise ValueError(f"{path}: [pretrain] needs 'data' and takes arch, steps, batch-size, seed; got {sorted(raw)}")
-    return PretrainPlan(**{**options, "data": DataSpec.parse(str(options["data"]))})
+    if "data" not in raw:
+        raise ValueError(f"{path}: [pretrain] needs a 'data' spec")
+    return build_options(PretrainPlan, {**raw, "data": DataSpec.parse(str(raw["data"]))}, f"{path} [pretrain]")
 
 
 def list_presets() -> list[str]:

@@ -17,14 +17,7 @@ from common.model_factory import build_model
 from common.pretrain import PretrainConfig, pretrain, train_segmenter
 from fedmerge.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core box it costs ~8x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPEC = DataSpec.parse("synthetic?domain=source&n=8&size=32x48")
@@ -115,6 +108,12 @@ def test_pretrain_command_writes_a_loadable_checkpoint(tmp_path, capsys) -> None
     assert main(["pretrain", "--data", "camvid:/nonexistent", "--steps", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--out must end in .safetensors" in err and "/nonexistent: dataset root for 'camvid' does not exist" in err
+    recipe = ["--photometric", "--class-weight-power", "0.5", "--no-flip"]
+    assert main([*argv, *recipe, "--out", str(out)]) == 0
+    _, meta = load_checkpoint(out)
+    assert meta["class_weight_power"] == "0.5" and meta["flip"] == "False" and "photometric" in meta["pretrain_key"]
+    assert main([*argv, "--hard-pixel-fraction", "0", "--out", str(out)]) == 2
+    assert "hard_pixel_fraction must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_data_synth_command_writes_the_folder_layout_the_folder_reader_reads(tmp_path, capsys) -> None:

@@ -6,16 +6,18 @@ neighbour and pad it with the ignore value, so image and label can never drift a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from common.data.classes import IGNORE
 
-__all__ = ["TrainAugment", "joint_resize"]
+__all__ = ["PhotometricAugment", "TrainAugment", "joint_resize"]
 
 
 def joint_resize(image: Tensor, label: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -56,3 +58,51 @@ class TrainAugment:
             return image, label
         out_image, out_label = v2.Compose(ops)(tv_tensors.Image(image), tv_tensors.Mask(label))
         return out_image.as_subclass(Tensor).clamp_(0.0, 1.0), out_label.as_subclass(Tensor).to(torch.int64)
+
+
+Range = tuple[float, float]
+
+
+def _check_range(name: str, bounds: Range) -> None:
+    if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+        raise ValueError(f"photometric {name} range must satisfy 0 < low <= high, got {bounds}")
+
+
+def _log_uniform(bounds: Range) -> float:
+    """A factor drawn uniformly in log space, so x0.5 and x2 are equally likely: light changes multiply."""
+    low, high = math.log(bounds[0]), math.log(bounds[1])
+    return math.exp(low + (high - low) * float(torch.rand(())))
+
+
+@dataclass(frozen=True)
+class PhotometricAugment:
+    """Random gamma, brightness, contrast and saturation of the image; the label is never touched.
+
+    A day source meets dusk frames (about half as bright, flatter contrast) and other routes in
+    other light; jittering the light of the source frames teaches a model that light is not a
+    class cue. Each factor is drawn log-uniformly in its range (1.0 = no change), and the whole
+    jitter is applied with probability ``p`` so the model also sees the source as it is.
+    Randomness comes from torch's global generator, like :class:`TrainAugment`.
+    """
+
+    brightness: Range = (0.5, 1.5)
+    contrast: Range = (0.7, 1.4)
+    saturation: Range = (0.7, 1.4)
+    gamma: Range = (0.7, 1.5)
+    p: float = 0.8
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation", "gamma"):
+            _check_range(name, getattr(self, name))
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"photometric probability must be in [0, 1], got {self.p}")
+
+    def __call__(self, image: Tensor) -> Tensor:
+        """``image``: float [3, H, W] (or [N, 3, H, W]) in [0, 1]; returns a new tensor in [0, 1]."""
+        if float(torch.rand(())) >= self.p:
+            return image
+        out = TF.adjust_gamma(image, _log_uniform(self.gamma))
+        out = TF.adjust_brightness(out, _log_uniform(self.brightness))
+        out = TF.adjust_contrast(out, _log_uniform(self.contrast))
+        out = TF.adjust_saturation(out, _log_uniform(self.saturation))
+        return out.clamp(0.0, 1.0)

@@ -24,33 +24,23 @@ def _pair(text: str, kind: type) -> tuple:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from common.checkpoints import save_checkpoint
-    from common.data import dataset_classes
-    from common.pretrain import PretrainConfig, pretrain
+    from common.pretrain import PretrainPlan, pretrain_to_file
 
-    spec = DataSpec.parse(args.data)
     if not args.out.endswith(".safetensors"):
         raise CommandError(f"--out must end in .safetensors, got {args.out!r}")
+    try:
+        plan = PretrainPlan(
+            DataSpec.parse(args.data), args.arch, args.steps, args.batch_size, args.seed, lr=args.lr,
+            weight_decay=args.weight_decay, scale=args.scale, crop=args.crop, flip=not args.no_flip,
+            photometric=args.photometric, class_weight_power=args.class_weight_power,
+            hard_pixel_fraction=args.hard_pixel_fraction, label_smoothing=args.label_smoothing,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    classes = dataset_classes(spec.kind, spec.root)
-    config = PretrainConfig(
-        arch=args.arch,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        scale=args.scale,
-        crop=args.crop,
-        flip=not args.no_flip,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    model = pretrain(spec, config)
-    extra = {"data": str(spec), "steps": str(args.steps), "seed": str(args.seed)}
-    path = save_checkpoint(model, args.out, args.arch, classes, extra=extra)
-    print(f"wrote {path} ({args.arch}, {len(classes)} classes, {args.steps} steps on {spec})")
+    path = pretrain_to_file(plan, args.out, progress=not args.quiet, device=args.device)
+    print(f"wrote {path} ({args.arch}, {args.steps} steps on {plan.data})")
     return 0
 
 
@@ -67,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=lambda t: parse_size(t), default=None, metavar="HxW",
                    help="training crop (default: the image size)")  # fmt: skip
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--photometric", action="store_true",
+                   help="jitter the light of the source frames (brightness, contrast, saturation, gamma)")  # fmt: skip
+    p.add_argument("--class-weight-power", type=float, default=0.0, metavar="P",
+                   help="class weights frequency**-P (0: plain cross-entropy; 0.5: inverse square root)")  # fmt: skip
+    p.add_argument("--hard-pixel-fraction", type=float, default=1.0, metavar="F",
+                   help="train on this share of the hardest labeled pixels per batch (1: every pixel)")  # fmt: skip
+    p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

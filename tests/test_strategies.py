@@ -238,32 +238,28 @@ def _ties_pair(t1: dict[str, list[float]], t2: dict[str, list[float]]) -> list[S
     ]
 
 
-def test_ties_trims_elects_signs_and_takes_the_disjoint_mean():
-    base = {"a.weight": torch.zeros(4), "b.weight": torch.zeros(2)}
+TIES_CASES = [
     # k = 0.5 keeps 3 of the 6 entries of each task vector, ranked over both tensors together:
     # τ̂1 = [1.5, 0, 0, 2 | 0, -5]; τ̂2 = [0, -4, 0, -2.5 | 0, 6]   (τ2's -2 is trimmed)
     # elected sign = sign of Σ τ̂ = [+, -, 0, -, 0, +]  (the untrimmed sum would elect - at entry 0)
     # disjoint mean over the values agreeing with it = [1.5, -4, 0, -2.5 | 0, 6]
-    updates = _ties_pair(
-        {"a.weight": [1.5, -1.0, 0.5, 2.0], "b.weight": [0.2, -5.0]},
-        {"a.weight": [-2.0, -4.0, 1.0, -2.5], "b.weight": [0.3, 6.0]},
-    )
-    merged = ties(base, updates, k=0.5, lam=1.0)
-    torch.testing.assert_close(merged["a.weight"], torch.tensor([1.5, -4.0, 0.0, -2.5]))
-    torch.testing.assert_close(merged["b.weight"], torch.tensor([0.0, 6.0]))
+    ([[1.5, -1.0, 0.5, 2.0], [0.2, -5.0]], [[-2.0, -4.0, 1.0, -2.5], [0.3, 6.0]], 0.5, 1.0,
+     [[1.5, -4.0, 0.0, -2.5], [0.0, 6.0]]),
     # trimming ranks the whole task vector, not each tensor: here τ1's b entries push its 1.5 out
-    updates = _ties_pair(
-        {"a.weight": [1.5, -1.0, 0.5, 2.0], "b.weight": [4.0, -5.0]},
-        {"a.weight": [-2.0, -4.0, 1.0, -2.5], "b.weight": [0.3, 6.0]},
-    )
-    merged = ties(base, updates, k=0.5, lam=1.0)
-    torch.testing.assert_close(merged["a.weight"], torch.tensor([0.0, -4.0, 0.0, -2.5]))
-    torch.testing.assert_close(merged["b.weight"], torch.tensor([4.0, 6.0]))
+    ([[1.5, -1.0, 0.5, 2.0], [4.0, -5.0]], [[-2.0, -4.0, 1.0, -2.5], [0.3, 6.0]], 0.5, 1.0,
+     [[0.0, -4.0, 0.0, -2.5], [4.0, 6.0]]),
     # agreeing values are averaged; λ scales the merged task vector
-    updates = _ties_pair(
-        {"a.weight": [2.0, 0, 0, 0], "b.weight": [0, 0]}, {"a.weight": [4.0, 0, 0, 0], "b.weight": [0, 0]}
-    )
-    torch.testing.assert_close(ties(base, updates, k=1 / 6, lam=0.5)["a.weight"], torch.tensor([1.5, 0.0, 0.0, 0.0]))
+    ([[2.0, 0, 0, 0], [0, 0]], [[4.0, 0, 0, 0], [0, 0]], 1 / 6, 0.5, [[1.5, 0.0, 0.0, 0.0], [0.0, 0.0]]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("t1", "t2", "k", "lam", "want"), TIES_CASES)
+def test_ties_trims_elects_signs_and_takes_the_disjoint_mean(t1, t2, k, lam, want):
+    base = {"a.weight": torch.zeros(4), "b.weight": torch.zeros(2)}
+    names = ("a.weight", "b.weight")
+    merged = ties(base, _ties_pair(dict(zip(names, t1, strict=True)), dict(zip(names, t2, strict=True))), k=k, lam=lam)
+    for name, values in zip(names, want, strict=True):
+        torch.testing.assert_close(merged[name], torch.tensor(values))
 
 
 def test_fedbn_and_separate_heads_keep_each_domains_own_parts(source):

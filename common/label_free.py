@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
-from torchvision.transforms.v2 import functional as TF
 
 from common.models import Segmenter
 from common.predictions import confident_fraction, normalized_entropy
@@ -119,6 +118,8 @@ def _mix_pairs(images: Tensor, labels: Tensor, generator: torch.Generator) -> tu
 
 
 def _photometric(images: Tensor) -> Tensor:
+    from torchvision.transforms.v2 import functional as TF  # here: the import costs a ClientApp worker ~3 s
+
     return TF.adjust_contrast(TF.adjust_brightness(images, 0.7), 1.2).clamp(0.0, 1.0)
 
 

@@ -48,3 +48,15 @@ def test_help_usage_errors_and_option_checks_import_neither_torch_nor_flower(arg
     result = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert "HEAVY []" in result.stdout, (result.stdout, result.stderr[-2000:])
+
+
+def test_a_clientapp_worker_starts_without_torchvision():
+    """torchvision's import is ~3 s of every simulated worker's start-up; only a transform needs it."""
+    probe = (
+        "import sys, clients.client_app, server.server_app\n"
+        "from common.data import DataSpec, build_dataset\n"
+        "build_dataset(DataSpec.parse('synthetic?domain=fog&n=2&size=32x48'))[0]\n"
+        "print('TORCHVISION', 'torchvision' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "TORCHVISION False" in result.stdout, (result.stdout, result.stderr[-2000:])

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
 
 from common.data import IGNORE
 
@@ -80,6 +79,8 @@ class StrongAugment:
         return torch.stack([self._one(img, generator) for img in images])
 
     def _one(self, image: Tensor, generator: torch.Generator) -> Tensor:
+        from torchvision.transforms.v2 import functional as TF  # here: the import costs a ClientApp worker ~3 s
+
         s = self.jitter
         if s > 0 and float(torch.rand((), generator=generator)) < self.jitter_prob:
             image = TF.adjust_brightness(image, _uniform(generator, 1 - s, 1 + s))

@@ -2,6 +2,8 @@
 
 Wrapping the label as a ``tv_tensors.Mask`` is what makes v2 resize it with nearest
 neighbour and pad it with the ignore value, so image and label can never drift apart.
+torchvision is imported where a transform runs: importing it costs a ClientApp worker about
+3 s of start-up, and a site whose images need no transform never pays it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from common.data.classes import IGNORE
 
@@ -24,6 +23,9 @@ def joint_resize(image: Tensor, label: Tensor, size: tuple[int, int]) -> tuple[T
     """Resize to (H, W): bilinear with antialias for the image, nearest for the label."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image, label
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
     out_image, out_label = v2.Resize(list(size), antialias=True)(tv_tensors.Image(image), tv_tensors.Mask(label))
     return out_image.as_subclass(Tensor).clamp_(0.0, 1.0), out_label.as_subclass(Tensor)
 
@@ -43,6 +45,9 @@ class TrainAugment:
     crop: tuple[int, int] | None = None
 
     def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
         h, w = image.shape[-2:]
         crop = self.crop or (h, w)
         ops: list[v2.Transform] = []
@@ -101,6 +106,8 @@ class PhotometricAugment:
         """``image``: float [3, H, W] (or [N, 3, H, W]) in [0, 1]; returns a new tensor in [0, 1]."""
         if float(torch.rand(())) >= self.p:
             return image
+        from torchvision.transforms.v2 import functional as TF
+
         out = TF.adjust_gamma(image, _log_uniform(self.gamma))
         out = TF.adjust_brightness(out, _log_uniform(self.brightness))
         out = TF.adjust_contrast(out, _log_uniform(self.contrast))

@@ -97,12 +97,15 @@ def run_protocol(
     cache_dir: Path,
     run_one: Callable[[ExperimentConfig, Path, Path], dict[str, Any]],
     lengths: Callable[[DataSpec], int] | None = None,
+    missing: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every (seed, fold) run's results, computing only those not already in ``out_dir/runs``.
 
     ``run_one(config, run_dir, cache_dir)`` runs one comparison and returns its results dict
     (it writes the run's files); finished runs are read back from their ``results.json``.
     ``lengths`` gives a data spec's whole sequence length (default: read the data set).
+    With a ``missing`` list, nothing is computed: the names of unfinished runs are appended to
+    it instead, so a protocol spread over several sittings can be reported as it stands.
     """
     protocol = config.protocol
     if protocol is None:
@@ -119,6 +122,9 @@ def run_protocol(
             if done.is_file():
                 log.info("protocol run %s: reading the finished run back", run.name)
                 results.append(json.loads(done.read_text()))
+                continue
+            if missing is not None:
+                missing.append(run.name)
                 continue
             log.info("protocol run %s", run.name)
             results.append(run_one(fold_config(config, protocol, run, lengths), run_dir, cache_dir))
@@ -167,9 +173,13 @@ def _pct(pair: tuple[float, float]) -> str:
     return "n/a" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * sd:.1f}"
 
 
-def protocol_markdown(config: ExperimentConfig, runs: list[dict[str, Any]], command: str = "") -> str:
+def protocol_markdown(
+    config: ExperimentConfig, runs: list[dict[str, Any]], command: str = "", missing: list[str] | None = None
+) -> str:
     protocol = config.protocol
     assert protocol is not None
+    if not runs:
+        raise ValueError(f"no finished protocol run to report; still to run: {', '.join(missing or [])}")
     rows = aggregate(runs)
     domains = [e["domain"] for e in runs[0]["eval_sets"]]
     header = ["strategy (mIoU %, mean ± sd)", "domain at test", *domains, "H", "H - best single site",
@@ -187,6 +197,9 @@ def protocol_markdown(config: ExperimentConfig, runs: list[dict[str, Any]], comm
     ] if protocol.folds else [f"- {run['experiment']}: seed {run['seed']}" for run in runs]  # fmt: skip
     parts = [
         f"# {config.name}: {len(runs)} runs ({_design(protocol)})",
+        f"**Partial: {len(runs)} of {len(runs) + len(missing)} runs; not yet run: {', '.join(missing)}.**"
+        if missing
+        else "",
         config.description,
         f"Command: `{command}`" if command else "",
         _how_runs_differ(protocol) + " 'H - best single site' is paired: run by run, the strategy's H minus "

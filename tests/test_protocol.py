@@ -9,7 +9,7 @@ import pytest
 
 from common.data import DataSpec
 from experiments.config import ExperimentConfig, ProtocolConfig
-from experiments.protocol import ProtocolRun, aggregate, fold_config, fold_windows, run_protocol
+from experiments.protocol import ProtocolRun, aggregate, fold_config, fold_windows, protocol_markdown, run_protocol
 
 
 @pytest.mark.parametrize("total", [40, 62, 110])
@@ -59,7 +59,9 @@ def _run(name: str, singles: tuple[float, float], merged: float) -> dict:
              "test_time_domain": False},
             {"label": "merged", "name": "merge", "harmonic_mean": merged, "per_domain": {"x": merged},
              "test_time_domain": False}]  # fmt: skip
-    return {"experiment": name, "strategies": rows, "eval_sets": [{"domain": "x"}], "sites": []}
+    for row in rows:
+        row["rounds"] = 1
+    return {"experiment": name, "strategies": rows, "eval_sets": [{"domain": "x", "site": "x"}], "sites": []}
 
 
 def test_the_paired_difference_is_taken_against_each_runs_own_best_site():
@@ -85,6 +87,23 @@ def test_finished_runs_are_read_back_and_only_missing_ones_computed(tmp_path):
     results = run_protocol(config, tmp_path, tmp_path / "cache", run_one, lengths=lambda s: lengths[s.domain])
     assert computed == ["t/seed0-fold1", "t/seed7-fold0", "t/seed7-fold1"]
     assert [r["experiment"] for r in results] == ["t/seed0-fold0", *computed]
+
+
+def test_finished_only_reports_the_runs_done_so_far_and_names_the_rest(tmp_path):
+    config = _config()
+    done = tmp_path / "runs" / "seed7-fold1"
+    done.mkdir(parents=True)
+    (done / "results.json").write_text(json.dumps(_run("t/seed7-fold1", (0.3, 0.2), 0.31)))
+    missing: list[str] = []
+    lengths = {"0001TP": 62, "Seq05VD": 110}
+    results = run_protocol(config, tmp_path, tmp_path / "cache", lambda *a: pytest.fail("nothing is computed"),
+                           lengths=lambda s: lengths[s.domain], missing=missing)  # fmt: skip
+    assert [r["experiment"] for r in results] == ["t/seed7-fold1"]
+    assert missing == ["seed0-fold0", "seed0-fold1", "seed7-fold0"]
+    text = protocol_markdown(config, results, missing=missing)
+    assert "Partial: 1 of 4 runs; not yet run: seed0-fold0, seed0-fold1, seed7-fold0" in text
+    with pytest.raises(ValueError, match="no finished protocol run"):
+        protocol_markdown(config, [], missing=missing)
 
 
 def test_a_protocol_without_folds_keeps_the_configs_own_sets_and_changes_only_the_seed(tmp_path):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from experiments.tables import markdown_table
+from fedmerge.cli import CommandError
 
 
 def _run_once(config, out_dir: Path, cache_dir: Path, command: str) -> dict:
@@ -30,15 +31,19 @@ def _run_once(config, out_dir: Path, cache_dir: Path, command: str) -> dict:
     return results_dict(result, command)
 
 
-def _run_protocol(config, out_dir: Path, cache_dir: Path, command: str) -> None:
+def _run_protocol(config, out_dir: Path, cache_dir: Path, command: str, finished_only: bool) -> None:
     import json
 
     from experiments.protocol import aggregate, protocol_markdown, run_protocol
 
-    runs = run_protocol(config, out_dir, cache_dir, lambda c, d, cache: _run_once(c, d, cache, command))
+    missing: list[str] | None = [] if finished_only else None
+    runs = run_protocol(config, out_dir, cache_dir, lambda c, d, cache: _run_once(c, d, cache, command),
+                        missing=missing)  # fmt: skip
+    if not runs:
+        raise CommandError(f"no finished run in {out_dir}; still to run: {', '.join(missing or [])}")
     (out_dir / "protocol.json").write_text(json.dumps({"runs": [r["experiment"] for r in runs],
                                                        "strategies": aggregate(runs)}, indent=2) + "\n")  # fmt: skip
-    text = protocol_markdown(config, runs, command)
+    text = protocol_markdown(config, runs, command, missing)
     (out_dir / "protocol.md").write_text(text)
     print("\n" + text)
 
@@ -57,7 +62,7 @@ def compare(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else out_dir / "cache"
     command = "fedmerge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.record_command else ""
     if config.protocol is not None and not args.single_run:
-        _run_protocol(config, out_dir, cache_dir, command)
+        _run_protocol(config, out_dir, cache_dir, command, args.finished_only)
     else:
         _run_once(config, out_dir, cache_dir, command)
     return 0
@@ -74,6 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--single-run", action="store_true",
                    help="one comparison on the config's own splits, even when it declares a [protocol]")  # fmt: skip
+    p.add_argument("--finished-only", action="store_true",
+                   help="compute nothing: report the protocol runs already finished in OUT_DIR")  # fmt: skip
     p.add_argument("--no-record-command", dest="record_command", action="store_false",
                    help="leave the command line out of results.md")  # fmt: skip
     p.set_defaults(func=compare)

@@ -26,7 +26,7 @@ class MergeConfig:
     secure: bool = False  # secure aggregation: the server learns only sums (server/secure_round.py)
     bn_bank: str = ""  # ship the sites' own or recalibrated BN statistics with the merge
     candidates: tuple[MergeCandidate, ...] = ()  # a label-free selection among these (server/selection_round.py)
-    select_score: str = "agreement"
+    select_score: str = "confident"
     select_aggregate: str = "worst"
 
     @classmethod

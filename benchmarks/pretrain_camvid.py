@@ -21,6 +21,7 @@ One recipe at the shipped schedule is about 15-25 minutes of CPU with one thread
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,7 +125,9 @@ def score(model: torch.nn.Module, sets: Mapping[str, Sequence]) -> dict[str, dic
     return out
 
 
-def train_or_load(recipe: str, seed: int, args: argparse.Namespace, sets: Mapping[str, Sequence]) -> dict | None:
+def train_or_load(
+    recipe: str, seed: int, args: argparse.Namespace, sets: Callable[[], Mapping[str, Sequence]]
+) -> dict | None:
     """One run's record: from the cache when it is there, else trained, timed, scored and cached."""
     config = _config(recipe, seed)
     name = _run_name(recipe, config, args.threads)
@@ -147,7 +150,7 @@ def train_or_load(recipe: str, seed: int, args: argparse.Namespace, sets: Mappin
         "seconds": seconds,
         "config": repr(config),
         "params": sum(p.numel() for p in model.parameters()),
-        "scores": score(model, sets),
+        "scores": score(model, sets()),
     }
     record_path.write_text(json.dumps(record, indent=1))
     print(f"{name}: {seconds:.0f} s, H repo {_h_repo(record):.1f}, H folds {_h_folds(record):.1f}", file=sys.stderr)
@@ -224,7 +227,7 @@ def main() -> None:
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
-    sets = evaluation_sets(args.root)
+    sets = functools.cache(lambda: evaluation_sets(args.root))  # decoded only if a recipe must be trained
     runs = [[train_or_load(recipe, seed, args, sets) for seed in seeds] for recipe in recipes]
     groups = [[r for r in group if r is not None] for group in runs]
     groups = [g for g in groups if g]

@@ -214,6 +214,10 @@ def pretrain(spec: DataSpec, config: PretrainConfig) -> Segmenter:
     return model
 
 
+# The plan fields every key has always spelled out; every later field is a recipe option.
+_KEY_FIELDS = ("data", "arch", "steps", "batch_size", "seed")
+
+
 @dataclass(frozen=True)
 class PretrainPlan:
     """A source model to make when no checkpoint is at hand: what an experiment or preset names.
@@ -248,7 +252,9 @@ class PretrainPlan:
     def options(self) -> dict[str, str]:
         """The recipe options that differ from their defaults, by name, as text."""
         changed = {}
-        for field in fields(self)[5:]:
+        for field in fields(self):
+            if field.name in _KEY_FIELDS:
+                continue
             value = getattr(self, field.name)
             if value != field.default:
                 changed[field.name] = repr(PhotometricAugment()) if field.name == "photometric" else str(value)
@@ -261,7 +267,7 @@ class PretrainPlan:
         (and its cached model); the photometric option is spelled out in full, so a change of
         :class:`PhotometricAugment`'s defaults makes a new key.
         """
-        base = f"{self.data}|{self.arch}|{self.steps}|{self.batch_size}|{self.seed}"
+        base = "|".join(str(getattr(self, name)) for name in _KEY_FIELDS)
         return base + "".join(f"|{name}={value}" for name, value in self.options().items())
 
     def config(self, progress: bool = True, device: str = "cpu") -> PretrainConfig:

@@ -1,9 +1,11 @@
 """Where a small simulation's wall time goes: fedmerge's ``tiny`` preset beside a trivial Flower app.
 
-Both run through the same driver (``server.runtime``: a SuperLink in simulation mode,
+All run through the same driver (``server.runtime``: a SuperLink in simulation mode,
 ``flwr run``, teardown by PID), with 3 simulated sites. The trivial app (benchmarks/
 trivial_app) is Flower's floor on this machine: ClientApps that echo a small array back,
-Flower's own FedAvg, no torch. Each run's time is split by wall-clock stamps the driver,
+Flower's own FedAvg, no torch. It runs a second time with its ServerApp and ClientApp
+modules importing torch as they load, like any PyTorch Flower app: the floor for an app
+that needs torch on both sides. Each run's time is split by wall-clock stamps the driver,
 the ServerApp and the ClientApps record:
 
 * runtime start-up: starting the SuperLink until it listens;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -40,6 +43,7 @@ from server.runtime import simulation_env  # noqa: E402
 from server.simulation import SimulationPlan, run_simulation  # noqa: E402
 
 TRIVIAL_APP = ROOT / "benchmarks" / "trivial_app"
+TORCH_SWITCH = "TRIVIAL_ECHO_TORCH"  # trivial_echo.TORCH_SWITCH: the Flower processes inherit it from here
 NO_EVAL = {"eval-domains": "", "eval-sites": False}
 PROFILE = {"profile": True}
 SITES = 3
@@ -60,7 +64,8 @@ def run_fedmerge(keep_eval: bool) -> dict[str, Any]:
     }
 
 
-def run_trivial() -> dict[str, Any]:
+def run_trivial(with_torch: bool) -> dict[str, Any]:
+    os.environ[TORCH_SWITCH] = "1" if with_torch else "0"
     with tempfile.TemporaryDirectory(prefix="sim_overhead_trivial_") as tmp:
         out = Path(tmp) / "timing.json"
         clock = {"started-at": time.time()}
@@ -107,17 +112,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--keep-eval", action="store_true", help="keep the tiny preset's server-side evaluation")
     args = parser.parse_args()
-    runs: dict[str, list[dict[str, float]]] = {"trivial Flower app": [], "fedmerge tiny": []}
-    for _ in range(args.repeats):  # interleaved, so the machine's load hits both alike
-        runs["trivial Flower app"].append(split(run_trivial()))
-        runs["fedmerge tiny"].append(split(run_fedmerge(args.keep_eval)))
+    apps = {
+        "trivial Flower app": lambda: run_trivial(with_torch=False),
+        "trivial app importing torch": lambda: run_trivial(with_torch=True),
+        "fedmerge tiny": lambda: run_fedmerge(args.keep_eval),
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in apps}
+    for _ in range(args.repeats):  # interleaved, so the machine's load hits every app alike
+        for name, run in apps.items():
+            runs[name].append(split(run()))
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     print(f"{SITES} simulated sites, median of {args.repeats} run(s) each, seconds\n")
-    print("| phase | trivial Flower app | fedmerge tiny |\n|---|---:|---:|")
+    print("| phase | " + " | ".join(apps) + " |\n|---|" + "---:|" * len(apps))
     for phase in medians["fedmerge tiny"]:
-        print(f"| {phase} | {medians['trivial Flower app'][phase]:.2f} | {medians['fedmerge tiny'][phase]:.2f} |")
-    ours, floor = medians["fedmerge tiny"]["wall time"], medians["trivial Flower app"]["wall time"]
-    print(f"\nfedmerge tiny / trivial app: {ours / floor:.2f}x, {ours - floor:+.1f} s")
+        print(f"| {phase} | " + " | ".join(f"{medians[name][phase]:.2f}" for name in apps) + " |")
+    ours = medians["fedmerge tiny"]["wall time"]
+    for name in list(apps)[:2]:
+        floor = medians[name]["wall time"]
+        print(f"\nfedmerge tiny / {name}: {ours / floor:.2f}x, {ours - floor:+.1f} s", end="")
+    print()
 
 
 if __name__ == "__main__":

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from trivial_echo import TORCH_SWITCH
+
+if os.environ.get(TORCH_SWITCH) == "1":  # the same app, paying what any torch app pays to start
+    import torch  # noqa: F401
 
 STARTUP_SECONDS = time.time() - psutil.Process().create_time()
 app = ClientApp()

@@ -115,6 +115,8 @@ class FlowerEnv:
 
     home: Path
     processes: list[Process] = field(default_factory=list)
+    # connection name -> Flower's simulation settings, passed to every ``flwr run`` on it
+    simulation_configs: dict[str, dict[str, object]] = field(default_factory=dict)
     _previous_handler: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -186,9 +188,18 @@ class FlowerEnv:
         return proc, port
 
     def write_connection(
-        self, name: str, control_port: int, *, root_cert: Path | None = None, **options: object
+        self,
+        name: str,
+        control_port: int,
+        *,
+        root_cert: Path | None = None,
+        simulation: Mapping[str, object] | None = None,
     ) -> None:
-        """Add a ``[superlink.<name>]`` entry to this home's config.toml."""
+        """Add a ``[superlink.<name>]`` entry to this home's config.toml.
+
+        ``simulation`` (see :func:`simulation_config`) goes to ``flwr run --federation-config``:
+        Flower 1.41 deprecates ``options.`` entries in the connection and warns on every run.
+        """
         path = self.home / "config.toml"
         config = {"superlink": {"default": name}}
         if path.exists():
@@ -200,10 +211,10 @@ class FlowerEnv:
             entry["insecure"] = True
         else:
             entry["root-certificates"] = str(root_cert)
-        if options:
-            entry["options"] = dict(options)
         config.setdefault("superlink", {})[name] = entry
         path.write_text(tomli_w.dumps(config))
+        if simulation is not None:
+            self.simulation_configs[name] = dict(simulation)
 
     def supernode(
         self,
@@ -335,6 +346,10 @@ class FlowerEnv:
         if app_dir == PROJECT_ROOT:
             app_dir = stage_app(PROJECT_ROOT, self.home / "app")
         args = ["run", str(app_dir), connection, "--run-config", str(config_file), "--stream"]
+        if connection in self.simulation_configs:
+            federation_file = self.home / "federation-config.toml"
+            federation_file.write_text(tomli_w.dumps(self.simulation_configs[connection]))
+            args += ["--federation-config", str(federation_file)]
         return self.flwr(args, timeout, "run", echo)
 
     def stop_all(self) -> None:
@@ -410,15 +425,18 @@ def stage_app(project: Path, dest: Path) -> Path:
     return dest
 
 
-def simulation_backend(num_supernodes: int) -> dict[str, object]:
-    """Flower's simulation options for this machine: one CPU per site's actor, so sites run side by side
-    (Flower's default of 2 CPUs each runs them one at a time on 2 cores), and a quiet Ray."""
+def simulation_config(num_supernodes: int) -> dict[str, object]:
+    """Flower's simulation settings for this machine: one CPU per site's actor, so sites run side by side
+    (Flower's default of 2 CPUs each runs them one at a time on 2 cores), and a quiet Ray.
+
+    The keys are those of ``flwr run --federation-config`` (Flower's ``SimulationConfig``).
+    """
     return {
         "num-supernodes": num_supernodes,
-        "backend": {
-            "client-resources": {"num-cpus": 1, "num-gpus": 0.0},
-            "init-args": {"logging-level": "ERROR", "log-to-driver": False},
-        },
+        "client-resources-num-cpus": 1,
+        "client-resources-num-gpus": 0.0,
+        "init-args-logging-level": "ERROR",
+        "init-args-log-to-driver": False,
     }
 
 
@@ -427,5 +445,5 @@ def simulation_env(home: Path, num_supernodes: int) -> Iterator[tuple[FlowerEnv,
     """A SuperLink in simulation mode with a ``sim`` connection of ``num_supernodes`` nodes."""
     with FlowerEnv(home) as env:
         _, port = env.superlink(simulation=True)
-        env.write_connection("sim", port, **simulation_backend(num_supernodes))
+        env.write_connection("sim", port, simulation=simulation_config(num_supernodes))
         yield env, "sim"

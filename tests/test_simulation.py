@@ -34,6 +34,14 @@ def test_flower_output_is_echoed_live_and_kept_in_the_run_log(gaussian_run):
     assert sum("merged site" in line for line in echoed.splitlines()) == 3
 
 
+def test_flower_takes_the_simulation_settings_from_the_run_not_deprecated_connection_options(gaussian_run):
+    """The settings go by ``flwr run --federation-config``; Flower 1.41 warns about ``options.`` entries."""
+    log = (gaussian_run / ".flwr" / "run.log").read_text()
+    assert "deprecated" not in log
+    assert "(3 simulated SuperNodes)" in log
+    assert "Started a local Ray instance" not in log  # Ray's INFO lines: init-args-logging-level = ERROR took
+
+
 def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 

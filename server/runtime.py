@@ -134,6 +134,9 @@ class FlowerEnv:
                 "PATH": f"{_BIN}{os.pathsep}{env.get('PATH', '')}",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")])),
                 "PYTHONUNBUFFERED": "1",
+                # Ray's coming default (it warns on every simulation until it is set): an actor
+                # asking for no GPU keeps the devices it sees. fedmerge's sites never use CUDA.
+                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
             }
         )
         return env

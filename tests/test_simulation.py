@@ -40,6 +40,7 @@ def test_flower_takes_the_simulation_settings_from_the_run_not_deprecated_connec
     assert "deprecated" not in log
     assert "(3 simulated SuperNodes)" in log
     assert "Started a local Ray instance" not in log  # Ray's INFO lines: init-args-logging-level = ERROR took
+    assert "Warning" not in log  # neither Flower's nor Ray's FutureWarning about visible devices
 
 
 def _report(out: Path) -> dict:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from common.merge_spec import TiesOptions
 from common.model_factory import build_model
 from common.updates import SiteUpdate
 from server.strategy import MinSitesNotMet, OneShotMerge
@@ -140,3 +141,14 @@ def test_counts_weighting_and_report_entries(template):
     entry = strategy.report.sites[0]
     assert entry.num_examples == 11 and entry.bytes_received > 0
     assert set(entry.manifest) == {"params", "buffers", "counts", "info", "metrics"}
+
+
+def test_the_summary_names_the_method_its_options_and_every_round_after_the_merge(template, caplog):
+    ties = TiesOptions(k=0.2)
+    strategy = strategy_of(template, recalibrate=True, method="ties", options=ties, clip_norm=2.0)
+    with caplog.at_level("INFO", logger="server.strategy"):
+        strategy.summary()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "method: ties (k=0.2" in text
+    assert "clip-norm 2" in text
+    assert text.splitlines()[-1].endswith("then: recalibration round (batch)")

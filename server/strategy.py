@@ -135,9 +135,11 @@ class OneShotMerge(Strategy):
         lines = [
             f"method: {spec.method}" + (f" ({options})" if options else ""),
             f"site weights: {spec.weighting}, at most {spec.max_share:g} each",
-            f"BN statistics: {spec.buffers}" + (", sites weighted equally" if spec.equal_site_stats else "")
+            f"BN statistics: {spec.buffers}"
+            + (", sites weighted equally" if spec.equal_site_stats else "")
             + (f", with a bank of the sites' {c.bn_bank} statistics" if c.bn_bank else ""),
-            f"sums: {spec.precision}" + (", secure aggregation (the server sees only sums)" if c.secure else "")
+            f"sums: {spec.precision}"
+            + (", secure aggregation (the server sees only sums)" if c.secure else "")
             + (f"; clip-norm {spec.clip_norm:g}" if spec.clip_norm else ""),
             f"at least {c.min_sites} sites, waiting up to {c.timeout:g} s",
             "then: " + (", ".join(then) or "nothing"),

@@ -62,3 +62,14 @@ def test_a_stopped_simulation_leaves_no_process_running(tmp_path, sig):
         " ".join(p.info["cmdline"] or [])[:200] for p in _flower_processes(started)
     ]
     assert proc.returncode != 0
+
+
+def test_a_finished_simulation_has_stopped_every_process_when_it_returns(tmp_path):
+    """After a normal end the left-over Flower processes get a short grace, then SIGKILL (server.runtime)."""
+    started = time.time() - 1
+    out = tmp_path / "run"
+    result = subprocess.run([str(FEDMERGE), "simulate", "--preset", "tiny", "--out-dir", str(out), "--quiet"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (out / "merged.safetensors").is_file() and (out / "report.json").is_file()
+    assert not _flower_processes(started), [" ".join(p.info["cmdline"] or [])[:200] for p in _flower_processes(started)]

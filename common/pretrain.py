@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from common.data.classes import IGNORE
 from common.data.transforms import PhotometricAugment, TrainAugment
 from common.model_factory import build_model
 from common.models import Segmenter
+from common.typed_options import build_options
 
 __all__ = [
     "PretrainConfig",
@@ -127,8 +128,9 @@ def class_weights(dataset: Dataset, num_classes: int, power: float) -> Tensor:
     if counts.sum() == 0:
         raise ValueError("the training set has no labeled pixels")
     freq = counts / counts.sum()
-    weights = torch.where(freq > 0, freq.clamp_min(1e-12) ** -power, torch.zeros_like(freq))
-    weights = torch.where(freq > 0, weights, weights.max())
+    present = freq > 0
+    weights = freq.clamp_min(1e-12) ** -power
+    weights = torch.where(present, weights, weights[present].max())
     return (weights / (freq * weights).sum()).to(torch.float32)
 
 
@@ -248,6 +250,14 @@ class PretrainPlan:
         if self.crop is not None:
             object.__setattr__(self, "crop", tuple(int(v) for v in self.crop))
         self.config()  # validates the options where they are written, not when training starts
+
+    @classmethod
+    def from_table(cls, raw: object, parse_data: Callable[[str], DataSpec], where: str) -> PretrainPlan:
+        """A plan from a TOML table (``[pretrain]``, ``[source.pretrain]``): ``data`` through ``parse_data``,
+        which fills the caller's placeholders, and every other key checked against the fields."""
+        if not isinstance(raw, Mapping) or "data" not in raw:
+            raise ValueError(f"{where} needs a 'data' spec")
+        return build_options(cls, {**raw, "data": parse_data(str(raw["data"]))}, where)
 
     def options(self) -> dict[str, str]:
         """The recipe options that differ from their defaults, by name, as text."""

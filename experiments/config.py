@@ -17,7 +17,7 @@ from typing import Any
 from clients.adaptation import make_config, method_spec
 from common.data import DataSpec
 from common.pretrain import PretrainPlan
-from common.typed_options import build_options, closest
+from common.typed_options import closest
 from experiments.shipped import CONFIGS_DIR, list_configs, resolve_config_path
 from experiments.strategies import get_strategy, make_options
 from server.runtime import PROJECT_ROOT
@@ -267,10 +267,7 @@ def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel
     pre = raw.get("pretrain")
     plan = None
     if pre is not None:
-        if not isinstance(pre, Mapping) or "data" not in pre:
-            raise ValueError(f"{where} [source.pretrain] needs a 'data' spec")
-        options = {**pre, "data": _spec(str(pre["data"]), root, where)}
-        plan = build_options(PretrainPlan, options, f"{where} [source.pretrain]")
+        plan = PretrainPlan.from_table(pre, lambda text: _spec(text, root, where), f"{where} [source.pretrain]")
     if not checkpoint and plan is None:
         raise ValueError(f"{where}: [source] needs a checkpoint or a [source.pretrain] plan")
     return SourceModel(checkpoint, plan, wrap)

@@ -82,11 +82,8 @@ class SimulationPlan:
 
 def _pretrain_plan(raw: dict[str, Any], path: Path) -> PretrainPlan:
     from common.pretrain import PretrainPlan
-    from common.typed_options import build_options
 
-    if "data" not in raw:
-        raise ValueError(f"{path}: [pretrain] needs a 'data' spec")
-    return build_options(PretrainPlan, {**raw, "data": DataSpec.parse(str(raw["data"]))}, f"{path} [pretrain]")
+    return PretrainPlan.from_table(raw, DataSpec.parse, f"{path} [pretrain]")
 
 
 def list_presets() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -19,15 +20,6 @@ from common.multires import Box, MultiResSegmenter, fuse_scales, sliding_windows
 
 SIZE = (32, 48)
 NUM_CLASSES = 9
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two cores are shared with other jobs: one thread is faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +159,30 @@ def test_negative_label_loss_value_on_a_known_input():
     assert losses.negative_label_loss(student, reference, 0.01).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_rare_class_sampling_prefers_rare_classes(source_set):
-    sampler = RareClassSampler(source_set, NUM_CLASSES, temperature=0.01)
-    freq = sampler.frequencies
-    rarest = int(torch.where(sampler.class_probs > 0, freq, torch.inf).argmin())
-    assert sampler.class_probs[rarest] == sampler.class_probs.max()
-    picks = sampler.sample(16, torch.Generator().manual_seed(0))
-    assert all(0 <= i < len(source_set) for i in picks)
+def _blocks(rare: int, pixels: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Four 16x16 images, half class 0 and half class 1; image ``rare`` also shows ``pixels`` of class 2."""
+    items = []
+    for i in range(4):
+        label = torch.zeros(16, 16, dtype=torch.long)
+        label[:8] = 1
+        if i == rare:
+            label.view(-1)[-pixels:] = 2
+        items.append((torch.zeros(3, 16, 16), label))
+    return items
+
+
+def test_rare_class_sampling_draws_the_image_that_shows_the_rare_class():
+    """Class 2 covers 2% of the pixels, all in image 3: at T = 0.01 nearly every draw is image 3, and at
+    a high temperature the classes are drawn about evenly; an image with too few pixels of a class is
+    never drawn for it (3000 px at 512x512 scales to 3 px at 16x16)."""
+    draws = torch.Generator().manual_seed(0)
+    sharp = RareClassSampler(_blocks(rare=3, pixels=20), 3, temperature=0.01).sample(400, draws)
+    assert sharp.count(3) > 0.95 * len(sharp)
+    flat = RareClassSampler(_blocks(rare=3, pixels=20), 3, temperature=100.0).sample(600, draws)
+    assert 0.4 < flat.count(3) / len(flat) < 0.6  # class 2 (image 3 only) a third, plus a quarter of the rest
+    too_few = RareClassSampler(_blocks(rare=3, pixels=2), 3, temperature=0.01)
+    assert len(too_few.candidates[2]) == 0 and too_few.class_probs[2] == 0
+    assert too_few.sample(200, draws).count(3) < 0.5 * 200  # classes 0 and 1 are in every image
 
 
 def test_optimizer_gives_the_head_ten_times_the_rate_and_skips_frozen_parameters():
@@ -255,10 +264,10 @@ def test_a_different_config_does_not_resume(tmp_path):
 # ---------------------------------------------------------------- methods
 
 
-def _adapt(name: str, state: dict, target, options: dict, source=None, arch: str = "tiny_unet"):
+def _adapt(name: str, state: dict, target, options: dict, source=None, arch: str = "tiny_unet", seed: int = 0):
     model = _model(state, arch)
     method = get_method(name)
-    context = AdaptContext(source=source, progress=False)
+    context = AdaptContext(source=source, progress=False, seed=seed)
     method.adapt(model, target, context, make_config(method, options))
     return model, context.metrics
 
@@ -281,34 +290,49 @@ def test_selftrain_lowers_its_pseudo_label_cross_entropy(source_state, target_se
     assert metrics["train-ce"] < 0.8 * metrics["train-ce-start"]
 
 
-def _sfda_objective(model, fixed: list[torch.Tensor]) -> float:
-    """The sfda objective on a fixed easy/hard pair with fixed 'teacher' probabilities."""
+SFDA_SEEDS = (0, 1, 2)
+
+
+def _sfda_objective(model, fixed: list[torch.Tensor], draws: int = 8) -> float:
+    """The trained sfda objective on the method's own easy/hard split with the start's probabilities,
+    averaged over ``draws`` ClassMix masks and augmentations: one draw alone is too noisy to rank two
+    models (on one draw, 12 steps raised it for some seeds and thread counts)."""
     from clients.adaptation.sfda import SFDAConfig, sfda_losses
 
-    model.train()
+    probe = copy.deepcopy(model).train()  # batch statistics, as trained; the model's own buffers stay
     config = SFDAConfig(threshold=0.6, augment=True)  # as trained below
-    terms = sfda_losses(model, *fixed, config, torch.Generator().manual_seed(5))
-    return terms["loss"].item()
+    with torch.no_grad():
+        terms = [sfda_losses(probe, *fixed, config, torch.Generator().manual_seed(g))["loss"] for g in range(draws)]
+    return float(torch.stack(terms).mean())
 
 
 def test_sfda_lowers_its_loss_and_keeps_the_classifier(source_state, target_set):
+    """Over three seeds, 12 steps lower the objective by at least 5% on average (measured: 11% at one
+    thread, 15% at two; every single seed lowered it too)."""
     from clients.adaptation.norm import refresh_bn
+    from clients.adaptation.sfda import easy_split
 
     start = _model(source_state)
-    refresh_bn(start, target_set)
+    refresh_bn(start, target_set)  # what the method does first, so the split below is the method's own
+    easy = easy_split(start, target_set, 0.5)
     images = torch.stack([target_set[i][0] for i in range(len(target_set))])
     with torch.no_grad():
         probs = start.eval()(images).softmax(1)
-    fixed = [images[:2], images[2:], probs[:2], probs[2:]]
+    fixed = [images[easy], images[~easy], probs[easy], probs[~easy]]
     before = _sfda_objective(start, fixed)
     options = {"steps": 12, "lr": 1e-3, "threshold": 0.6, "warmup": 0, "easy_fraction": 0.5, "augment": True}
-    model, metrics = _adapt("sfda", source_state, target_set, options)
-    assert _sfda_objective(model, fixed) < before
-    assert metrics["train-loss"] < metrics["train-loss-start"]
-    assert metrics["train-confident"] > 0
-    final = model.final_layer()
-    torch.testing.assert_close(final.weight, source_state["classifier.1.weight"])  # frozen
-    assert final.weight.requires_grad  # and unfrozen again afterwards
+    after, train_start, train_end = [], [], []
+    for seed in SFDA_SEEDS:
+        model, metrics = _adapt("sfda", source_state, target_set, options, seed=seed)
+        after.append(_sfda_objective(model, fixed))
+        train_start.append(metrics["train-loss-start"])
+        train_end.append(metrics["train-loss"])
+        assert metrics["train-confident"] > 0
+        final = model.final_layer()
+        torch.testing.assert_close(final.weight, source_state["classifier.1.weight"])  # frozen
+        assert final.weight.requires_grad  # and unfrozen again afterwards
+    assert sum(after) / len(after) < 0.95 * before, (before, after)
+    assert sum(train_end) < sum(train_start), (train_start, train_end)
 
 
 def test_easy_split_ranks_by_entropy_and_keeps_one_of_each():

@@ -17,9 +17,6 @@ from common.model_factory import build_model
 from common.pretrain import PretrainConfig, pretrain, train_segmenter
 from fedmerge.cli import main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 SPEC = DataSpec.parse("synthetic?domain=source&n=8&size=32x48")
 FAST = PretrainConfig(arch="tiny_unet", steps=6, batch_size=4, warmup_steps=2, progress=False)
 

@@ -22,9 +22,6 @@ from common.pretrain import (
     segmentation_loss,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 SPEC = DataSpec.parse("synthetic?domain=source&n=8&size=32x48")
 FAST = PretrainConfig(arch="tiny_unet", steps=4, batch_size=4, warmup_steps=2, progress=False)
 

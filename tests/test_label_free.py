@@ -20,15 +20,66 @@ def images() -> list[torch.Tensor]:
     return [torch.rand(3, 3, 32, 48) for _ in range(2)]
 
 
-def test_every_score_is_computed_and_a_model_agrees_fully_with_itself(images):
-    torch.manual_seed(1)
-    model = build_model("tiny_unet", 5).eval()
-    scores = label_free_scores(model, model, images)
+class Fixed(torch.nn.Module):
+    """Logits that ignore the image: every pixel's prediction is set by hand."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits  # [C, H, W]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], -1, -1, -1)
+
+
+class Brightness(torch.nn.Module):
+    """Class 1 where a pixel is brighter than mid-grey: its labels move with a brightness change."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = 10 * (x.mean(1, keepdim=True) - 0.5)
+        return torch.cat([-bright, bright], 1)
+
+
+def test_each_score_on_models_whose_answer_is_known(images):
+    uniform = Fixed(torch.zeros(5, 32, 48))
+    scores = label_free_scores(uniform, uniform, images)
     assert set(scores) == set(SCORES)
-    assert scores["agreement"] == 1.0
-    assert -1.0 <= scores["neg-entropy"] <= 0.0 and 0.0 <= scores["diversity"] <= 1.0
-    assert 0.0 <= scores["mix"] <= 1.0 and 0.0 <= scores["photometric"] <= 1.0
-    assert "agreement" not in label_free_scores(model, None, images)  # no site model: no agreement
+    assert scores["neg-entropy"] == pytest.approx(-1.0) and scores["diversity"] == pytest.approx(1.0)
+    assert scores["confident"] == 0.0 and scores["agreement"] == 1.0
+    assert scores["photometric"] == 1.0 and scores["mix"] == 1.0  # the image changes nothing it says
+    sure = Fixed(torch.zeros(5, 32, 48).index_fill_(0, torch.tensor([2]), 50.0))
+    scores = label_free_scores(sure, uniform, images)
+    assert scores["confident"] == 1.0 and scores["neg-entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["diversity"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["agreement"] == 0.0  # uniform's arg-max is class 0 everywhere, sure says 2
+    halves = torch.zeros(5, 32, 48)
+    halves[1, :, 24:] = 1.0  # class 1 on the right half, class 0 on the left
+    assert label_free_scores(Fixed(halves), uniform, images)["agreement"] == pytest.approx(0.5)
+    by_brightness = label_free_scores(Brightness(), None, images)
+    assert "agreement" not in by_brightness  # no site model: no agreement
+    assert by_brightness["photometric"] < 0.9  # darker by 0.3: many bright pixels turn dark
+
+
+def test_the_default_score_prefers_the_sharper_of_two_candidates_that_agree(images):
+    """Same classes everywhere, one candidate sure and one hesitant: the shipped ``confident`` score
+    ranks the sure one first at every site, and so does the worst-site aggregate the server uses."""
+    default = RunConfig.defaults().select_score
+    assert default == "confident"
+    torch.manual_seed(4)
+    hesitant = build_model("tiny_unet", 5).eval()
+    sure = build_model("tiny_unet", 5).eval()
+    sure.load_state_dict(hesitant.state_dict())
+    with torch.no_grad():
+        sure.final_layer().weight.mul_(200.0)
+        sure.final_layer().bias.mul_(200.0)
+    sites = [images[:1], images[1:]]
+    values = {
+        name: [label_free_scores(model, hesitant, site)[default] for site in sites]
+        for name, model in (("hesitant", hesitant), ("sure", sure))
+    }
+    assert label_free_scores(sure, hesitant, images)["agreement"] == 1.0  # the same arg-max everywhere
+    assert all(s > h for s, h in zip(values["sure"], values["hesitant"], strict=True)), values
+    worst = {name: aggregate_scores(v, "worst") for name, v in values.items()}
+    assert max(worst, key=worst.__getitem__) == "sure"
 
 
 def test_a_collapsed_model_scores_low_diversity(images):

@@ -49,7 +49,9 @@ def test_a_fold_replaces_every_sites_and_every_evaluation_sets_frames():
     assert config.seed == 7 and config.name == "t/seed7-fold1"
     assert [str(s.data.time_split) for s in config.sites] == ["first:47", "first:85"]
     assert [str(e.data.time_split) for e in config.eval_sets] == ["frames:50-62", "frames:88-110"]
-    assert isinstance(config.sites[0].data, DataSpec)
+    # only the frames change: the reader, root, split and sequence of every spec stay the site's own
+    assert config.sites[0].data == DataSpec.parse("camvid:/d?split=all&domain=0001TP&time=first:47")
+    assert config.eval_sets[1].data == DataSpec.parse("camvid:/d?split=all&domain=Seq05VD&time=frames:88-110")
 
 
 def _run(name: str, singles: tuple[float, float], merged: float) -> dict:

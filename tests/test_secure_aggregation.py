@@ -72,7 +72,7 @@ def _merge(overrides: dict, vanish: dict | None = None) -> tuple[OneShotMerge, S
     template = build_model(run.arch, 9).state_dict()
     grid = SiteGrid(_contexts(run), vanish or {})
     config = MergeConfig.from_run(run)
-    strategy = OneShotMerge(MergeConfig(**{**config.__dict__, "timeout": 5.0, "poll_interval": 0.0}), template,
+    strategy = OneShotMerge(MergeConfig(**{**config.__dict__, "timeout": 1.0, "poll_interval": 0.0}), template,
                             make_message=fake_message)  # fmt: skip
     result = strategy.start(grid, ArrayRecord(template))
     return strategy, grid, result.arrays.to_torch_state_dict()

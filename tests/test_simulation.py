@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.merge_spec import METHODS
 from common.model_factory import build_model
 from common.updates import bn_layer_names, split_state
 from fedmerge.cli import main as cli_main
@@ -19,11 +20,28 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def gaussian_run(tmp_path_factory) -> Path:
+def initial_weights(tmp_path_factory) -> Path:
+    """The shared start as a file, so every entry point merges task vectors from the same θ₀."""
+    from common.checkpoints import save_checkpoint
+    from common.data import dataset_classes
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("initial") / "initial.safetensors"
+    return save_checkpoint(build_model("tiny_unet", 9), path, "tiny_unet", dataset_classes("synthetic"))
+
+
+def _simulate(out: Path, initial_weights: Path, overrides: dict, echo: io.StringIO | None = None) -> Path:
+    """The tiny preset from the shared start: runs that differ only in ``overrides`` compare tensor by tensor."""
+    plan = SimulationPlan.preset("tiny")
+    run_simulation(plan, out, plan.resolve({"initial-weights": str(initial_weights), **overrides}), echo=echo)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gaussian_run(tmp_path_factory, initial_weights) -> Path:
     out = tmp_path_factory.mktemp("sim-gaussian")
     echo = io.StringIO()
-    plan = SimulationPlan.preset("tiny")
-    run_simulation(plan, out, plan.resolve({"save-updates": True}), echo=echo)
+    _simulate(out, initial_weights, {"save-updates": True}, echo)
     (out / "echoed.log").write_text(echo.getvalue())
     return out
 
@@ -78,23 +96,88 @@ def test_every_reply_holds_only_parameters_buffers_counts_scalars_and_domain(gau
         assert m["metrics"]["value_types"] == ["float"]
 
 
-def test_cli_merge_of_received_updates_is_bit_identical_to_the_strategy(gaussian_run, tmp_path):
-    updates = sorted((gaussian_run / "updates").glob("*.safetensors"), key=lambda p: p.stem.split("-", 2)[2])
+def _received(run: Path) -> list[Path]:
+    updates = sorted((run / "updates").glob("*.safetensors"), key=lambda p: p.stem.split("-", 2)[2])
     assert [p.stem.split("-", 2)[2] for p in updates] == ["fog", "night", "rain"]  # node-<id>-<domain>
-    out = tmp_path / "cli-merged.safetensors"
-    assert cli_main(["merge", *map(str, updates), "--out", str(out)]) == 0
-    ours, theirs = load_file(str(out)), load_file(str(gaussian_run / "merged.safetensors"))
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert torch.equal(ours[key], theirs[key]), key
+    return updates
+
+
+def _merge_and_compare(method: str, files: list[Path], initial_weights: Path, out: Path) -> list[dict]:
+    """What ``fedmerge merge`` and compare's merge row make of the received updates."""
+    from common.checkpoints import read_model_file
+    from common.update_format import load_site_update
+    from experiments.strategies import MergeInputs, get_strategy, make_options
+
+    assert cli_main(["merge", *map(str, files), "--method", method, "--base", str(initial_weights),
+                     "--out", str(out)]) == 0  # fmt: skip
+    updates = [load_site_update(f)[0] for f in files]
+    strategy, _ = get_strategy("merge")
+    inputs = MergeInputs(read_model_file(initial_weights).state, updates, updates, {}, {u.site: 0.0 for u in updates})
+    return [load_file(str(out)), strategy.run(inputs, make_options(strategy, {"method": method})).state]
+
+
+def _bit_identical(states: list[dict]) -> None:
+    first, *others = states
+    for other in others:
+        assert first.keys() == other.keys()
+        for key in first:
+            assert torch.equal(first[key], other[key]), key
+
+
+def test_flowers_merge_is_bit_identical_to_fedmerge_merge_and_compare_of_the_received_updates(
+    gaussian_run, initial_weights, tmp_path
+):
+    flower = load_file(str(gaussian_run / "merged.safetensors"))
+    _bit_identical(
+        [flower, *_merge_and_compare("linear", _received(gaussian_run), initial_weights, tmp_path / "m.safetensors")]
+    )
+
+
+def _with_task_vectors(files: list[Path], out: Path) -> list[Path]:
+    """The received updates with seeded task vectors added: AdaBN sites send the start's parameters back,
+    and on τ = 0 every method gives θ₀, so the methods could not be told apart on the updates as carried."""
+    import dataclasses
+
+    from common.update_format import load_site_update, save_site_update
+
+    out.mkdir()
+    moved = []
+    for i, path in enumerate(files):
+        update = load_site_update(path)[0]
+        gen = torch.Generator().manual_seed(i)
+        params = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in update.params.items()}
+        moved.append(save_site_update(out / path.name, dataclasses.replace(update, params=params), "tiny_unet", 9))
+    return moved
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_merge_method_gives_the_same_bits_in_the_strategy_in_fedmerge_merge_and_in_compare(
+    method, gaussian_run, initial_weights, tmp_path
+):
+    """Transport does not depend on the method (the real run above checks it): the ServerApp's strategy,
+    fed the replies Flower carried (with task vectors), merges as ``fedmerge merge`` and compare do."""
+    from common.checkpoints import read_model_file
+    from common.update_format import load_site_update
+    from server.config import ServerConfig
+    from server.strategy import OneShotMerge
+    from tests.fakes import fake_message, reply_of
+
+    files = _with_task_vectors(_received(gaussian_run), tmp_path / "updates")
+    overrides = {"merge-method": method, "initial-weights": str(initial_weights), "out-dir": str(tmp_path)}
+    merge = ServerConfig.from_run(SimulationPlan.preset("tiny").resolve(overrides)).merge
+    strategy = OneShotMerge(merge, read_model_file(initial_weights).state, make_message=fake_message)
+    arrays, _ = strategy.aggregate_train(1, [reply_of(load_site_update(f)[0], i) for i, f in enumerate(files)])
+    assert arrays is not None
+    served = arrays.to_torch_state_dict()
+    _bit_identical([served, *_merge_and_compare(method, files, initial_weights, tmp_path / "m.safetensors")])
+    if method != "linear":  # the methods really differ on these updates
+        linear = _merge_and_compare("linear", files, initial_weights, tmp_path / "l.safetensors")[0]
+        assert any(not torch.equal(served[k], linear[k]) for k in linear if k.endswith("weight"))
 
 
 @pytest.fixture(scope="module")
-def recalibrated_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sim-recalibrated")
-    plan = SimulationPlan.preset("tiny")
-    run_simulation(plan, out, plan.resolve({"recalibrate": True}))
-    return out
+def recalibrated_run(tmp_path_factory, initial_weights) -> Path:
+    return _simulate(tmp_path_factory.mktemp("sim-recalibrated"), initial_weights, {"recalibrate": True})
 
 
 def test_recalibration_round_replaces_bn_statistics_only(gaussian_run, recalibrated_run):
@@ -110,53 +193,12 @@ def test_recalibration_round_replaces_bn_statistics_only(gaussian_run, recalibra
             assert torch.equal(plain[key], recal[key]), key
 
 
-@pytest.fixture(scope="module")
-def initial_weights(tmp_path_factory) -> Path:
-    """The shared start as a file, so every entry point merges task vectors from the same θ₀."""
-    from common.checkpoints import save_checkpoint
-    from common.data import dataset_classes
-
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("initial") / "initial.safetensors"
-    return save_checkpoint(build_model("tiny_unet", 9), path, "tiny_unet", dataset_classes("synthetic"))
-
-
-@pytest.mark.parametrize("method", ["linear", "task-arithmetic", "ties"])
-def test_every_merge_method_gives_the_same_bits_in_flower_in_fedmerge_merge_and_in_compare(
-    method, initial_weights, tmp_path
-):
-    from common.checkpoints import read_model_file
-    from common.merge_spec import METHODS
-    from common.update_format import load_site_update
-    from experiments.strategies import MergeInputs, get_strategy, make_options
-
-    assert method in METHODS
-    plan = SimulationPlan.preset("tiny")
-    overrides = {"merge-method": method, "save-updates": True, "initial-weights": str(initial_weights),
-                 "eval-dataset": ""}  # fmt: skip
-    run_simulation(plan, tmp_path / "sim", plan.resolve(overrides))
-    flower = load_file(str(tmp_path / "sim" / "merged.safetensors"))
-    files = sorted((tmp_path / "sim" / "updates").glob("*.safetensors"))
-    out = tmp_path / "cli.safetensors"
-    assert cli_main(["merge", *map(str, files), "--method", method, "--base", str(initial_weights),
-                     "--out", str(out)]) == 0  # fmt: skip
-    cli = load_file(str(out))
-    updates = [load_site_update(f)[0] for f in files]
-    strategy, _ = get_strategy("merge")
-    inputs = MergeInputs(read_model_file(initial_weights).state, updates, updates, {}, {u.site: 0.0 for u in updates})
-    row = strategy.run(inputs, make_options(strategy, {"method": method})).state
-    assert flower.keys() == cli.keys() == row.keys()
-    for key in flower:
-        assert torch.equal(flower[key], cli[key]) and torch.equal(flower[key], row[key]), key
-
-
 @pytest.mark.parametrize("recalibrate", [False, True])
 def test_a_secure_simulation_gives_the_plain_merge_within_the_stated_bound(
-    gaussian_run, recalibrated_run, recalibrate, tmp_path
+    gaussian_run, recalibrated_run, initial_weights, recalibrate, tmp_path
 ):
     """Real Flower: secure aggregation over the tiny preset equals the plain run's merge (same sites, same data)."""
-    plan = SimulationPlan.preset("tiny")
-    run_simulation(plan, tmp_path, plan.resolve({"secure-aggregation": True, "recalibrate": recalibrate}))
+    _simulate(tmp_path, initial_weights, {"secure-aggregation": True, "recalibrate": recalibrate})
     report = _report(tmp_path)
     assert report["status"] == "ok" and report["secure"]["merge"]["relative_error_bound"] < 1e-12
     assert sorted(s["domain"] for s in report["sites"]) == ["fog", "night", "rain"]

@@ -77,11 +77,10 @@ def test_every_command_reads_every_model_file(checkpoint, tmp_path, capsys):
     """A site update holds a whole model: evaluate reads it; merge reads checkpoints as well as updates."""
     import torch
 
-    from common.update_format import save_site_update
-    from tests.fakes import site_update
-
     from common.checkpoints import load_checkpoint
+    from common.update_format import save_site_update
     from common.updates import split_state
+    from tests.fakes import site_update
 
     torch.manual_seed(4)
     update_file = tmp_path / "site.safetensors"

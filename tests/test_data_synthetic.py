@@ -104,6 +104,7 @@ def test_generation_is_fast_enough_for_a_default_domain() -> None:
 
 def test_loaders_are_deterministic_and_image_batches_hold_images_only() -> None:
     ds = build_dataset(DataSpec(kind="synthetic", domain="tint", num_images=6))
+
     def order(seed: int, shuffle: bool = True) -> list[int]:  # each item named by its label's sum (all distinct)
         return [int(lab.sum()) for _, labs in make_loader(ds, 2, shuffle=shuffle, seed=seed) for lab in labs]
 

@@ -71,8 +71,12 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, capsys):
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"w": Evil()}))
-    code, err = _merge(tmp_path, capsys, _save(tmp_path / "good.safetensors", "good"), path)
-    assert code == 2 and "evil.pt" in err and "pwned" not in capsys.readouterr().out
+    good = _save(tmp_path / "good.safetensors", "good")
+    code = cli_main(["merge", str(good), str(path), "--out", str(tmp_path / "merged.safetensors")])
+    out, err = capsys.readouterr()  # one read: stdout is where the pickled print would have written
+    assert code == 2 and err.count("\n") == 1 and "evil.pt" in err and "never unpickled" in err, err
+    assert "pwned" not in out and "pwned" not in err
+    assert not (tmp_path / "merged.safetensors").exists()
 
 
 def test_a_checkpoint_of_another_architecture_names_the_tensor(tmp_path, capsys):

@@ -77,12 +77,15 @@ def test_every_command_reads_every_model_file(checkpoint, tmp_path, capsys):
     """A site update holds a whole model: evaluate reads it; merge reads checkpoints as well as updates."""
     import torch
 
+    from common.checkpoints import load_checkpoint
     from common.update_format import save_site_update
+    from common.updates import split_state
     from tests.fakes import site_update
 
     torch.manual_seed(4)
     update_file = tmp_path / "site.safetensors"
-    save_site_update(update_file, site_update("fog", build_model("tiny_unet", 9).state_dict()), "tiny_unet", 9)
+    update = site_update("fog", build_model("tiny_unet", 9).state_dict())
+    save_site_update(update_file, update, "tiny_unet", 9)
     assert cli_main(["evaluate", str(update_file), str(checkpoint), "--data", FOG]) == 0
     assert "| site.safetensors |" in capsys.readouterr().out
     trained = build_model("tiny_unet", 9)
@@ -92,4 +95,8 @@ def test_every_command_reads_every_model_file(checkpoint, tmp_path, capsys):
     model_file = save_checkpoint(trained, tmp_path / "model.safetensors", "tiny_unet", dataset_classes("synthetic"))
     out = tmp_path / "merged.safetensors"
     assert cli_main(["merge", str(update_file), str(model_file), "--out", str(out)]) == 0
+    merged = load_checkpoint(out)[0].state_dict()
+    params, _ = split_state(trained.state_dict())
+    for key, value in params.items():  # both files read whole: the parameters are the plain average
+        torch.testing.assert_close(merged[key], (update.params[key] + value) / 2)
     assert cli_main(["evaluate", str(out), "--data", FOG]) == 0

@@ -104,8 +104,15 @@ def test_generation_is_fast_enough_for_a_default_domain() -> None:
 
 def test_loaders_are_deterministic_and_image_batches_hold_images_only() -> None:
     ds = build_dataset(DataSpec(kind="synthetic", domain="tint", num_images=6))
-    order = lambda seed: [lab.sum().item() for _, lab in make_loader(ds, 2, shuffle=True, seed=seed)]  # noqa: E731
-    assert order(1) == order(1)
+
+    def order(seed: int, shuffle: bool = True) -> list[int]:  # each item named by its label's sum (all distinct)
+        return [int(lab.sum()) for _, labs in make_loader(ds, 2, shuffle=shuffle, seed=seed) for lab in labs]
+
+    items = [int(ds[i][1].sum()) for i in range(len(ds))]
+    assert len(set(items)) == len(ds) and order(1, shuffle=False) == items
+    assert order(1) == order(1) and sorted(order(1)) == sorted(items)  # every item once, the same way each time
+    assert order(1) != order(2)  # and the seed does choose the order
     batches = list(image_batches(ds, 4))
-    assert [b.shape[0] for b in batches] == [4, 2] and all(isinstance(b, torch.Tensor) for b in batches)
-    assert len(list(image_batches(ds, 4))) == 2  # iterable more than once
+    assert [b.shape[0] for b in batches] == [4, 2]
+    assert torch.equal(torch.cat(batches), torch.stack([ds[i][0] for i in range(len(ds))]))  # the images, in order
+    assert [b.shape[0] for b in image_batches(ds, 4)] == [4, 2]  # iterable more than once

@@ -106,6 +106,15 @@ def test_there_is_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-@pytest.mark.parametrize("bad", [{"a": {"b"}, "b": {"a"}}, {"a": {"b"}, "b": {"c"}, "c": {"a"}}])
-def test_the_cycle_finder_finds_cycles(bad):
-    assert _cycle(bad) is not None
+@pytest.mark.parametrize(
+    "graph,cycle",
+    [
+        ({"a": {"b"}, "b": {"a"}}, ["a", "b", "a"]),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+        ({"a": {"b"}, "b": {"c"}, "c": {"b"}}, ["b", "c", "b"]),  # the cycle only, not the path into it
+        ({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}, "d": set()}, None),  # a diamond reaches d twice: no cycle
+        ({"a": set(), "b": {"a"}}, None),
+    ],
+)
+def test_the_cycle_finder_finds_cycles_and_only_cycles(graph, cycle):
+    assert _cycle(graph) == cycle

@@ -87,8 +87,10 @@ def test_kth_largest_is_exact(case):
     chunks = np.array_split(values, 7)
     for k in (1, 2, 17, values.size // 3, values.size):
         assert kth_largest(lambda: iter(chunks), k) == np.sort(values)[values.size - k]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"k = {values.size + 1} exceeds the number of values"):
         kth_largest(lambda: iter(chunks), values.size + 1)
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+        kth_largest(lambda: iter(chunks), 0)
 
 
 def test_task_arithmetic_with_lambda_one_over_k_is_the_average(base):

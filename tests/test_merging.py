@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from clients.site import SiteJob, adapt_site
 from common.bnstats import BNStatsConfig, collect_bn_sums, exact_bn_statistics
 from common.merge_engine import Accepted, MergeEngine
 from common.model_factory import build_model
+from common.predictions import CONFIDENCE_THRESHOLD
 from common.run_config import RunConfig
 from common.updates import SiteUpdate, bn_layer_names
 from tests.fakes import site_update
@@ -168,6 +170,7 @@ def test_empty_engine_refuses_to_give_a_result():
 
 def test_batch_mode_sums_split_over_batches_add_up():
     """Sums from two halves add to the sums of the whole when batching is kept."""
+    torch.manual_seed(4)
     model = build_model("tiny_unet", 3)
     images = torch.rand(8, 3, 16, 16)
     whole = collect_bn_sums(model, images.split(4))
@@ -178,11 +181,24 @@ def test_batch_mode_sums_split_over_batches_add_up():
         assert torch.equal((a[layer] + b[layer]).count, s.count)
 
 
-def test_adabn_site_update_carries_exact_counts(tiny_target):
+def test_adabn_site_update_carries_exact_counts_and_the_adapted_models_metrics(tiny_target):
+    torch.manual_seed(0)
     model = build_model("tiny_unet", 9)
+    with torch.no_grad():  # sharper logits: some pixels clear the confidence threshold, most do not
+        model.final_layer().weight.mul_(20.0)
     update = adapt_site(model, tiny_target, SiteJob(domain="fog", batch_size=4))
     layer = bn_layer_names(update.buffers)[0]
     h, w = tiny_target[0][0].shape[-2:]
     assert int(update.counts[layer][0]) == len(tiny_target) * h * w
     assert update.num_examples == len(tiny_target)
-    assert 0.0 <= update.metrics["confident-fraction"] <= 1.0
+    # the label-free metrics are those of the model the update describes, over every pixel of every image
+    # (the images are equal-sized: the per-image mean is the pixel mean), not per batch, not before the pass
+    sent = build_model("tiny_unet", 9)
+    sent.load_state_dict(update.state_dict())
+    with torch.no_grad():
+        probs = sent.eval()(torch.stack([image for image, _ in tiny_target])).softmax(1).double()
+    confident = float((probs.amax(1) >= CONFIDENCE_THRESHOLD).double().mean())
+    entropy = float((-(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(9)).mean())
+    assert 0.05 < confident < 0.5  # the case really tells the pixels apart
+    assert update.metrics["confident-fraction"] == pytest.approx(confident, abs=5e-4)  # a pixel or four may flip
+    assert update.metrics["mean-entropy"] == pytest.approx(entropy, rel=1e-4)

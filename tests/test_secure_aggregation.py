@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, Context, MessageType, RecordDict
 
 from clients.client_app import handle_query, handle_train
 from common.model_factory import build_model
-from common.run_config import RunConfig
+from common.run_config import ConfigError, RunConfig
 from server.config import MergeConfig
 from server.strategy import OneShotMerge
 from tests.fakes import FakeReply, fake_message
@@ -135,6 +135,13 @@ def test_a_site_that_drops_out_before_its_masked_input_is_left_out_and_its_masks
 
 
 def test_secure_aggregation_refuses_what_would_need_one_sites_values():
-    for bad in ({"merge-method": "ties"}, {"bn-bank": "own"}, {"clip-norm": 1.0}, {"buffer-mode": "average"}):
-        with pytest.raises(ValueError):
+    refusals = [
+        ({"merge-method": "ties"}, "merge-method 'ties' is not a sum"),
+        ({"bn-bank": "own"}, "bn-bank ships each site's statistics"),
+        ({"clip-norm": 1.0}, "without clip-norm"),
+        ({"buffer-mode": "average"}, "pools BN statistics as Gaussians, not 'average'"),
+    ]
+    for bad, message in refusals:
+        with pytest.raises(ConfigError, match=message):
             RunConfig.read({**RUN, **bad, "secure-aggregation": True})
+        RunConfig.read({**RUN, **bad})  # the setting alone is fine: secure aggregation is what refuses it

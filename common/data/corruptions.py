@@ -117,8 +117,9 @@ def _library(name: str) -> CorruptFn:
                 out = function(Image.fromarray(image), severity)
             finally:
                 np.random.set_state(saved)
-        # as imagecorruptions.corrupt does: truncate to uint8 (its outputs are already in 0..255)
-        return np.uint8(out)
+        # truncated to uint8 as imagecorruptions.corrupt does (outputs are in 0..255); astype copies, so the
+        # result is writable even where the library hands back a PIL image (jpeg_compression, pixelate)
+        return np.asarray(out).astype(np.uint8)
 
     run.__name__ = name
     return run

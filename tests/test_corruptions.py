@@ -23,24 +23,20 @@ TINY = "synthetic?domain=source&n=2&size=48x64"
 WANTED = ("fog", "frost", "snow", "motion_blur", "defocus_blur", "gaussian_noise", "brightness", "contrast", "night")
 
 DIGEST = """
-import hashlib, sys
+import sys
 threads = int(sys.argv[1])
 import numpy as np, torch
 torch.set_num_threads(threads)
 np.random.seed(threads)  # whatever the caller did to numpy's global generator must not matter
-from common.data import DataSpec, build_dataset
-from common.data.corruptions import CORRUPTIONS, load_imagecorruptions
+from common.data.corruptions import load_imagecorruptions
 load_imagecorruptions().cv2.setNumThreads(threads)
-digest = hashlib.sha256()
-for name in CORRUPTIONS:
-    dataset = build_dataset(DataSpec.parse(f"{spec}&corruption={{name}}:3"))
-    for i in range(len(dataset)):
-        digest.update(dataset[i][0].numpy().tobytes())
-print(digest.hexdigest())
+from tests.test_corruptions import digest_of_every_corruption
+print(digest_of_every_corruption())
 """
 
 
-def _digest_here() -> str:
+def digest_of_every_corruption() -> str:
+    """SHA-256 of the images of a tiny synthetic set under every corruption at severity 3."""
     digest = hashlib.sha256()
     for name in CORRUPTIONS:
         dataset = build_dataset(DataSpec.parse(f"{TINY}&corruption={name}:3"))
@@ -62,12 +58,12 @@ def test_same_bytes_in_two_processes_with_one_and_two_threads_and_in_this_one():
     def child(threads: int) -> subprocess.Popen[str]:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env |= {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-        command = [sys.executable, "-c", DIGEST.format(spec=TINY), str(threads)]
+        command = [sys.executable, "-c", DIGEST, str(threads)]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
     children = [child(1), child(2)]
     np.random.seed(12345)
-    here = _digest_here()
+    here = digest_of_every_corruption()
     outputs = [c.communicate(timeout=120) for c in children]
     for c, (_out, err) in zip(children, outputs, strict=True):
         assert c.returncode == 0, err[-2000:]

@@ -178,3 +178,12 @@ def test_camvid_frames_keep_labels_and_their_pixels_do_not_depend_on_where_the_r
         assert torch.equal(here[i][0], there[i][0])
         assert _structure_lost(here[i][0].numpy(), clean[i][0].numpy()) > 0.05
     assert here.base.image_key(0).startswith("test/Seq05VD_")  # type: ignore[attr-defined]
+
+
+def test_a_run_configs_site_data_carries_the_key_to_each_simulated_site():
+    from clients.config import SiteConfig
+    from common.run_config import declared_defaults
+
+    run = {**declared_defaults(), "site-data": f"{TINY}&corruption=fog:2; camvid:/d?domain=0001TP&corruption=night:4"}
+    sites = [SiteConfig.from_flower(run, {"partition-id": p}).data for p in (0, 1)]
+    assert [s.corruption for s in sites] == [Corruption("fog", 2), Corruption("night", 4)]

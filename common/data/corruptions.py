@@ -1,4 +1,4 @@
-"""Synthetic image corruptions a data spec can name: ``corruption=fog:4``.
+"""Image corruptions a data spec can name: ``corruption=fog:4``.
 
 A corrupted copy of a labeled set is a target domain whose shift is known and graded
 (severity 1-5), so adaptation and merging can be scored against controlled weather, blur,
@@ -70,9 +70,9 @@ def _numpy_with_float_() -> types.ModuleType:
 def load_imagecorruptions() -> types.ModuleType:
     """``imagecorruptions.corruptions``, made to run with today's setuptools and numpy.
 
-    The module imports ``pkg_resources.resource_filename`` (gone from setuptools 81 on) only to find
-    its bundled frost images; a stand-in that resolves names inside the package is put in
-    ``sys.modules`` for the import alone and removed again, so nothing else ever sees it.
+    The module imports ``pkg_resources.resource_filename`` to find its bundled frost images, and the
+    installed setuptools (84) has no ``pkg_resources``; a stand-in that resolves names inside the
+    package is put in ``sys.modules`` for the import alone and removed again, so nothing else sees it.
     """
     package = importlib.util.find_spec("imagecorruptions")
     if package is None or not package.submodule_search_locations:

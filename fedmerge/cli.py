@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from common.data.spec import SPEC_HELP
+
 # Each module registers its own sub-commands; order is the order of ``fedmerge --help``.
 COMMAND_MODULES = [
     "fedmerge.commands.data",
@@ -28,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmerge",
         description="One-shot, BN-aware federated merging of domain-adapted segmentation models, on Flower.",
+        epilog=SPEC_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

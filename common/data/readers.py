@@ -281,8 +281,10 @@ def read_label(path: Path, codec: LabelCodec) -> Tensor:
 class FileDataset(Dataset):
     """(image, label) pairs read from disk on access; nothing is checked until it is read."""
 
-    def __init__(self, samples: list[Sample], codec: LabelCodec, size: tuple[int, int] | None = None) -> None:
-        self.samples, self.codec, self.size = samples, codec, size
+    def __init__(
+        self, samples: list[Sample], codec: LabelCodec, size: tuple[int, int] | None = None, root: Path | None = None
+    ) -> None:
+        self.samples, self.codec, self.size, self.root = samples, codec, size, root
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -301,6 +303,11 @@ class FileDataset(Dataset):
 
     def domain_of(self, idx: int) -> str:
         return _domain_of(self.samples[idx].sequence)
+
+    def image_key(self, idx: int) -> str:
+        """The image's path inside the dataset root: the same file has the same key on every machine."""
+        image = self.samples[idx].image
+        return image.relative_to(self.root).as_posix() if self.root is not None else image.as_posix()
 
 
 def _check_one_size(spec: DataSpec, samples: list[Sample]) -> None:
@@ -327,4 +334,4 @@ def build_file_dataset(spec: DataSpec) -> FileDataset:
     samples = list_samples(spec)
     if spec.size is None:
         _check_one_size(spec, samples)
-    return FileDataset(samples, _codec(spec), spec.size)
+    return FileDataset(samples, _codec(spec), spec.size, Path(spec.root))

@@ -12,10 +12,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, quote
 
-__all__ = ["DATASET_KINDS", "DataSpec", "TimeSplit", "parse_size"]
+from common.data.corruptions import CORRUPTIONS, Corruption
+
+__all__ = ["DATASET_KINDS", "SPEC_HELP", "DataSpec", "TimeSplit", "parse_size"]
 
 DATASET_KINDS = ("synthetic", "camvid", "cityscapes", "gta5", "idd", "acdc", "darkzurich", "folder")
-_QUERY_KEYS = ("split", "domain", "time", "size", "n", "seed")
+_QUERY_KEYS = ("split", "domain", "time", "size", "n", "seed", "corruption")
+
+SPEC_HELP = f"""data spec (--data, --eval, --source, site-data): KIND[:ROOT][?KEY=VALUE&...]
+  kinds: {", ".join(DATASET_KINDS)}
+  keys:  split=NAME  domain=D[,D2]  time=first:N|last:0.F|frames:A-B  size=HxW  n=N  seed=K
+         corruption=NAME:SEVERITY (severity 1-5; images only, labels untouched)
+  corruptions: {", ".join(CORRUPTIONS)}
+  e.g.   camvid:../shared/data/camvid?split=all&domain=Seq05VD&time=first:42&corruption=fog:4"""
 
 
 @dataclass(frozen=True)
@@ -118,8 +127,8 @@ class DataSpec:
     """One dataset selection: a reader, a root, and the filters applied in a fixed order.
 
     Order: reader split -> ``domain`` filter -> ``time_split`` per sequence -> first
-    ``num_images`` -> resize to ``size``. For synthetic data ``num_images`` is the number of
-    images generated per style and ``seed`` the generation seed.
+    ``num_images`` -> resize to ``size`` -> ``corruption`` of the images. For synthetic data
+    ``num_images`` is the number of images generated per style and ``seed`` the generation seed.
     """
 
     kind: str
@@ -130,6 +139,7 @@ class DataSpec:
     size: tuple[int, int] | None = None
     num_images: int | None = None
     seed: int = 0
+    corruption: Corruption | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in DATASET_KINDS:
@@ -147,10 +157,10 @@ class DataSpec:
 
     @classmethod
     def parse(cls, text: str) -> DataSpec:
-        """``kind[:root][?key=value&...]`` with keys split, domain, time, size, n, seed.
+        """``kind[:root][?key=value&...]`` with keys split, domain, time, size, n, seed, corruption.
 
         Examples: ``synthetic?domain=fog&n=64``,
-        ``camvid:/data/camvid?split=all&domain=0001TP&time=first:42&size=180x240``.
+        ``camvid:/data/camvid?split=all&domain=0001TP&time=first:42&size=180x240&corruption=fog:4``.
         """
         head, _, query = text.strip().partition("?")
         kind, _, root = head.partition(":")
@@ -176,6 +186,8 @@ class DataSpec:
             query.append(("n", str(self.num_images)))
         if self.seed:
             query.append(("seed", str(self.seed)))
+        if self.corruption is not None:
+            query.append(("corruption", str(self.corruption)))
         if not query:
             return head
         return head + "?" + "&".join(f"{k}={quote(v, safe=':/.,-_')}" for k, v in query)
@@ -220,6 +232,8 @@ def _query_field(key: str, value: str) -> dict[str, object]:
         return {"time_split": TimeSplit.parse(value) if value else None}
     if key == "size":
         return {"size": parse_size(value) if value else None}
+    if key == "corruption":
+        return {"corruption": Corruption.parse(value) if value else None}
     try:
         number = float(value) if value else None
     except ValueError:

@@ -641,6 +641,12 @@ class SyntheticDataset(Dataset):
     def domain_of(self, idx: int) -> str:
         return self.items[idx][0]
 
+    def image_key(self, idx: int) -> str:
+        """Style, index and seed name the image; the size is left out, so a corruption seeded from this
+        key draws the same randomness for one image at any size."""
+        style, i = self.items[idx]
+        return f"synthetic/{style}/{i}/seed={self.seed}"
+
 
 README_TEXT = """Synthetic street scenes written by `fedmerge data synth` (seed {seed}, {n} images per style, {h}x{w}).
 

@@ -10,6 +10,7 @@ import sys
 # Each module registers its own sub-commands; order is the order of ``fedmerge --help``.
 COMMAND_MODULES = [
     "fedmerge.commands.data",
+    "fedmerge.commands.import_weights",
     "fedmerge.commands.pretrain",
     "fedmerge.commands.adapt",
     "fedmerge.commands.merge",

@@ -205,7 +205,9 @@ def _load_into(module: nn.Module, state: dict[str, Tensor], what: str, path: Pat
         raise ValueError(f"{path}: {what} weights lack {len(missing)} tensors, first {missing[0]!r}")
     if not set(state) & set(target):
         raise ValueError(f"{path}: no tensor name matches the {what}; is this the right architecture?")
-    module.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+    # Completed with the module's own tensors, the state loads strictly: some library modules (smp's MiT
+    # encoder) override load_state_dict without a `strict` argument.
+    module.load_state_dict({**target, **{k: v for k, v in state.items() if k in target}})
 
 
 def build_base_model(

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clients.adaptation.hrda import imagenet_model
 from clients.adaptation.registry import AdaptContext
 from clients.site import SiteJob, adapt_site
 from common.bnstats import BNStatsConfig, bn_layers, collect_bn_sums, exact_bn_statistics
@@ -265,6 +266,8 @@ def test_an_imagenet_mit_file_becomes_a_segformer_start(tmp_path, capsys, one_th
     # the same file is a --backbone-weights file: the ImageNet reference of the feature distance loads it
     reference = build_model("segformer_b0", 5, backbone_weights=out)
     assert torch.equal(reference.state_dict()["backbone.block2.1.attn.q.weight"], published["block2.1.attn.q.weight"])
+    frozen = imagenet_model(_copy("segformer_b0"), str(out))  # what an hrda site with backbone-weights builds
+    assert torch.equal(frozen.backbone.state_dict()["block3.0.attn.sr.weight"], published["block3.0.attn.sr.weight"])
 
 
 def test_an_imagenet_resnet_without_batch_counters_becomes_a_deeplabv2_start(tmp_path, one_thread):

@@ -221,7 +221,8 @@ def build_base_model(
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
     model = ARCHITECTURES[arch](num_classes)
     if backbone_weights is not None:
-        state = _strip_prefixes(load_weights_file(backbone_weights), ("backbone.", "module."))
+        # "base.backbone.": an hrda_ checkpoint's backbone (e.g. an imported ImageNet start of hrda_daformer_b5)
+        state = _strip_prefixes(load_weights_file(backbone_weights), ("base.backbone.", "backbone.", "module."))
         _load_into(model.backbone, state, "backbone", Path(backbone_weights), strict=False)
     if weights is not None:
         state = load_weights_file(weights)

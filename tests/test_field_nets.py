@@ -253,6 +253,7 @@ def test_an_imagenet_mit_file_becomes_a_segformer_start(tmp_path, capsys, one_th
                      "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert f"{len(published) - 2} tensors mapped" in printed and "dropped 2 (the ImageNet classifier)" in printed
+    assert "16 model tensors start fresh" in printed  # the SegFormer head: 4 embeddings, fuse conv + BN, classifier
     model, meta = load_checkpoint(out)
     assert meta["arch"] == "segformer_b0" and meta["import-layout"] == "mit"
     state = model.state_dict()
@@ -266,8 +267,14 @@ def test_an_imagenet_mit_file_becomes_a_segformer_start(tmp_path, capsys, one_th
     # the same file is a --backbone-weights file: the ImageNet reference of the feature distance loads it
     reference = build_model("segformer_b0", 5, backbone_weights=out)
     assert torch.equal(reference.state_dict()["backbone.block2.1.attn.q.weight"], published["block2.1.attn.q.weight"])
-    frozen = imagenet_model(_copy("segformer_b0"), str(out))  # what an hrda site with backbone-weights builds
-    assert torch.equal(frozen.backbone.state_dict()["block3.0.attn.sr.weight"], published["block3.0.attn.sr.weight"])
+    wrapped = tmp_path / "hrda_start.safetensors"
+    assert cli_main(["import-weights", "mit", str(source), "--arch", "hrda_segformer_b0", "--classes", "a,b,c",
+                     "--out", str(wrapped)]) == 0  # fmt: skip
+    assert "20 model tensors start fresh" in capsys.readouterr().out  # the attention head's 4 besides the head's 16
+    for start in (out, wrapped):  # what an hrda site with backbone-weights builds, from either file
+        frozen = imagenet_model(_copy("segformer_b0", hrda=True), str(start))
+        sr = frozen.base.backbone.state_dict()["block3.0.attn.sr.weight"]
+        assert torch.equal(sr, published["block3.0.attn.sr.weight"]), start
 
 
 def test_an_imagenet_resnet_without_batch_counters_becomes_a_deeplabv2_start(tmp_path, one_thread):

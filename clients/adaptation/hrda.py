@@ -41,7 +41,7 @@ def imagenet_model(model: Segmenter, weights: str) -> Segmenter:
     backbone = (frozen.base if isinstance(frozen, MultiResSegmenter) else frozen).backbone
     state = {}
     for key, value in load_weights_file(weights).items():
-        for prefix in ("module.", "backbone."):
+        for prefix in ("module.", "base.", "backbone."):  # base.: the backbone of an hrda_ checkpoint
             key = key.removeprefix(prefix)
         state[key] = value
     target = backbone.state_dict()

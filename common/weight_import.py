@@ -90,6 +90,7 @@ LAYOUTS = {
     "daformer": _uda_rules,
 }
 _COUNTER = ".num_batches_tracked"
+_UNMATCHED = "no rule of the layout matches"  # not dropped quietly: such file keys are refused as unexpected
 _WHOLE_MODEL = {"daformer"}  # layouts that must fill the whole base model, not only its backbone
 
 
@@ -99,7 +100,7 @@ def map_keys(state: Mapping[str, Tensor], rules: Sequence[Rule], prefix: str = "
     for key, value in state.items():
         rule = next((r for r in rules if key.startswith(r.source)), None)
         if rule is None:
-            dropped.setdefault("no rule of the layout matches", []).append(key)
+            dropped.setdefault(_UNMATCHED, []).append(key)
         elif rule.target is None:
             dropped.setdefault(rule.reason, []).append(key)
         else:
@@ -108,9 +109,14 @@ def map_keys(state: Mapping[str, Tensor], rules: Sequence[Rule], prefix: str = "
     return tensors, names, dropped
 
 
-def _misfits(model: Mapping[str, Tensor], mapped: Mapping[str, Tensor], required: str) -> list[str]:
-    """Every reason ``mapped`` does not fit ``model`` exactly where it must (keys under ``required``)."""
-    unexpected = sorted(k for k in mapped if k not in model)
+def _misfits(
+    model: Mapping[str, Tensor], mapped: Mapping[str, Tensor], required: str, unmatched: Sequence[str]
+) -> list[str]:
+    """Every reason ``mapped`` does not fit ``model`` exactly where it must (keys under ``required``).
+
+    ``unmatched``: file keys that no rule of the layout maps or drops; they count as unexpected.
+    """
+    unexpected = sorted(k for k in mapped if k not in model) + [f"{k} (in the file)" for k in unmatched]
     shapes = [f"{k} {tuple(v.shape)} (model {tuple(model[k].shape)})"
               for k, v in mapped.items() if k in model and model[k].shape != v.shape]  # fmt: skip
     # A BN batch counter may be absent (older torchvision files): it starts at 0, as torch itself fills it.
@@ -147,7 +153,7 @@ def import_weights(
     model = build_model(arch, num_classes)
     target = model.state_dict()
     required = prefix if layout in _WHOLE_MODEL else f"{prefix}backbone."
-    problems = _misfits(target, tensors, required)
+    problems = _misfits(target, tensors, required, dropped.pop(_UNMATCHED, []))
     if problems:
         raise ValueError(f"{path}: the {layout} weights do not fit {arch}: " + "; ".join(problems))
     model.load_state_dict({**target, **tensors})

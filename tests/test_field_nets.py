@@ -317,9 +317,11 @@ def test_an_incomplete_checkpoint_is_refused_naming_every_missing_key(hrda_file,
     _, published = hrda_file
     gone = ["ema_model.decode_head.head.fuse_layer.bottleneck.bn.running_mean", "ema_model.backbone.norm3.weight"]
     broken = tmp_path / "broken.pth"
-    torch.save({"state_dict": {k: v for k, v in published.items() if k not in gone}}, broken)
+    stray = {"decode_head.conv_seg.weight": torch.zeros(1)}  # a key of no branch: named, never dropped quietly
+    torch.save({"state_dict": {**{k: v for k, v in published.items() if k not in gone}, **stray}}, broken)
     out = tmp_path / "x.safetensors"
     assert cli_main(["import-weights", "daformer", str(broken), "--arch", "daformer_b5", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "2 missing" in err and "classifier.fuse_layer.bottleneck.bn.running_mean" in err
-    assert "backbone.norm3.weight" in err and not out.exists()
+    assert "backbone.norm3.weight" in err and "decode_head.conv_seg.weight (in the file)" in err
+    assert not out.exists()

@@ -243,6 +243,23 @@ def test_a_model_without_bn_is_told_plainly(caplog):
         BankedSegmenter(model, BNBank(("a",), {}, {}))
 
 
+def test_recalibrating_a_model_without_bn_is_skipped_with_the_reason(caplog):
+    from flwr.app import ArrayRecord
+
+    from server.strategy import OneShotMerge
+    from tests.fakes import FakeGrid, fake_message, merge_config, reply_of
+
+    template = _LayerNormOnly().state_dict()
+    updates = {n: reply_of(site_update(f"s{n}", perturbed(template, n)), n) for n in (1, 2)}
+    strategy = OneShotMerge(merge_config(recalibrate=True), template, make_message=fake_message)
+    grid = FakeGrid(updates)
+    with caplog.at_level(logging.INFO, logger="server.strategy"):
+        result = strategy.start(grid, ArrayRecord(template))
+    assert len(grid.pushed) == 2, "no second round was sent"
+    assert strategy.report.recalibration == {"applied": False, "sites": [], "reason": "the model has no BN layers"}
+    assert "recalibration skipped" in caplog.text and "classifier.weight" in result.arrays
+
+
 # ----- published weights as the start ------------------------------------------------------------
 def test_an_imagenet_mit_file_becomes_a_segformer_start(tmp_path, capsys, one_thread):
     source = tmp_path / "mit_b0.pth"

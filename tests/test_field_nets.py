@@ -244,6 +244,27 @@ def test_a_model_without_bn_is_told_plainly(caplog):
         BankedSegmenter(model, BNBank(("a",), {}, {}))
 
 
+def test_a_bn_bank_chooses_by_the_one_bn_layer_of_a_segformer(one_thread):
+    """MiT's only BN layer is in the head: the bank keys on it and swaps its statistics image by image."""
+    from common.bn_bank import BankedSegmenter, BNBank
+
+    model = _copy("segformer_b0")
+    ((layer, bn),) = bn_layers(model).items()
+    x = torch.rand(1, 3, 64, 64)
+    neutral = BNBank(("probe",), {layer: torch.zeros(1, bn.num_features)}, {layer: torch.ones(1, bn.num_features)})
+    mean, var = BankedSegmenter(model, neutral).image_statistics(x)
+    means, variances = torch.stack([mean[0] + 5, mean[0]]).float(), torch.stack([var[0], var[0]]).float()
+    banked = BankedSegmenter(model, BNBank(("far", "own"), {layer: means}, {layer: variances})).eval()
+    assert banked.choose(x).tolist() == [1]
+    with torch.no_grad():
+        bn.running_mean.copy_(means[1])
+        bn.running_var.copy_(variances[1])
+        expected = model.eval()(x)  # under the entry it should pick
+        bn.running_mean.copy_(means[0])  # the model itself now holds the other entry
+        torch.testing.assert_close(banked(x), expected)
+    assert torch.equal(bn.running_mean, means[0])  # and gets it back afterwards
+
+
 def test_recalibrating_a_model_without_bn_is_skipped_with_the_reason(caplog):
     from flwr.app import ArrayRecord
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from common.segmenter import Segmenter
 
 __all__ = [
+    "MIN_SIDE",
     "SEGFORMER_VARIANTS",
     "MiTSegmenter",
     "SegFormerHead",
@@ -35,6 +36,10 @@ __all__ = [
 ]
 
 DROPOUT = 0.1  # before the classifier, as in the released SegFormer and DAFormer heads
+# MiT's first stage embeds at stride 4 (7x7 kernel, padding 3) and its attention reduces the keys by an 8x8
+# conv of stride 8, so that stage needs 8 positions a side: floor((side - 1) / 4) + 1 >= 8.
+FIRST_STRIDE, FIRST_REDUCTION = 4, 8
+MIN_SIDE = FIRST_STRIDE * (FIRST_REDUCTION - 1) + 1
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,11 @@ class MiTSegmenter(Segmenter):
         return sum(self.level_channels)
 
     def _features(self, x: Tensor) -> Tensor:
+        if min(x.shape[-2:]) < MIN_SIDE:  # torch's own error names kernel sizes, not the image
+            raise ValueError(
+                f"a MiT encoder needs images of at least {MIN_SIDE} pixels a side, got {tuple(x.shape[-2:])} "
+                "(an hrda_ model passes it half the side)"
+            )
         return pack_levels(self.backbone(x)[2:])
 
     def decode(self, feats: Tensor) -> Tensor:

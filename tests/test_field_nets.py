@@ -22,7 +22,7 @@ from common.data import DataSpec, build_dataset
 from common.merge_engine import MergeEngine
 from common.model_factory import build_model
 from common.multires import MultiResSegmenter
-from common.segformer import pack_levels
+from common.segformer import MIN_SIDE, pack_levels
 from common.segmenter import Segmenter
 from common.update_format import load_site_update, save_site_update
 from common.updates import bn_layer_names
@@ -86,6 +86,14 @@ def test_builds_offline_with_the_published_size_and_predicts_at_the_input_size(a
         assert len(bn_layers(model)) == HEAD_BN.get(arch, 1)
     else:
         assert not bn_layers(model.classifier) and len(bn_layers(model.backbone)) == 104
+
+
+def test_a_mit_model_names_its_smallest_image_instead_of_a_kernel_size(one_thread):
+    model = _prototype("segformer_b0")
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, MIN_SIDE, MIN_SIDE)).shape[-2:] == (MIN_SIDE, MIN_SIDE)
+        with pytest.raises(ValueError, match=rf"at least {MIN_SIDE} pixels a side, got \(28, 40\)"):
+            model(torch.rand(1, 3, MIN_SIDE - 1, 40))
 
 
 def test_segformer_head_on_packed_levels_is_the_librarys_head_on_the_levels(one_thread):

@@ -32,11 +32,14 @@ from common.data import DataSpec, build_dataset  # noqa: E402
 from common.model_factory import build_model  # noqa: E402
 
 CAMVID = str(ROOT.parent / "shared" / "data" / "camvid")
+SOURCE = f"camvid:{CAMVID}?split=all&domain=0016E5"
+TARGET = f"camvid:{CAMVID}?split=all&domain=0001TP&time=first:45"
+CLASSES = 11  # CamVid's
 
 
-def plain_step_seconds(arch: str, repeats: int) -> float:
-    model = build_model(arch, 11).train()
-    source = build_dataset(DataSpec.parse(f"camvid:{CAMVID}?split=all&domain=0016E5"))
+def plain_step_seconds(arch: str, repeats: int, source_spec: str = SOURCE, num_classes: int = CLASSES) -> float:
+    model = build_model(arch, num_classes).train()
+    source = build_dataset(DataSpec.parse(source_spec))
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     images, labels = labeled_batch(source, [0, 1])
 
@@ -53,13 +56,17 @@ def plain_step_seconds(arch: str, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def hrda_seconds(arch: str, steps: int, options: dict[str, str]) -> float:
-    source = build_dataset(DataSpec.parse(f"camvid:{CAMVID}?split=all&domain=0016E5"))
-    target = build_dataset(DataSpec.parse(f"camvid:{CAMVID}?split=all&domain=0001TP&time=first:45"))
+def hrda_seconds(
+    arch: str, steps: int, options: dict[str, str], source_spec: str = SOURCE, target_spec: str = TARGET,
+    num_classes: int = CLASSES,
+) -> float:  # fmt: skip
+    source = build_dataset(DataSpec.parse(source_spec))
+    target = build_dataset(DataSpec.parse(target_spec))
     method = get_method("hrda")
     config = make_config(method, {"steps": steps, "warmup": 1, "bn-refresh": 10**6, **options})
     started = time.perf_counter()
-    method.adapt(build_model(f"hrda_{arch}", 11), target, AdaptContext(source=source, progress=False), config)
+    model = build_model(f"hrda_{arch}", num_classes)
+    method.adapt(model, target, AdaptContext(source=source, progress=False), config)
     return time.perf_counter() - started
 
 

@@ -112,6 +112,16 @@ def deeplab_template() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def model_template(arch: str) -> dict[str, torch.Tensor]:
+    """The state dict of ``arch`` with 19 classes (random init): deeplabv3_resnet50 unless another is asked for."""
+    if arch == "deeplabv3_resnet50":
+        return deeplab_template()
+    from common.model_factory import build_model
+
+    torch.manual_seed(0)
+    return {k: v.detach().clone() for k, v in build_model(arch, 19).state_dict().items()}
+
+
 def model_bytes(template: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in template.values())
 
@@ -337,10 +347,10 @@ def merge(
     return out
 
 
-def worker_stream(k: int, precision: str, skip_validate: bool, method: str) -> dict:
+def worker_stream(k: int, precision: str, skip_validate: bool, method: str, arch: str = "deeplabv3_resnet50") -> dict:
     if skip_validate:  # a what-if, reported as such: the merge without common/validation.py's checks
         engine_module.validate_update = lambda update, template: None
-    template = deeplab_template()
+    template = model_template(arch)
     size = model_bytes(template)
     floor = Floor(size)
     warm_memory(4 * size)  # more than the floor or the merge will allocate
@@ -487,6 +497,7 @@ def main() -> None:
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--skip-validate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="linear", help=argparse.SUPPRESS)
+    parser.add_argument("--arch", default="deeplabv3_resnet50", help=argparse.SUPPRESS)
     parser.add_argument("--ties-sites", default="8", help="K values for the streaming TIES merge (float64 sums)")
     parser.add_argument(
         "--no-validate-sites", default="2,64", help="K values for a what-if run with validate_update switched off"
@@ -494,7 +505,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker == "stream":
-        print(json.dumps(worker_stream(args.k, args.precision, args.skip_validate, args.method)))
+        print(json.dumps(worker_stream(args.k, args.precision, args.skip_validate, args.method, args.arch)))
         return
     if args.worker == "fedavg":
         print(json.dumps(worker_fedavg(args.k)))

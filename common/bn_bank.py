@@ -77,6 +77,8 @@ class BankedSegmenter(Segmenter):
         super().__init__()
         self.model, self.bank = model, bank
         self._layers = bn_layers(model)
+        if not self._layers:
+            raise ValueError("the model has no BN layers, so a BN bank has nothing to choose between")
         missing = set(bank.mean) ^ set(self._layers)
         if missing:
             raise ValueError(f"BN bank and model disagree on the BN layers, e.g. {sorted(missing)[0]!r}")

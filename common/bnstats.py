@@ -9,6 +9,7 @@ on the union of their images. This pass is also the AdaBN baseline.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ __all__ = [
     "collect_bn_sums",
     "exact_bn_statistics",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,9 @@ def collect_bn_sums(
 ) -> dict[str, BNSums]:
     """One pass over ``images`` (batches of NCHW tensors); the model is left unchanged."""
     layers = bn_layers(model)
+    if not layers:  # e.g. a LayerNorm encoder under a head without BN: the merge averages parameters only
+        log.info("the model has no BN layers: the statistics pass has nothing to measure")
+        return {}
     store: dict[str, BNSums] = {}
     was_training = model.training
     model.eval()
@@ -116,7 +122,7 @@ def collect_bn_sums(
         for h in handles:
             h.remove()
         model.train(was_training)
-    if layers and not store:
+    if not store:
         raise ValueError("no images reached the BN statistics pass: the image set is empty")
     return store
 

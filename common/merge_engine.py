@@ -177,6 +177,8 @@ class MergeEngine:
         pool = {"own": self.buffers.pool, "recalibrated": self.recalibration}.get(source)
         if pool is None:
             raise ValueError(f"a BN bank comes from 'own' or 'recalibrated' statistics, not {source!r}")
+        if not self.layers:
+            raise ValueError("the model has no BN layers, so a BN bank has nothing to hold; leave bn-bank off")
         if not len(pool):
             raise ValueError(f"no {source} BN statistics to make a bank of")
         names, means, variances = zip(*pool.per_site(), strict=True)

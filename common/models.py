@@ -8,12 +8,18 @@ that cut), and ``head_parameters`` names what gets the larger learning rate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from common.daformer import DAFORMER_VARIANTS, build_daformer
+from common.deeplabv2 import build_deeplabv2
+from common.segformer import SEGFORMER_VARIANTS, build_segformer
+from common.segmenter import Segmenter
 
 __all__ = [
     "ARCHITECTURES",
@@ -26,55 +32,6 @@ __all__ = [
 
 
 WeightsFile = str | Path | None  # a local weights file; nothing is ever downloaded
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Segmenter(nn.Module):
-    """A backbone, a decode head and a final classifier layer.
-
-    Inputs are RGB in [0, 1]; the ImageNet normalisation happens inside, in buffers that
-    are not part of the state dict, so augmentations work on plain images.
-    """
-
-    backbone: nn.Module
-    classifier: nn.Module
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def feature_channels(self) -> int:
-        raise NotImplementedError
-
-    def features(self, x: Tensor) -> Tensor:
-        """Decode-head input for images in [0, 1]."""
-        return self._features((x - self.pixel_mean) / self.pixel_std)
-
-    def _features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def decode(self, feats: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def final_layer(self) -> nn.Conv2d:
-        """The last 1x1 convolution: the part a source-free method keeps frozen."""
-        convs = [m for m in self.classifier.modules() if isinstance(m, nn.Conv2d)]
-        return convs[-1]
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        return self.classifier.parameters()
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        return self.backbone.parameters()
-
-    def forward(self, x: Tensor) -> Tensor:
-        logits = self.decode(self.features(x))
-        if logits.shape[-2:] != x.shape[-2:]:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -198,6 +155,11 @@ ARCHITECTURES: dict[str, Callable[[int], Segmenter]] = {
     "deeplabv3_mobilenet_v3_large": _torchvision("deeplabv3_mobilenet_v3_large", 960),
     "lraspp_mobilenet_v3_large": _torchvision("lraspp_mobilenet_v3_large", 960),
     "fcn_resnet50": _torchvision("fcn_resnet50", 2048),
+    # The field's networks (MiT encoders with LayerNorm: BN only in their heads), built without weights;
+    # `fedmerge import-weights` turns the published files into a start.
+    **{name: partial(build_segformer, name) for name in SEGFORMER_VARIANTS},
+    **{name: partial(build_daformer, name) for name in DAFORMER_VARIANTS},
+    "deeplabv2_resnet101": partial(build_deeplabv2, "deeplabv2_resnet101"),
 }
 
 
@@ -243,7 +205,9 @@ def _load_into(module: nn.Module, state: dict[str, Tensor], what: str, path: Pat
         raise ValueError(f"{path}: {what} weights lack {len(missing)} tensors, first {missing[0]!r}")
     if not set(state) & set(target):
         raise ValueError(f"{path}: no tensor name matches the {what}; is this the right architecture?")
-    module.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+    # Completed with the module's own tensors, the state loads strictly: some library modules (smp's MiT
+    # encoder) override load_state_dict without a `strict` argument.
+    module.load_state_dict({**target, **{k: v for k, v in state.items() if k in target}})
 
 
 def build_base_model(
@@ -257,7 +221,8 @@ def build_base_model(
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
     model = ARCHITECTURES[arch](num_classes)
     if backbone_weights is not None:
-        state = _strip_prefixes(load_weights_file(backbone_weights), ("backbone.", "module."))
+        # "base.backbone.": an hrda_ checkpoint's backbone (e.g. an imported ImageNet start of hrda_daformer_b5)
+        state = _strip_prefixes(load_weights_file(backbone_weights), ("base.backbone.", "backbone.", "module."))
         _load_into(model.backbone, state, "backbone", Path(backbone_weights), strict=False)
     if weights is not None:
         state = load_weights_file(weights)

@@ -12,6 +12,7 @@ from common.data.spec import SPEC_HELP
 # Each module registers its own sub-commands; order is the order of ``fedmerge --help``.
 COMMAND_MODULES = [
     "fedmerge.commands.data",
+    "fedmerge.commands.import_weights",
     "fedmerge.commands.pretrain",
     "fedmerge.commands.adapt",
     "fedmerge.commands.merge",

@@ -265,7 +265,7 @@ class OneShotMerge(Strategy):
         self.report.start("merge-finish")
         arrays, metrics = self.finish()
         self.report.stop("merge-finish")
-        if self.config.recalibrate:
+        if self.config.recalibrate and self._has_bn_to_recalibrate():
             self.recalibrate(grid, arrays)
         result = Result()
         result.arrays = arrays
@@ -296,7 +296,7 @@ class OneShotMerge(Strategy):
         self.secure_state = decode_merge(outcome.segments, self.engine.template, *totals)
         self._record_secure(outcome, claims, "merge")
         merged = state_record(self.secure_state.items())
-        if self.config.recalibrate:
+        if self.config.recalibrate and self._has_bn_to_recalibrate():
             self._recalibrate_secure(grid, merged, outcome.survivors, weights)
         result = Result()
         result.arrays = merged
@@ -406,6 +406,15 @@ class OneShotMerge(Strategy):
         self.report.census = {str(node): n for node, n in self.intake.claims.items()}
 
     # ----- second round: statistics under the merged parameters ------------------------
+    def _has_bn_to_recalibrate(self) -> bool:
+        """False, with a note in the log and the report, for a model without BN layers (e.g. a MiT encoder
+        under a head without BN): its statistics pass has nothing to measure, so no round is spent on it."""
+        if self.engine.layers:
+            return True
+        self.report.recalibration.update({"applied": False, "sites": [], "reason": "the model has no BN layers"})
+        log.info("recalibration skipped: the model has no BN layers")
+        return False
+
     def recalibrate(self, grid: Grid, arrays: ArrayRecord) -> None:
         """Send the merged model back; pool the sites' BN sums under it into the engine's statistics.
 

@@ -29,6 +29,8 @@ print('HEAVY', heavy)
         ["compare", "--help"],
         ["evaluate"],
         ["adapt", "--list"],
+        ["import-weights", "--help"],
+        ["import-weights", "mit"],
         [
             "adapt",
             "--method",

@@ -41,12 +41,14 @@ def imagenet_model(model: Segmenter, weights: str) -> Segmenter:
     backbone = (frozen.base if isinstance(frozen, MultiResSegmenter) else frozen).backbone
     state = {}
     for key, value in load_weights_file(weights).items():
-        for prefix in ("module.", "backbone."):
+        for prefix in ("module.", "base.", "backbone."):  # base.: the backbone of an hrda_ checkpoint
             key = key.removeprefix(prefix)
         state[key] = value
-    missing, _ = backbone.load_state_dict(state, strict=False)
-    if len(missing) == len(backbone.state_dict()):
+    target = backbone.state_dict()
+    matched = {k: v for k, v in state.items() if k in target}
+    if not matched:
         raise ValueError(f"{weights}: no tensor matches the backbone; is this the right architecture?")
+    backbone.load_state_dict({**target, **matched})  # completed, so strict (smp's MiT has no `strict` argument)
     return frozen
 
 

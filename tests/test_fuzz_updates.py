@@ -1,4 +1,4 @@
-"""Fuzzing the merge's inputs: hundreds of corrupted site-update files and replies, seeded and bounded in time.
+"""Fuzzing the merge's inputs: hundreds of corrupted site-update files and replies, seeded and of a fixed count.
 
 Each one is merged or refused with one line; no exception escapes, no non-finite value
 is ever written, and when it is refused the good sites are merged exactly as without it.
@@ -7,7 +7,6 @@ is ever written, and when it is refused the good sites are merged exactly as wit
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from server.report import MergeReport
 from tests.fakes import FakeReply, perturbed, reply_of, site_update, spec
 
 CASES = 600
-BUDGET_SECONDS = 240.0
 EXTREMES = [float("nan"), float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-45, 0.0, -0.0]
 COUNT_VALUES = [-1, 0, 2**62, 2**63, 2**70, float("inf"), float("nan"), 1.5, -(2**63), True, "7"]
 
@@ -129,8 +127,8 @@ def test_corrupted_files_and_replies_are_merged_or_refused_with_one_line(world, 
     source = tmp_path / "source.safetensors"
     save_site_update(source, site_update("bad", perturbed(template, 7), num_examples=4, per_image=6), "tiny_unet", 4)
     clean_bytes = source.read_bytes()
-    started, done, kinds = time.monotonic(), 0, {"file": 0, "reply": 0}
-    while done < CASES and time.monotonic() - started < BUDGET_SECONDS:
+    kinds = {"file": 0, "reply": 0}
+    for done in range(CASES):  # a fixed count, not a time budget: the same cases on any machine
         if done % 2 == 0:
             path = tmp_path / "fuzzed.safetensors"
             path.write_bytes(_flip_bits(clean_bytes, rng))
@@ -147,9 +145,7 @@ def test_corrupted_files_and_replies_are_merged_or_refused_with_one_line(world, 
                 _mutate_reply(reply.content, rng)
             _check_outcome(world, tmp_path, reply, done)
             kinds["reply"] += 1
-        done += 1
-    assert done >= 300, f"only {done} cases in {BUDGET_SECONDS:.0f} s"
-    assert min(kinds.values()) >= 300
+    assert kinds == {"file": CASES // 2, "reply": CASES // 2}
 
 
 def test_the_fuzzers_mutations_do_reach_the_checks():

@@ -74,7 +74,7 @@ def no_network(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", list(PAPER_PARAMS))
-def test_builds_offline_with_the_published_size_and_predicts_at_the_input_size(arch, no_network, one_thread):
+def test_builds_offline_with_the_published_size_and_predicts_at_the_input_size(arch, no_network):
     num_classes, millions = PAPER_PARAMS[arch]
     model = _prototype(arch)
     assert _params_with(model, num_classes) / 1e6 == pytest.approx(millions, abs=0.06)
@@ -88,7 +88,7 @@ def test_builds_offline_with_the_published_size_and_predicts_at_the_input_size(a
         assert not bn_layers(model.classifier) and len(bn_layers(model.backbone)) == 104
 
 
-def test_a_mit_model_names_its_smallest_image_instead_of_a_kernel_size(one_thread):
+def test_a_mit_model_names_its_smallest_image_instead_of_a_kernel_size():
     model = _prototype("segformer_b0")
     with torch.no_grad():
         assert model(torch.rand(1, 3, MIN_SIDE, MIN_SIDE)).shape[-2:] == (MIN_SIDE, MIN_SIDE)
@@ -96,7 +96,7 @@ def test_a_mit_model_names_its_smallest_image_instead_of_a_kernel_size(one_threa
             model(torch.rand(1, 3, MIN_SIDE - 1, 40))
 
 
-def test_segformer_head_on_packed_levels_is_the_librarys_head_on_the_levels(one_thread):
+def test_segformer_head_on_packed_levels_is_the_librarys_head_on_the_levels():
     """Embedding after the upsampling (the packing) gives what smp's decoder gives embedding before it."""
     model = _prototype("segformer_b0")
     x = torch.rand(2, 3, 64, 64)
@@ -108,7 +108,7 @@ def test_segformer_head_on_packed_levels_is_the_librarys_head_on_the_levels(one_
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_daformer_head_embeds_every_level_then_fuses_in_level_order(one_thread):
+def test_daformer_head_embeds_every_level_then_fuses_in_level_order():
     """The reference order of DAFormer: embed each level at its own size, upsample, concatenate finest first."""
     model = _prototype("daformer_b5")
     head = model.classifier
@@ -124,7 +124,7 @@ def test_daformer_head_embeds_every_level_then_fuses_in_level_order(one_thread):
     assert dilations == [6, 12, 18] and head.fuse_layer.aspp_modules[0].conv.kernel_size == (1, 1)
 
 
-def test_deeplabv2_sums_four_dilated_branches_at_output_stride_8(one_thread):
+def test_deeplabv2_sums_four_dilated_branches_at_output_stride_8():
     model = _prototype("deeplabv2_resnet101")
     with torch.no_grad():
         feats = model.features(torch.rand(1, 3, 64, 64))
@@ -164,7 +164,7 @@ def _bn_inputs(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch
 
 
 @pytest.mark.parametrize("arch", SUBSET)
-def test_exact_statistics_of_the_wrapped_model_are_those_of_its_bn_inputs(arch, target_set, one_thread):
+def test_exact_statistics_of_the_wrapped_model_are_those_of_its_bn_inputs(arch, target_set):
     model = _copy(arch, hrda=True)
     batches = [target_set[i][0][None] for i in range(len(target_set))]
     inputs = _bn_inputs(model, batches)  # per image: the context view, then every detail window in one batch
@@ -178,7 +178,7 @@ def test_exact_statistics_of_the_wrapped_model_are_those_of_its_bn_inputs(arch, 
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=[pytest.mark.slow] if a in HEAVY else []) for a in SUBSET])
-def test_an_hrda_site_round_trips_merges_and_evaluates(arch, source_set, target_set, tmp_path, one_thread, capsys):
+def test_an_hrda_site_round_trips_merges_and_evaluates(arch, source_set, target_set, tmp_path, capsys):
     wrapped = f"hrda_{arch}"
     model = _copy(arch, hrda=True)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -252,7 +252,7 @@ def test_a_model_without_bn_is_told_plainly(caplog):
         BankedSegmenter(model, BNBank(("a",), {}, {}))
 
 
-def test_a_bn_bank_chooses_by_the_one_bn_layer_of_a_segformer(one_thread):
+def test_a_bn_bank_chooses_by_the_one_bn_layer_of_a_segformer():
     """MiT's only BN layer is in the head: the bank keys on it and swaps its statistics image by image."""
     from common.bn_bank import BankedSegmenter, BNBank
 
@@ -291,7 +291,7 @@ def test_recalibrating_a_model_without_bn_is_skipped_with_the_reason(caplog):
 
 
 # ----- published weights as the start ------------------------------------------------------------
-def test_an_imagenet_mit_file_becomes_a_segformer_start(tmp_path, capsys, one_thread):
+def test_an_imagenet_mit_file_becomes_a_segformer_start(tmp_path, capsys):
     source = tmp_path / "mit_b0.pth"
     published = mit_imagenet("b0")
     torch.save(published, source)
@@ -324,7 +324,7 @@ def test_an_imagenet_mit_file_becomes_a_segformer_start(tmp_path, capsys, one_th
         assert torch.equal(sr, published["block3.0.attn.sr.weight"]), start
 
 
-def test_an_imagenet_resnet_without_batch_counters_becomes_a_deeplabv2_start(tmp_path, one_thread):
+def test_an_imagenet_resnet_without_batch_counters_becomes_a_deeplabv2_start(tmp_path):
     source = tmp_path / "resnet101.pth"
     published = resnet101_imagenet(counters=False)
     torch.save(published, source)

@@ -5,11 +5,11 @@ drags the merge down with it (measured on CamVid), and no site has labels to not
 after the method, the site compares the adapted model with what it would have sent without
 adapting: the start's parameters with the exact BN statistics of its own images (AdaBN).
 Both are scored by label-free scores of ``common.label_free`` on the same few images, each
-under its own exact statistics, as it would be shipped; when the adapted model scores below
-the start by more than the margin on any score the guard names, the site falls back to the start's parameters,
-and the exact statistics pass that follows every method gives it the start's statistics on
-the site's images. Every registered score of both models goes into the site's metrics with
-the decision, so a run's report shows what each site's guard saw.
+under its own exact statistics, as it would be shipped. When the adapted model scores below
+the start by more than the margin on any score the guard names, the site falls back to the
+start's parameters, and the exact statistics pass that follows every method gives it the
+start's statistics on the site's images. Every registered score of both models goes into
+the site's metrics with the decision, so a run's report shows what each site's guard saw.
 """
 
 from __future__ import annotations

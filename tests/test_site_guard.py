@@ -99,8 +99,9 @@ def _guard(**values) -> GuardConfig:
     return GuardConfig.read({"guard": True, **values})
 
 
-def _site(state, target, method: str, guard: GuardConfig | None = None):
-    job = SiteJob("fog", method, {}, 4, context=AdaptContext(progress=False), guard=guard or GuardConfig.read())
+def _site(state, target, method: str, guard: GuardConfig | None = None, options: dict | None = None):
+    guard = guard or GuardConfig.read()
+    job = SiteJob("fog", method, options or {}, 4, context=AdaptContext(progress=False), guard=guard)
     return adapt_site(_model(state), target, job)
 
 
@@ -117,23 +118,39 @@ def _assert_same(update, reference) -> None:
     assert all(torch.equal(update.counts[k], reference.counts[k]) for k in reference.counts)
 
 
+DESTRUCTIVE_TENT = {"steps": 10, "lr": 1.0}  # a thousand times tent's rate
+GENTLE_TENT = {"steps": 5, "lr": 1e-3}
+
+
 @pytest.mark.parametrize(
-    ("method", "scores"),
-    [("test-noise", "mix"), ("test-collapse", "diversity"), ("test-collapse", "mix,diversity"),
-     ("test-collapse", "agreement"), ("test-nan", "mix")],
+    ("method", "options", "guard"),
+    [("test-noise", {}, {"guard-score": "mix", "guard-margin": 0}),
+     ("test-collapse", {}, {"guard-score": "diversity"}),
+     ("test-collapse", {}, {"guard-score": "mix,diversity", "guard-margin": 0}),
+     ("test-collapse", {}, {}),
+     ("test-nan", {}, {"guard-score": "mix"}),
+     ("tent", DESTRUCTIVE_TENT, {})],
 )  # fmt: skip
 def test_harmful_adaptation_falls_back_to_the_start_with_its_exact_statistics(
-    start_state, target, start_update, method, scores
+    start_state, target, start_update, method, options, guard
 ):
-    unguarded = _site(start_state, target, method)
+    unguarded = _site(start_state, target, method, options=options)
     assert not all(torch.equal(unguarded.params[k], start_update.params[k]) for k in start_update.params)
-    update = _site(start_state, target, method, _guard(**{"guard-score": scores}))
+    update = _site(start_state, target, method, _guard(**guard), options)
     _assert_same(update, start_update)
     assert update.metrics[FELL_BACK] == 1.0
 
 
+def test_destructive_self_training_raises_the_consistency_scores(start_state, target):
+    """Why the default score is agreement with the start: a run towards a few classes looks more consistent."""
+    m = _site(start_state, target, "tent", _guard(), DESTRUCTIVE_TENT).metrics
+    assert m[FELL_BACK] == 1.0 and m["guard-adapted-agreement"] < 1 - 0.2
+    for name in ("mix", "confident", "neg-entropy"):
+        assert m[f"guard-adapted-{name}"] > m[f"guard-start-{name}"], name
+
+
 def test_a_collapsed_model_fools_mix_alone(start_state, target):
-    """Why the guard takes a list: pasting classes onto a one-class prediction changes nothing."""
+    """Pasting classes onto a one-class prediction changes nothing: mix alone cannot see collapse."""
     update = _site(start_state, target, "test-collapse", _guard(**{"guard-score": "mix"}))
     assert update.metrics[FELL_BACK] == 0.0
     assert update.metrics["guard-adapted-mix"] == 1.0 > update.metrics["guard-start-mix"]
@@ -141,11 +158,20 @@ def test_a_collapsed_model_fools_mix_alone(start_state, target):
 
 def test_harmless_adaptation_is_kept(start_state, target, start_update):
     unguarded = _site(start_state, target, "test-sharpen")
-    update = _site(start_state, target, "test-sharpen", _guard(**{"guard-score": "mix,agreement,photometric"}))
+    exact = {"guard-score": "mix,agreement,photometric", "guard-margin": 0}  # the labels do not change at all
+    update = _site(start_state, target, "test-sharpen", _guard(**exact))
     _assert_same(update, unguarded)
     assert not torch.equal(update.params[HEAD], start_update.params[HEAD])
     assert update.metrics[FELL_BACK] == 0.0
     assert update.metrics["guard-adapted-agreement"] == 1.0
+
+
+def test_a_few_gentle_steps_are_kept_under_the_default_guard(start_state, target, start_update):
+    unguarded = _site(start_state, target, "tent", options=GENTLE_TENT)
+    update = _site(start_state, target, "tent", _guard(), GENTLE_TENT)
+    _assert_same(update, unguarded)
+    assert not all(torch.equal(update.params[k], start_update.params[k]) for k in start_update.params)
+    assert update.metrics[FELL_BACK] == 0.0 and update.metrics["guard-adapted-agreement"] < 1.0
 
 
 def test_adabn_is_its_own_start_and_is_kept(start_state, target, start_update):
@@ -155,14 +181,18 @@ def test_adabn_is_its_own_start_and_is_kept(start_state, target, start_update):
     assert update.metrics["guard-adapted-mix"] == update.metrics["guard-start-mix"]
 
 
+MIX = {"guard-score": "mix", "guard-margin": 0}
+
+
 def test_the_margin_lets_a_small_drop_through(start_state, target):
     model = _model(start_state)
     _noise(model, target, None, None)
-    harsh = guard_adaptation(_model(model.state_dict()), start_state, target, _guard(), batch_size=4)
+    harsh = guard_adaptation(_model(model.state_dict()), start_state, target, _guard(**MIX), batch_size=4)
     drop = harsh.start["mix"] - harsh.adapted["mix"]
     assert harsh.fell_back and drop > 0
     noisy = {k: v.clone() for k, v in model.state_dict().items()}
-    lenient = guard_adaptation(model, start_state, target, _guard(**{"guard-margin": drop + 1e-3}), batch_size=4)
+    lenient = _guard(**{**MIX, "guard-margin": drop + 1e-3})
+    lenient = guard_adaptation(model, start_state, target, lenient, batch_size=4)
     assert not lenient.fell_back and lenient.adapted["mix"] == harsh.adapted["mix"]
     assert all(torch.equal(v, noisy[k]) for k, v in model.state_dict().items())  # kept as adapted, untouched
 
@@ -236,7 +266,8 @@ def test_the_experiment_config_and_the_command_line_take_the_guard(tmp_path, cap
                "eval": [{"domain": "a", "data": data}], "strategies": ["merge"], "method": method}  # fmt: skip
         return ExperimentConfig.from_dict(raw, "x")
 
-    assert experiment({"guard": True, "guard-score": "diversity"}).method.guard == GuardConfig(True, ("diversity",), 0)
+    guard = experiment({"guard": True, "guard-score": "diversity", "guard-margin": 0.3}).method.guard
+    assert guard == GuardConfig(True, ("diversity",), 0.3)
     assert experiment({}).method.guard.enabled is False
     with pytest.raises(ConfigError, match="did you mean 'mix'"):
         experiment({"guard-score": "mixx"})

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clients.adaptation import AdaptContext
+from clients.guard import GUARD_KEYS, GuardConfig
 from clients.site import SiteJob
 from common.data import DataSpec
 from common.run_config import ConfigError, RunConfig, declared_defaults
@@ -96,5 +97,6 @@ class SiteConfig:
                 seed=run.seed,
                 backbone_weights=run.backbone_weights,
             ),
+            guard=GuardConfig.read({k: flat[k] for k in GUARD_KEYS}),
         )
         return cls(run, data, source, job, weights=str(node.get("weights", "")))

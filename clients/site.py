@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clients.adaptation import AdaptContext, get_method, make_config
+from clients.guard import GuardConfig, guard_adaptation
 from common.bnstats import BNStatsConfig, BNSums, collect_bn_sums, exact_bn_statistics
 from common.data import image_batches
 from common.models import Segmenter
@@ -37,6 +38,7 @@ class SiteJob:
     batch_size: int = 8
     bn_mode: str = "batch"
     context: AdaptContext = field(default_factory=AdaptContext)
+    guard: GuardConfig = field(default_factory=GuardConfig.read)  # the declared default: off
 
 
 @torch.no_grad()
@@ -60,8 +62,9 @@ def adapt_site(model: Segmenter, target: Dataset, job: SiteJob) -> SiteUpdate:
 
 
 def run_adaptation(model: Segmenter, target: Dataset, job: SiteJob) -> float:
-    """The first half of :func:`adapt_site`: the method alone, in place; returns its seconds.
+    """The first half of :func:`adapt_site`: the method, in place, then the guard if on; returns the method's seconds.
 
+    A guard that falls back leaves the start's weights in ``model`` (``clients.guard``).
     Split out so that an experiment can look at the model between the method and the
     exact statistics pass (e.g. at the running statistics the method left).
     """
@@ -71,9 +74,15 @@ def run_adaptation(model: Segmenter, target: Dataset, job: SiteJob) -> float:
     config = make_config(method, job.method_options)
     if method.needs_source and job.context.source is None:
         raise ValueError(f"method {job.method!r} needs the labeled source set at the site; none was given")
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if job.guard.enabled else None
     started = time.perf_counter()
     method.adapt(model, target, job.context, config)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if start is not None:
+        decision = guard_adaptation(model, start, target, job.guard, batch_size=job.batch_size, bn_mode=job.bn_mode,
+                                    seed=job.context.seed)  # fmt: skip
+        job.context.metrics.update(decision.metrics())
+    return seconds
 
 
 def package_update(model: Segmenter, target: Dataset, job: SiteJob, adapt_seconds: float) -> SiteUpdate:

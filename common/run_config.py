@@ -91,6 +91,9 @@ class RunConfig:
     backbone_weights: str
     checkpoint_dir: str
     progress: bool
+    guard: bool
+    guard_score: str
+    guard_margin: float
     # the merge
     min_sites: int
     timeout: float
@@ -143,6 +146,10 @@ class RunConfig:
             raise ConfigError("bn-bank = recalibrated needs recalibrate = true (the second round measures them)")
         if self.secure_aggregation:
             self._check_secure()
+        for name in self.guard_score.split(","):  # checked here without torch, and by clients.guard on the registry
+            _one_of(name.strip(), SCORE_NAMES, "guard-score")
+        if not self.guard_margin >= 0:
+            raise ConfigError(f"guard-margin must be >= 0, not {self.guard_margin}")
         _one_of(self.select, ("", "label-free"), "select")
         if self.select:
             if self.secure_aggregation:

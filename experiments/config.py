@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.adaptation import make_config, method_spec
+from clients.guard import GUARD_KEYS, GuardConfig
 from common.data import DataSpec
 from common.pretrain import PretrainPlan
 from common.typed_options import closest
@@ -74,6 +75,7 @@ class LocalMethod:
     options: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     source: DataSpec | None = None  # the labeled source set, for methods that need it (hrda)
+    guard: GuardConfig = field(default_factory=GuardConfig.read)  # [method] keys guard, guard-score, guard-margin
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel
 
 
 def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod:
-    _check_keys(raw, {"name", "options", "batch-size", "source"}, f"{where} [method]")
+    _check_keys(raw, {"name", "options", "batch-size", "source", *GUARD_KEYS}, f"{where} [method]")
     source = raw.get("source")
     method = method_spec(str(raw.get("name", "adabn")))
     make_config(method, dict(raw.get("options", {})))  # a misspelt option fails now, not after pretraining
@@ -283,6 +285,7 @@ def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod
         options=dict(raw.get("options", {})),
         batch_size=int(raw.get("batch-size", 8)),
         source=_spec(source, root, where) if source else None,
+        guard=GuardConfig.read({k: v for k, v in raw.items() if k in GUARD_KEYS}),
     )
 
 

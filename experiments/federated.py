@@ -78,6 +78,9 @@ def _run_config(
         num_rounds=rounds,
         buffer_mode=buffers,
         timeout=3600.0,
+        guard=config.method.guard.enabled,
+        guard_score=",".join(config.method.guard.scores),
+        guard_margin=config.method.guard.margin,
     )
     src = config.method.source
     if src is None:
@@ -100,6 +103,7 @@ def _key(config: ExperimentConfig, source: SourceBundle, rounds: int, options: M
             "seed": config.seed,
             "rounds": rounds,
             "buffers": buffers,
+            **config.method.guard.recipe(),
         }
     )
 

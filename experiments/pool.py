@@ -167,7 +167,7 @@ class ModelPool:
         self.computed: list[str] = []  # keys adapted (not read back) in this process
 
     def key(self, data_id: str) -> str:
-        """Hash of source weights, data, method with its full typed options, batch size and seed."""
+        """Hash of source weights, data, method with its full typed options, batch size, seed and guard."""
         method = method_spec(self.method.name)
         options = make_config(method, self.method.options)
         recipe = {
@@ -180,6 +180,7 @@ class ModelPool:
             "batch_size": self.method.batch_size,
             "method_source": str(self.method.source) if self.method.source else "",
             "seed": self.seed,
+            **self.method.guard.recipe(),
         }
         return recipe_key(recipe)
 
@@ -197,9 +198,8 @@ class ModelPool:
         log.info("adapting site %s with %s on %d images (cache key %s)", site, self.method.name, len(target), key)
         torch.manual_seed(self.seed)
         model = self.source.model()
-        job = SiteJob(
-            site, self.method.name, dict(self.method.options), self.method.batch_size, context=self._context()
-        )
+        job = SiteJob(site, self.method.name, dict(self.method.options), self.method.batch_size,
+                      context=self._context(), guard=self.method.guard)  # fmt: skip
         started = time.perf_counter()
         update, ema, note = adapt_with_ema(model, target, job)
         seconds = time.perf_counter() - started

@@ -26,6 +26,12 @@ def _options(items: list[str]) -> dict[str, str]:
     return parse_key_values(" ".join(items), "--set")
 
 
+def _guard_values(args: argparse.Namespace) -> dict[str, object]:
+    """The run-config guard keys the command line set (the others keep their declared defaults)."""
+    given = {"guard": args.guard or None, "guard-score": args.guard_score, "guard-margin": args.guard_margin}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def describe_methods() -> str:
     """Every registered method with its summary and its config fields, typed, with defaults."""
     from clients.adaptation import METHODS, method_spec
@@ -72,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from clients.adaptation import AdaptContext
+    from clients.guard import GuardConfig
     from clients.site import SiteJob, adapt_site
     from common.data import DataSpec, build_dataset, dataset_classes, make_loader
     from common.evaluation import evaluate_domain
     from common.update_format import save_site_update
 
+    guard = GuardConfig.read(_guard_values(args))  # a bad score fails before the model or any data is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = DataSpec.parse(args.data)
@@ -96,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         backbone_weights=args.backbone_weights or "",
     )
     domain = args.domain or spec.domain or spec.kind
-    job = SiteJob(domain, args.method, options, args.batch_size, context=context)
+    job = SiteJob(domain, args.method, options, args.batch_size, context=context, guard=guard)
     started = time.perf_counter()
     update = adapt_site(model, target, job)
     save_site_update(args.out, update, arch, len(classes))
@@ -112,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from common.run_config import declared_defaults
+
     p = sub.add_parser("adapt", help="adapt a model on one site's unlabeled images and write its site update")
     p.add_argument("--list", action="store_true", help="list the methods, their options and defaults, and exit")
     p.add_argument("--method", help="adaptation method (see --list)")
@@ -126,6 +136,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-dir", help="keep resumable training state here; a rerun resumes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone-weights", help="ImageNet backbone weights (HRDA's feature distance)")
+    p.add_argument("--guard", action="store_true", help="send the start (with AdaBN) if adapting lowers its score")
+    p.add_argument("--guard-score", help=f"the guard's label-free score (default {declared_defaults()['guard-score']})")
+    p.add_argument("--guard-margin", type=float, help="how far below the start's score the adapted model may go")
     p.add_argument("--eval", action="append", default=[], metavar="SPEC", help="score the adapted model here")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,153 @@
+"""The site guard: a site never sends a model that scores below its own start on its own images.
+
+A site whose adaptation drifts towards its own mistakes lowers its domain's accuracy and
+drags the merge down with it (measured on CamVid), and no site has labels to notice. So
+after the method, the site compares the adapted model with what it would have sent without
+adapting: the start's parameters with the exact BN statistics of its own images (AdaBN).
+Both are scored by label-free scores of ``common.label_free`` on the same few images, each
+under its own exact statistics, as it would be shipped. When the adapted model scores below
+the start by more than the margin on any score the guard names, the site falls back to the
+start's parameters, and the exact statistics pass that follows every method gives it the
+start's statistics on the site's images. Every registered score of both models goes into
+the site's metrics with the decision, so a run's report shows what each site's guard saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from common.bnstats import BNStatsConfig, exact_bn_statistics
+from common.data import image_batches
+from common.label_free import SCORES, label_free_scores, score_images
+from common.models import Segmenter
+from common.run_config import ConfigError, check_values, declared_defaults
+from common.typed_options import closest
+
+__all__ = ["FELL_BACK", "GUARD_KEYS", "GuardConfig", "GuardDecision", "guard_adaptation", "score_names"]
+
+log = logging.getLogger(__name__)
+
+GUARD_KEYS = ("guard", "guard-score", "guard-margin")  # run-config keys; node config may override each
+FELL_BACK = "guard-fell-back"
+
+
+def score_names(text: str) -> tuple[str, ...]:
+    """``"mix,diversity"`` -> ``("mix", "diversity")``: the guard holds only if every named score holds."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Whether a site guards its adaptation, by which label-free scores, with what tolerance."""
+
+    enabled: bool
+    scores: tuple[str, ...]  # the site falls back when any of them drops below the start's by more than margin
+    margin: float  # the adapted model may score this much below the start and still be sent
+
+    def __post_init__(self) -> None:
+        if not self.scores:
+            raise ConfigError("guard-score names no score")
+        for name in self.scores:
+            if name not in SCORES:
+                raise ConfigError(
+                    f"guard-score must name scores among {', '.join(SCORES)}, not {name!r}{closest(name, SCORES)}"
+                )
+        if not self.margin >= 0:
+            raise ConfigError(f"guard-margin must be >= 0, not {self.margin}")
+
+    @classmethod
+    def read(cls, values: Mapping[str, Any] | None = None) -> GuardConfig:
+        """From the run-config keys ``guard``, ``guard-score``, ``guard-margin``; absent ones: their declared default.
+
+        One reader for the run config, the node config, the experiment config and ``fedmerge
+        adapt``, so each key has one default (``pyproject.toml``) and one check.
+        """
+        unknown = sorted(set(values or {}) - set(GUARD_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown guard key {unknown[0]!r}{closest(unknown[0], GUARD_KEYS)}")
+        defaults = declared_defaults()
+        merged = check_values({**{k: defaults[k] for k in GUARD_KEYS}, **dict(values or {})})
+        return cls(bool(merged["guard"]), score_names(str(merged["guard-score"])), float(merged["guard-margin"]))
+
+    def recipe(self) -> dict[str, str]:
+        """Its part of a cache key: nothing when off, so what was cached before the guard existed stays valid."""
+        return {"guard": repr(self)} if self.enabled else {}
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """What the guard measured and did; ``metrics`` is what the site's update carries."""
+
+    start: dict[str, float]  # every label-free score of the start (AdaBN) on the site's images
+    adapted: dict[str, float]  # the same of the adapted model; empty when its weights are not finite
+    fell_back: bool
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"guard-start-{k}": v for k, v in self.start.items()}
+        out.update({f"guard-adapted-{k}": v for k, v in self.adapted.items()})
+        out.update({FELL_BACK: float(self.fell_back), "guard-seconds": self.seconds})
+        return out
+
+
+def _finite(model: Segmenter) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+def _as_shipped(model: Segmenter, state: Mapping[str, Tensor] | None, target: Dataset, batch_size: int,
+                bn_mode: str) -> Segmenter:  # fmt: skip
+    """A copy of ``model`` (with ``state``, if given) under the exact BN statistics of ``target``."""
+    out = copy.deepcopy(model)
+    if state is not None:
+        out.load_state_dict(dict(state))
+    exact_bn_statistics(out, image_batches(target, batch_size), BNStatsConfig(bn_mode))
+    return out.eval()
+
+
+def _scores(candidate: Segmenter, start: Segmenter, target: Dataset, batch_size: int, seed: int) -> dict[str, float]:
+    """Every label-free score on the evenly spaced score images; ``agreement`` is with the start.
+
+    Batches hold at least two images: ``mix`` pastes one image's classes onto another.
+    """
+    batches = image_batches(score_images(target), max(batch_size, 2))
+    return label_free_scores(candidate, start, batches, seed=seed)
+
+
+def guard_adaptation(model: Segmenter, start_state: Mapping[str, Tensor], target: Dataset, config: GuardConfig,
+                     *, batch_size: int = 8, bn_mode: str = "batch", seed: int = 0) -> GuardDecision:  # fmt: skip
+    """Judge the adapted ``model`` against its start and, when it scores worse, put the start's weights back.
+
+    A model with non-finite weights always falls back (its predictions mean nothing, and a
+    constant prediction would even look perfectly consistent to ``mix``).
+    """
+    started = time.perf_counter()
+    start = _as_shipped(model, start_state, target, batch_size, bn_mode)
+    start_scores = _scores(start, start, target, batch_size, seed)
+    missing = [name for name in config.scores if name not in start_scores]
+    if missing:
+        raise ValueError(f"guard-score {missing[0]!r} cannot be measured on {len(target)} image(s)")  # type: ignore[arg-type]
+    adapted_scores: dict[str, float] = {}
+    if _finite(model):
+        adapted_scores = _scores(_as_shipped(model, None, target, batch_size, bn_mode), start, target, batch_size,
+                                 seed)  # fmt: skip
+    below = [n for n in config.scores if not adapted_scores.get(n, -math.inf) >= start_scores[n] - config.margin]
+    if below:
+        model.load_state_dict(dict(start_state))
+    log.info("guard: adapted %s, start %s (margin %g): %s", _shown(adapted_scores, config.scores),
+             _shown(start_scores, config.scores), config.margin,
+             f"fell back to the start ({', '.join(below)} below)" if below else "kept")  # fmt: skip
+    return GuardDecision(start_scores, adapted_scores, bool(below), time.perf_counter() - started)
+
+
+def _shown(scores: Mapping[str, float], names: tuple[str, ...]) -> str:
+    return ", ".join(f"{n} {scores[n]:.4f}" if n in scores else f"{n} -" for n in names)

@@ -1,0 +1,278 @@
+"""The site guard (clients/guard.py): a site whose adaptation harms its own images sends its start instead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from clients.adaptation.registry import METHODS, AdaptContext, register
+from clients.guard import FELL_BACK, GuardConfig, guard_adaptation
+from clients.site import SiteJob, adapt_site
+from common.data import DataSpec, build_dataset
+from common.label_free import SCORES
+from common.model_factory import build_model
+from common.run_config import SCORE_NAMES, ConfigError, RunConfig
+
+SIZE = (32, 48)
+NUM_CLASSES = 9
+HEAD = "classifier.1.weight"  # tiny_unet's final layer
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def start_state():
+    """A briefly pretrained tiny U-Net: its predictions have classes and structure an adaptation can destroy."""
+    from common.pretrain import PretrainConfig, train_segmenter
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module set-up runs before the first test's one_thread fixture
+    try:
+        source = build_dataset(DataSpec(kind="synthetic", domain="source", num_images=8, size=SIZE))
+        torch.manual_seed(0)
+        model = build_model("tiny_unet", NUM_CLASSES)
+        config = PretrainConfig(arch="tiny_unet", steps=40, batch_size=8, lr=1e-2, progress=False)
+        train_segmenter(model, source, config)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def target(tiny_target):
+    return tiny_target  # conftest's: six synthetic fog images of 32x48
+
+
+@dataclass(frozen=True)
+class _NoOptions:
+    pass
+
+
+@torch.no_grad()
+def _noise(model, target, context, config) -> None:
+    """Harm by construction: every parameter replaced by seeded noise of its own scale."""
+    generator = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=generator) * p.std().clamp_min(0.1))
+
+
+@torch.no_grad()
+def _collapse(model, target, context, config) -> None:
+    """Harm by construction: class 0 everywhere (confident, consistent, and wrong)."""
+    model.final_layer().bias[0] += 100.0
+
+
+@torch.no_grad()
+def _non_finite(model, target, context, config) -> None:
+    model.final_layer().weight.fill_(float("nan"))
+
+
+@torch.no_grad()
+def _sharpen(model, target, context, config) -> None:
+    """Harmless by construction: the logits doubled, so every label and the BN statistics stay exactly the same."""
+    model.final_layer().weight.mul_(2.0)
+    model.final_layer().bias.mul_(2.0)
+
+
+TEST_METHODS = {"test-noise": _noise, "test-collapse": _collapse, "test-nan": _non_finite, "test-sharpen": _sharpen}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _test_methods():
+    for name, fn in TEST_METHODS.items():
+        register(name, _NoOptions, summary="test only")(fn)
+    yield
+    for name in TEST_METHODS:
+        METHODS.pop(name)
+
+
+def _model(state):
+    model = build_model("tiny_unet", NUM_CLASSES)
+    model.load_state_dict(state)
+    return model
+
+
+def _guard(**values) -> GuardConfig:
+    return GuardConfig.read({"guard": True, **values})
+
+
+def _site(state, target, method: str, guard: GuardConfig | None = None, options: dict | None = None):
+    guard = guard or GuardConfig.read()
+    job = SiteJob("fog", method, options or {}, 4, context=AdaptContext(progress=False), guard=guard)
+    return adapt_site(_model(state), target, job)
+
+
+@pytest.fixture(scope="module")
+def start_update(start_state, target):
+    """What the site sends when it does not adapt at all: the start with its exact statistics on the images."""
+    return _site(start_state, target, "adabn")
+
+
+def _assert_same(update, reference) -> None:
+    assert update.params.keys() == reference.params.keys()
+    assert all(torch.equal(update.params[k], reference.params[k]) for k in reference.params)
+    assert all(torch.equal(update.buffers[k], reference.buffers[k]) for k in reference.buffers)
+    assert all(torch.equal(update.counts[k], reference.counts[k]) for k in reference.counts)
+
+
+DESTRUCTIVE_TENT = {"steps": 10, "lr": 1.0}  # a thousand times tent's rate
+GENTLE_TENT = {"steps": 5, "lr": 1e-3}
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "guard"),
+    [("test-noise", {}, {"guard-score": "mix", "guard-margin": 0}),
+     ("test-collapse", {}, {"guard-score": "diversity"}),
+     ("test-collapse", {}, {"guard-score": "mix,diversity", "guard-margin": 0}),
+     ("test-collapse", {}, {}),
+     ("test-nan", {}, {"guard-score": "mix"}),
+     ("tent", DESTRUCTIVE_TENT, {})],
+)  # fmt: skip
+def test_harmful_adaptation_falls_back_to_the_start_with_its_exact_statistics(
+    start_state, target, start_update, method, options, guard
+):
+    unguarded = _site(start_state, target, method, options=options)
+    assert not all(torch.equal(unguarded.params[k], start_update.params[k]) for k in start_update.params)
+    update = _site(start_state, target, method, _guard(**guard), options)
+    _assert_same(update, start_update)
+    assert update.metrics[FELL_BACK] == 1.0
+
+
+def test_destructive_self_training_raises_the_consistency_scores(start_state, target):
+    """Why the default score is agreement with the start: a run towards a few classes looks more consistent."""
+    m = _site(start_state, target, "tent", _guard(), DESTRUCTIVE_TENT).metrics
+    assert m[FELL_BACK] == 1.0 and m["guard-adapted-agreement"] < 1 - 0.2
+    for name in ("mix", "confident", "neg-entropy"):
+        assert m[f"guard-adapted-{name}"] > m[f"guard-start-{name}"], name
+
+
+def test_a_collapsed_model_fools_mix_alone(start_state, target):
+    """Pasting classes onto a one-class prediction changes nothing: mix alone cannot see collapse."""
+    update = _site(start_state, target, "test-collapse", _guard(**{"guard-score": "mix"}))
+    assert update.metrics[FELL_BACK] == 0.0
+    assert update.metrics["guard-adapted-mix"] == 1.0 > update.metrics["guard-start-mix"]
+
+
+def test_harmless_adaptation_is_kept(start_state, target, start_update):
+    unguarded = _site(start_state, target, "test-sharpen")
+    exact = {"guard-score": "mix,agreement,photometric", "guard-margin": 0}  # the labels do not change at all
+    update = _site(start_state, target, "test-sharpen", _guard(**exact))
+    _assert_same(update, unguarded)
+    assert not torch.equal(update.params[HEAD], start_update.params[HEAD])
+    assert update.metrics[FELL_BACK] == 0.0
+    assert update.metrics["guard-adapted-agreement"] == 1.0
+
+
+def test_a_few_gentle_steps_are_kept_under_the_default_guard(start_state, target, start_update):
+    unguarded = _site(start_state, target, "tent", options=GENTLE_TENT)
+    update = _site(start_state, target, "tent", _guard(), GENTLE_TENT)
+    _assert_same(update, unguarded)
+    assert not all(torch.equal(update.params[k], start_update.params[k]) for k in start_update.params)
+    assert update.metrics[FELL_BACK] == 0.0 and update.metrics["guard-adapted-agreement"] < 1.0
+
+
+def test_adabn_is_its_own_start_and_is_kept(start_state, target, start_update):
+    update = _site(start_state, target, "adabn", _guard())
+    _assert_same(update, start_update)
+    assert update.metrics[FELL_BACK] == 0.0
+    assert update.metrics["guard-adapted-mix"] == update.metrics["guard-start-mix"]
+
+
+MIX = {"guard-score": "mix", "guard-margin": 0}
+
+
+def test_the_margin_lets_a_small_drop_through(start_state, target):
+    model = _model(start_state)
+    _noise(model, target, None, None)
+    harsh = guard_adaptation(_model(model.state_dict()), start_state, target, _guard(**MIX), batch_size=4)
+    drop = harsh.start["mix"] - harsh.adapted["mix"]
+    assert harsh.fell_back and drop > 0
+    noisy = {k: v.clone() for k, v in model.state_dict().items()}
+    lenient = _guard(**{**MIX, "guard-margin": drop + 1e-3})
+    lenient = guard_adaptation(model, start_state, target, lenient, batch_size=4)
+    assert not lenient.fell_back and lenient.adapted["mix"] == harsh.adapted["mix"]
+    assert all(torch.equal(v, noisy[k]) for k, v in model.state_dict().items())  # kept as adapted, untouched
+
+
+def test_decision_and_every_score_reach_the_update_as_float_scalars(start_state, target):
+    from common.wire import records_to_update, update_to_records
+
+    update = _site(start_state, target, "test-noise", _guard())
+    received = records_to_update(update_to_records(update, "test-noise"), "x").metrics
+    for name in SCORES:
+        assert isinstance(received[f"guard-start-{name}"], float)
+        assert isinstance(received[f"guard-adapted-{name}"], float)
+    assert received[FELL_BACK] == 1.0 and received["guard-seconds"] > 0
+    assert received["guard-adapted-mix"] < received["guard-start-mix"]
+    assert received["guard-start-agreement"] == 1.0  # the start agrees with itself: agreement is a drift bound
+
+
+def test_a_guard_that_is_off_measures_nothing(start_state, target):
+    update = _site(start_state, target, "test-noise")
+    assert not any(k.startswith("guard-") for k in update.metrics)
+
+
+def test_the_pool_guards_its_sites_and_keys_them_apart(start_state, target, start_update, tmp_path):
+    from experiments.config import LocalMethod
+    from experiments.pool import EMA_FROM_TRAIN_PASS, ModelPool, SourceBundle, adapt_with_ema
+
+    job = SiteJob("fog", "test-noise", {}, 4, context=AdaptContext(progress=False), guard=_guard())
+    update, _, note = adapt_with_ema(_model(start_state), target, job)
+    _assert_same(update, start_update)
+    assert note == EMA_FROM_TRAIN_PASS  # the start's weights are back: no EMA statistics of the method's
+
+    source = SourceBundle(start_state, "tiny_unet", [str(i) for i in range(NUM_CLASSES)], tmp_path, "f" * 20)
+    keys = {ModelPool(source, LocalMethod("adabn", guard=g), 0, tmp_path).key("d")
+            for g in (GuardConfig.read(), _guard(), _guard(**{"guard-margin": 0.1}))}  # fmt: skip
+    assert len(keys) == 3
+
+
+def test_the_run_config_and_node_config_set_the_guard():
+    from clients.config import SiteConfig
+
+    run = {"guard": True, "guard-score": "mix,diversity", "domains": "fog"}
+    site = SiteConfig.from_flower(run, {"partition-id": 0, "guard-margin": 0.05})
+    assert site.job.guard == GuardConfig(True, ("mix", "diversity"), 0.05)
+    assert SiteConfig.from_flower({}, {"partition-id": 0}).job.guard.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"guard-score": "confidnt"}, "did you mean 'confident'"), ({"guard-score": "mix,bogus"}, "'bogus'"),
+     ({"guard-score": ""}, "guard-score"), ({"guard-margin": -0.1}, "guard-margin must be >= 0"),
+     ({"guard": "yes"}, "true or false")],
+)  # fmt: skip
+def test_bad_guard_settings_are_refused_with_one_line(values, message):
+    for read in (GuardConfig.read, RunConfig.read):
+        with pytest.raises(ConfigError, match=message) as info:
+            read(values)
+        assert "\n" not in str(info.value)
+
+
+def test_the_torch_free_score_names_are_the_registry():
+    assert tuple(SCORES) == SCORE_NAMES
+
+
+def test_the_experiment_config_and_the_command_line_take_the_guard(tmp_path, capsys):
+    from experiments.config import ExperimentConfig
+    from fedmerge.cli import main
+
+    def experiment(method: dict) -> ExperimentConfig:
+        data = "synthetic?n=2"
+        raw = {"source": {"checkpoint": "x.safetensors"}, "sites": [{"name": "a", "data": data}],
+               "eval": [{"domain": "a", "data": data}], "strategies": ["merge"], "method": method}  # fmt: skip
+        return ExperimentConfig.from_dict(raw, "x")
+
+    guard = experiment({"guard": True, "guard-score": "diversity", "guard-margin": 0.3}).method.guard
+    assert guard == GuardConfig(True, ("diversity",), 0.3)
+    assert experiment({}).method.guard.enabled is False
+    with pytest.raises(ConfigError, match="did you mean 'mix'"):
+        experiment({"guard-score": "mixx"})
+    code = main(["adapt", "--method", "adabn", "--model", "x", "--data", "synthetic?n=2", "--out", "y",
+                 "--guard", "--guard-score", "bogus"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "guard-score" in err and "'bogus'" in err and "\n" not in err

@@ -45,3 +45,24 @@ def tiny_target():
     from common.data import DataSpec, build_dataset
 
     return build_dataset(DataSpec(kind="synthetic", domain="fog", num_images=6, size=(32, 48)))
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    """Eight labeled synthetic source images of 32x48."""
+    from common.data import DataSpec, build_dataset
+
+    return build_dataset(DataSpec(kind="synthetic", domain="source", num_images=8, size=(32, 48)))
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_state(tiny_source) -> dict[str, torch.Tensor]:
+    """A briefly pretrained tiny U-Net (9 classes): its predictions carry signal to adapt, or to destroy."""
+    from common.model_factory import build_model
+    from common.pretrain import PretrainConfig, train_segmenter
+
+    torch.manual_seed(0)
+    model = build_model("tiny_unet", 9)
+    config = PretrainConfig(arch="tiny_unet", steps=40, batch_size=8, lr=1e-2, progress=False)
+    train_segmenter(model, tiny_source, config)
+    return {k: v.clone() for k, v in model.state_dict().items()}

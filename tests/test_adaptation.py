@@ -23,8 +23,8 @@ NUM_CLASSES = 9
 
 
 @pytest.fixture(scope="module")
-def source_set():
-    return build_dataset(DataSpec(kind="synthetic", domain="source", num_images=8, size=SIZE))
+def source_set(tiny_source):
+    return tiny_source
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +33,8 @@ def target_set():
 
 
 @pytest.fixture(scope="module")
-def source_state(source_set):
-    """A briefly pretrained tiny U-Net: its predictions carry some signal to adapt."""
-    from common.pretrain import PretrainConfig, train_segmenter
-
-    torch.manual_seed(0)
-    model = build_model("tiny_unet", NUM_CLASSES)
-    train_segmenter(
-        model, source_set, PretrainConfig(arch="tiny_unet", steps=40, batch_size=8, lr=1e-2, progress=False)
-    )
-    return {k: v.clone() for k, v in model.state_dict().items()}
+def source_state(tiny_pretrained_state):
+    return tiny_pretrained_state
 
 
 def _model(state: dict, arch: str = "tiny_unet") -> torch.nn.Module:

@@ -10,7 +10,6 @@ import torch
 from clients.adaptation.registry import METHODS, AdaptContext, register
 from clients.guard import FELL_BACK, GuardConfig, guard_adaptation
 from clients.site import SiteJob, adapt_site
-from common.data import DataSpec, build_dataset
 from common.label_free import SCORES
 from common.model_factory import build_model
 from common.run_config import SCORE_NAMES, ConfigError, RunConfig
@@ -20,25 +19,9 @@ NUM_CLASSES = 9
 HEAD = "classifier.1.weight"  # tiny_unet's final layer
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
-def start_state():
-    """A briefly pretrained tiny U-Net: its predictions have classes and structure an adaptation can destroy."""
-    from common.pretrain import PretrainConfig, train_segmenter
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module set-up runs before the first test's one_thread fixture
-    try:
-        source = build_dataset(DataSpec(kind="synthetic", domain="source", num_images=8, size=SIZE))
-        torch.manual_seed(0)
-        model = build_model("tiny_unet", NUM_CLASSES)
-        config = PretrainConfig(arch="tiny_unet", steps=40, batch_size=8, lr=1e-2, progress=False)
-        train_segmenter(model, source, config)
-    finally:
-        torch.set_num_threads(threads)
-    return {k: v.clone() for k, v in model.state_dict().items()}
+def start_state(tiny_pretrained_state):
+    return tiny_pretrained_state  # predictions with classes and structure an adaptation can destroy
 
 
 @pytest.fixture(scope="module")

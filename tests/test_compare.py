@@ -141,9 +141,14 @@ def test_compare_command_writes_results_and_plots(checkpoint, tmp_path):
 
 
 def test_shipped_configs_load_and_name_registered_strategies():
-    assert {"synthetic-4", "camvid-daydusk", "camvid-3", "cityscapes-idd", "cityscapes-idd-acdc-darkzurich"} <= set(
-        list_configs()
-    )
+    assert {
+        "synthetic-4",
+        "camvid-daydusk",
+        "camvid-3",
+        "camvid-c",
+        "cityscapes-idd",
+        "cityscapes-idd-acdc-darkzurich",
+    } <= set(list_configs())
     for name in list_configs():
         config = ExperimentConfig.load(CONFIGS_DIR / f"{name}.toml", data_root="/nonexistent/data")
         assert resolve_config_path(name) == CONFIGS_DIR / f"{name}.toml"

@@ -126,7 +126,7 @@ def _merge_and_compare(method: str, files: list[Path], initial_weights: Path, ou
     return [load_file(str(out)), strategy.run(inputs, make_options(strategy, {"method": method})).state]
 
 
-def _bit_identical(states: list[dict]) -> None:
+def _assert_bit_identical(states: list[dict]) -> None:
     first, *others = states
     for other in others:
         assert first.keys() == other.keys()
@@ -138,7 +138,7 @@ def test_flowers_merge_is_bit_identical_to_fedmerge_merge_and_compare_of_the_rec
     gaussian_run, initial_weights, tmp_path
 ):
     flower = load_file(str(gaussian_run / "merged.safetensors"))
-    _bit_identical(
+    _assert_bit_identical(
         [flower, *_merge_and_compare("linear", _received(gaussian_run), initial_weights, tmp_path / "m.safetensors")]
     )
 
@@ -179,7 +179,7 @@ def test_every_merge_method_gives_the_same_bits_in_the_strategy_in_fedmerge_merg
     arrays, _ = strategy.aggregate_train(1, [reply_of(load_site_update(f)[0], i) for i, f in enumerate(files)])
     assert arrays is not None
     served = arrays.to_torch_state_dict()
-    _bit_identical([served, *_merge_and_compare(method, files, initial_weights, tmp_path / "m.safetensors")])
+    _assert_bit_identical([served, *_merge_and_compare(method, files, initial_weights, tmp_path / "m.safetensors")])
     if method != "linear":  # the methods really differ on these updates
         linear = _merge_and_compare("linear", files, initial_weights, tmp_path / "l.safetensors")[0]
         assert any(not torch.equal(served[k], linear[k]) for k in linear if k.endswith("weight"))

@@ -31,7 +31,7 @@ from adaptation_runner import Target, add_common_arguments, run_all  # benchmark
 from torch.utils.data import Dataset, Subset
 
 from common.data import DataSpec, TimeSplit, build_dataset, dataset_classes
-from common.pretrain import PretrainPlan, pretrain_to_file
+from common.training.pretrain import PretrainPlan, pretrain_to_file
 
 ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid")  # ../shared beside the repo
 SOURCE_MODEL = "runs/adapt_camvid/source.safetensors"

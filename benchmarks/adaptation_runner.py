@@ -21,8 +21,8 @@ from torch.utils.data import Dataset
 from clients.adaptation import AdaptContext
 from clients.site import SiteJob, adapt_site
 from common.data import make_loader
-from common.evaluation import evaluate_domain
-from common.model_factory import build_model
+from common.models.factory import build_model
+from common.scoring.evaluation import evaluate_domain
 
 __all__ = [
     "Run",

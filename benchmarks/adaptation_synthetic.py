@@ -19,7 +19,7 @@ import torch
 from adaptation_runner import Target, add_common_arguments, run_all  # benchmarks/, beside this file
 
 from common.data import DataSpec, build_dataset, dataset_classes
-from common.pretrain import PretrainPlan, pretrain_to_file
+from common.training.pretrain import PretrainPlan, pretrain_to_file
 
 TRAIN_SEED, ADAPT_SEED, EVAL_SEED = 0, 1, 2
 METHODS = ("source-only", "adabn", "tent", "selftrain", "sfda", "hrda")

@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.merge_engine import MergeEngine  # noqa: E402
-from common.model_factory import build_model  # noqa: E402
-from common.run_config import RunConfig  # noqa: E402
-from common.update_format import save_site_update  # noqa: E402
+from common.config.run import RunConfig  # noqa: E402
+from common.merge.engine import MergeEngine  # noqa: E402
+from common.models.factory import build_model  # noqa: E402
+from common.updates.files import save_site_update  # noqa: E402
 from experiments.config import ExperimentConfig  # noqa: E402
 from fedmerge.cli import main as cli_main  # noqa: E402
 from server.intake import ReplyIntake  # noqa: E402
@@ -138,7 +138,7 @@ def _liar_share() -> str:
         engine.ingest(update)
     pool = engine.buffers.pool
     weights = torch.tensor([e[2].weight[0] for e in sorted(pool.entries, key=lambda e: (e[0], e[1]))])
-    from common.bn_pooling import capped_shares
+    from common.merge.bn_pooling import capped_shares
 
     share = float(capped_shares(weights.numpy()[:, None], engine.spec.max_share)[-1, 0])
     return f"merged; its share of the BN pooling is {share:.3f} (max-site-share {engine.spec.max_share})"

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.checkpoints import load_checkpoint  # noqa: E402
 from common.data import DataSpec, build_dataset, make_loader  # noqa: E402
-from common.evaluation import evaluate_domain  # noqa: E402
+from common.models.checkpoints import load_checkpoint  # noqa: E402
+from common.scoring.evaluation import evaluate_domain  # noqa: E402
 
 SEQUENCES = {"dusk": "0001TP", "day": "Seq05VD", "day-b": "0006R0"}
 

@@ -163,7 +163,7 @@ def cache_worth(count: int) -> None:
     import torch
 
     from common.data import DataSpec, build_dataset
-    from common.model_factory import build_model
+    from common.models.factory import build_model
 
     torch.set_num_threads(1)
     base = f"camvid:{CAMVID}?split=test&domain=Seq05VD&n={count}"

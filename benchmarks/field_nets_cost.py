@@ -36,8 +36,8 @@ for path in (ROOT, ROOT / "benchmarks"):
 import hrda_cost  # noqa: E402
 import merge_bench  # noqa: E402
 
-from common.model_factory import build_model  # noqa: E402
-from common.segformer import SEGFORMER_VARIANTS  # noqa: E402
+from common.models.factory import build_model  # noqa: E402
+from common.models.segformer import SEGFORMER_VARIANTS  # noqa: E402
 
 ARCHS = [*SEGFORMER_VARIANTS, "daformer_b5", "deeplabv2_resnet101"]
 CLASSES = 19

@@ -25,8 +25,8 @@ from clients.adaptation import AdaptContext
 from clients.guard import GuardConfig, guard_adaptation
 from clients.site import SiteJob, adapt_site
 from common.data import build_dataset, make_loader
-from common.evaluation import evaluate_domain
-from common.label_free import SCORES
+from common.scoring.evaluation import evaluate_domain
+from common.scoring.label_free import SCORES
 from experiments.config import ExperimentConfig, resolve_config_path
 from experiments.pool import load_source
 

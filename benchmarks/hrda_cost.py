@@ -29,7 +29,7 @@ from clients.adaptation import AdaptContext, get_method, make_config  # noqa: E4
 from clients.adaptation.sampling import labeled_batch  # noqa: E402
 from clients.site import SiteJob, package_update  # noqa: E402
 from common.data import DataSpec, build_dataset  # noqa: E402
-from common.model_factory import build_model  # noqa: E402
+from common.models.factory import build_model  # noqa: E402
 
 CAMVID = str(ROOT.parent / "shared" / "data" / "camvid")
 SOURCE = f"camvid:{CAMVID}?split=all&domain=0016E5"

@@ -66,14 +66,14 @@ if str(ROOT) not in sys.path:
 
 from flwr.app import ArrayRecord, RecordDict  # noqa: E402
 
-import common.merge_engine as engine_module  # noqa: E402
+import common.merge.engine as engine_module  # noqa: E402
 import server.intake as intake_module  # noqa: E402
 import server.strategy as strategy_module  # noqa: E402
-from common.bnstats import BNSums  # noqa: E402
-from common.merge_spec import PRECISIONS, method_options  # noqa: E402
-from common.run_config import RunConfig  # noqa: E402
-from common.updates import SiteUpdate, bn_layer_names, split_state  # noqa: E402
-from common.wire import numpy_to_array, records_to_update, sums_to_records, update_to_records  # noqa: E402
+from common.bn.stats import BNSums  # noqa: E402
+from common.config.run import RunConfig  # noqa: E402
+from common.merge.spec import PRECISIONS, method_options  # noqa: E402
+from common.updates.site import SiteUpdate, bn_layer_names, split_state  # noqa: E402
+from common.updates.wire import numpy_to_array, records_to_update, sums_to_records, update_to_records  # noqa: E402
 from server.config import MergeConfig  # noqa: E402
 from server.strategy import OneShotMerge, state_record  # noqa: E402
 
@@ -116,7 +116,7 @@ def model_template(arch: str) -> dict[str, torch.Tensor]:
     """The state dict of ``arch`` with 19 classes (random init): deeplabv3_resnet50 unless another is asked for."""
     if arch == "deeplabv3_resnet50":
         return deeplab_template()
-    from common.model_factory import build_model
+    from common.models.factory import build_model
 
     torch.manual_seed(0)
     return {k: v.detach().clone() for k, v in build_model(arch, 19).state_dict().items()}
@@ -348,7 +348,7 @@ def merge(
 
 
 def worker_stream(k: int, precision: str, skip_validate: bool, method: str, arch: str = "deeplabv3_resnet50") -> dict:
-    if skip_validate:  # a what-if, reported as such: the merge without common/validation.py's checks
+    if skip_validate:  # a what-if, reported as such: the merge without common/updates/validation.py's checks
         engine_module.validate_update = lambda update, template: None
     template = model_template(arch)
     size = model_bytes(template)

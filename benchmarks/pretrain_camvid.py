@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from common.checkpoints import load_checkpoint, save_checkpoint
 from common.data import DataSpec, build_dataset, dataset_classes, make_loader
 from common.data.transforms import PhotometricAugment
-from common.evaluation import evaluate_domain
-from common.metrics import harmonic_mean
-from common.pretrain import PretrainConfig, pretrain
+from common.models.checkpoints import load_checkpoint, save_checkpoint
+from common.scoring.evaluation import evaluate_domain
+from common.scoring.metrics import harmonic_mean
+from common.training.pretrain import PretrainConfig, pretrain
 
 ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid")  # ../shared beside the repo
 SOURCE = "camvid:{root}?split=all&domain=0016E5"

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.merge_engine import MergeEngine  # noqa: E402
-from common.run_config import RunConfig  # noqa: E402
-from common.secure_merge import merge_layout, merge_segments  # noqa: E402
-from common.secure_sum import SiteSecrets, encode, masked_input, unmask  # noqa: E402
-from common.wire import update_to_records, wire_bytes  # noqa: E402
+from common.config.run import RunConfig  # noqa: E402
+from common.merge.engine import MergeEngine  # noqa: E402
+from common.secure.layout import merge_layout, merge_segments  # noqa: E402
+from common.secure.secagg import SiteSecrets, encode, masked_input, unmask  # noqa: E402
+from common.updates.wire import update_to_records, wire_bytes  # noqa: E402
 from server.simulation import SimulationPlan, run_simulation  # noqa: E402
 from tests.fakes import perturbed, site_update  # noqa: E402
 

@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from common.bnstats import exact_bn_statistics
+from common.bn.stats import exact_bn_statistics
 from common.data import SYNTHETIC_STYLES, DataSpec, build_dataset, dataset_classes, image_batches, make_loader
-from common.evaluation import evaluate_domain
-from common.model_factory import build_model
-from common.pretrain import PretrainConfig, train_segmenter
+from common.models.factory import build_model
+from common.scoring.evaluation import evaluate_domain
+from common.training.pretrain import PretrainConfig, train_segmenter
 
 TRAIN_SEED, ADAPT_SEED, EVAL_SEED = 0, 1, 2
 

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.data.synthetic import SYNTHETIC_STYLES, render  # noqa: E402
-from common.model_factory import build_model  # noqa: E402
+from common.models.factory import build_model  # noqa: E402
 
 
 def render_seconds(style: str, images: int) -> float:

@@ -1,7 +1,7 @@
 """The Flower ClientApp: load the global model, adapt locally, reply with the update.
 
 Only parameters, BN buffers, counts, the domain name, the method and unsupervised
-scalars leave the site (see ``common.wire``); images and labels never do.
+scalars leave the site (see ``common.updates.wire``); images and labels never do.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from torch.utils.data import Dataset
 from clients import secure_site
 from clients.config import SiteConfig
 from clients.site import adapt_site, recalibration_sums
-from common.bn_bank import BankedSegmenter, BNBank
+from common.bn.bank import BNBank
 from common.data import DataSpec, build_dataset, image_batches
-from common.fingerprint import INITIAL_SHA256, state_fingerprint
-from common.label_free import label_free_scores, score_images
-from common.model_factory import build_model
-from common.models import Segmenter
-from common.secure_merge import merge_segments, statistics_segments
-from common.updates import SiteUpdate, split_state
-from common.wire import census_records, sums_to_records, update_to_records
+from common.models.architectures import Segmenter
+from common.models.banked import BankedSegmenter
+from common.models.factory import build_model
+from common.models.fingerprint import INITIAL_SHA256, state_fingerprint
+from common.scoring.label_free import label_free_scores, score_images
+from common.secure.layout import merge_segments, statistics_segments
+from common.updates.site import SiteUpdate, split_state
+from common.updates.wire import census_records, sums_to_records, update_to_records
 
 # This worker's start-up: from its process starting to this app being loaded (interpreter, Flower, torch, ours).
 STARTUP_SECONDS = time.time() - psutil.Process().create_time()

@@ -1,4 +1,4 @@
-"""A site's typed configuration: the run config (one reader, ``common.run_config``) under its node config.
+"""A site's typed configuration: the run config (one reader, ``common.config.run``) under its node config.
 
 Node config (set by each site's operator with ``--node-config``) wins over run config
 (set by whoever starts the run), so data paths and the domain stay with the site. In
@@ -15,9 +15,9 @@ from typing import Any
 from clients.adaptation import AdaptContext
 from clients.guard import GUARD_KEYS, GuardConfig
 from clients.site import SiteJob
+from common.config.run import ConfigError, RunConfig, declared_defaults
 from common.data import DataSpec
-from common.run_config import ConfigError, RunConfig, declared_defaults
-from common.typed_options import closest, parse_key_values
+from common.options.typed import closest, parse_key_values
 
 __all__ = ["NODE_ONLY_KEYS", "SiteConfig"]
 

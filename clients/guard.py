@@ -4,7 +4,7 @@ A site whose adaptation drifts towards its own mistakes lowers its domain's accu
 drags the merge down with it (measured on CamVid), and no site has labels to notice. So
 after the method, the site compares the adapted model with what it would have sent without
 adapting: the start's parameters with the exact BN statistics of its own images (AdaBN).
-Both are scored by label-free scores of ``common.label_free`` on the same few images, each
+Both are scored by label-free scores of ``common.scoring.label_free`` on the same few images, each
 under its own exact statistics, as it would be shipped. When the adapted model scores below
 the start by more than the margin on any score the guard names, the site falls back to the
 start's parameters, and the exact statistics pass that follows every method gives it the
@@ -26,12 +26,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from common.bnstats import BNStatsConfig, exact_bn_statistics
+from common.bn.stats import BNStatsConfig, exact_bn_statistics
+from common.config.run import ConfigError, check_values, declared_defaults
 from common.data import image_batches
-from common.label_free import SCORES, label_free_scores, score_images
-from common.models import Segmenter
-from common.run_config import ConfigError, check_values, declared_defaults
-from common.typed_options import closest
+from common.models.architectures import Segmenter
+from common.options.typed import closest
+from common.scoring.label_free import SCORES, label_free_scores, score_images
 
 __all__ = ["FELL_BACK", "GUARD_KEYS", "GuardConfig", "GuardDecision", "guard_adaptation", "score_names"]
 

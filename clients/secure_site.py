@@ -3,7 +3,7 @@
 1. ``advertise``: fresh key pairs and a self-mask seed; only the public keys (and the
    number of images) leave.
 2. ``share_keys``: Shamir shares of the seed and of the mask key, each encrypted to one peer.
-3. ``masked_input``: the site's vector (``common.secure_merge``) plus its masks: uniform noise
+3. ``masked_input``: the site's vector (``common.secure.layout``) plus its masks: uniform noise
    to anyone who does not hold every other site's masks.
 4. ``unmask``: for each peer the server says sent its vector, the share of its seed; for
    each peer it says vanished before that, the share of its mask key; never both for one peer.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from common.secure_sum import SecureLayout, SiteSecrets, encode, masked_input
+from common.secure.secagg import SecureLayout, SiteSecrets, encode, masked_input
 
 __all__ = ["advertise", "layout_from_config", "masked_input_reply", "share_keys", "unmask_reply"]
 

@@ -17,11 +17,11 @@ from torch.utils.data import Dataset
 
 from clients.adaptation import AdaptContext, get_method, make_config
 from clients.guard import GuardConfig, guard_adaptation
-from common.bnstats import BNStatsConfig, BNSums, collect_bn_sums, exact_bn_statistics
+from common.bn.stats import BNStatsConfig, BNSums, collect_bn_sums, exact_bn_statistics
 from common.data import image_batches
-from common.models import Segmenter
-from common.predictions import confident_fraction, normalized_entropy
-from common.updates import SiteUpdate, split_state
+from common.models.architectures import Segmenter
+from common.scoring.predictions import confident_fraction, normalized_entropy
+from common.updates.site import SiteUpdate, split_state
 
 __all__ = ["SiteJob", "adapt_site", "recalibration_sums", "unsupervised_metrics"]
 

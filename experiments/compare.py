@@ -18,12 +18,13 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 
 from clients.site import recalibration_sums
-from common.bn_bank import BankedSegmenter, BNBank
-from common.bnstats import BNSums
+from common.bn.bank import BNBank
+from common.bn.stats import BNSums
 from common.data import build_dataset, image_batches
-from common.label_free import label_free_scores, score_images
-from common.updates import SiteUpdate
-from common.wire import sums_to_records, update_to_records, wire_bytes
+from common.models.banked import BankedSegmenter
+from common.scoring.label_free import label_free_scores, score_images
+from common.updates.site import SiteUpdate
+from common.updates.wire import sums_to_records, update_to_records, wire_bytes
 from experiments.config import ExperimentConfig
 from experiments.federated import run_fedavg_rounds
 from experiments.pool import ModelPool, PoolEntry, SourceBundle, load_source
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def update_bytes(update: SiteUpdate, method: str) -> int:
-    """What this update weighs as the Flower reply a site sends (``common.wire``)."""
+    """What this update weighs as the Flower reply a site sends (``common.updates.wire``)."""
     return wire_bytes(update_to_records(update, method))
 
 

@@ -17,8 +17,8 @@ from typing import Any
 from clients.adaptation import make_config, method_spec
 from clients.guard import GUARD_KEYS, GuardConfig
 from common.data import DataSpec
-from common.pretrain import PretrainPlan
-from common.typed_options import closest
+from common.options.typed import closest
+from common.training.pretrain import PretrainPlan
 from experiments.shipped import CONFIGS_DIR, list_configs, resolve_config_path
 from experiments.strategies import get_strategy, make_options
 from server.runtime import PROJECT_ROOT

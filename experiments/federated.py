@@ -21,8 +21,8 @@ from typing import Any
 from safetensors.torch import load_file
 
 from clients.adaptation import make_config, method_spec
-from common.fingerprint import recipe_key
-from common.run_config import RunConfig
+from common.config.run import RunConfig
+from common.models.fingerprint import recipe_key
 from experiments.config import ExperimentConfig
 from experiments.pool import CACHE_VERSION, SourceBundle
 from server.simulation import SimulationPlan, run_simulation

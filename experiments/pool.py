@@ -28,14 +28,14 @@ from torch.utils.data import Dataset
 
 from clients.adaptation import AdaptContext, make_config, method_spec
 from clients.site import SiteJob, package_update, run_adaptation
-from common.checkpoints import load_checkpoint, read_model_file, wrap_checkpoint_for_hrda
 from common.data import build_dataset, image_batches
-from common.fingerprint import recipe_key, state_fingerprint
-from common.model_factory import build_model
-from common.models import Segmenter
-from common.pretrain import pretrain_to_file
-from common.update_format import load_site_update, save_site_update
-from common.updates import SiteUpdate, split_state
+from common.models.architectures import Segmenter
+from common.models.checkpoints import load_checkpoint, read_model_file, wrap_checkpoint_for_hrda
+from common.models.factory import build_model
+from common.models.fingerprint import recipe_key, state_fingerprint
+from common.training.pretrain import pretrain_to_file
+from common.updates.files import load_site_update, save_site_update
+from common.updates.site import SiteUpdate, split_state
 from experiments.config import LocalMethod, SourceModel
 
 __all__ = [

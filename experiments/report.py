@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common.label_free import SCORES
+from common.scoring.label_free import SCORES
 from experiments.compare import CompareResult, StrategyRow
 from experiments.pool import EMA_FROM_TRAIN_PASS
 from experiments.selection import selection_rows, worst_site
@@ -89,7 +89,7 @@ def _selection_section(result: CompareResult) -> list[str]:
     lines = [
         "## Choosing the merge without labels",
         "",
-        "Each site scores each model on its own unlabeled images (common/label_free.py; higher is better); "
+        "Each site scores each model on its own unlabeled images (common/scoring/label_free.py; higher is better); "
         "shown is the worst site's value, and each score picks the one-shot row where that is highest.",
         "",
         markdown_table(["strategy", *names, "H %"], table),

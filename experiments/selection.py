@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from common.label_free import SCORES
+from common.scoring.label_free import SCORES
 
 __all__ = ["DEFAULT_LABEL", "candidates", "selection_rows", "spearman", "worst_site"]
 

@@ -1,7 +1,7 @@
 """The strategy registry: how the same site updates become the model(s) that get evaluated.
 
 Each strategy is a function of (shared start, site updates, typed options). Every merge
-goes through the one merge engine (``common.merge_engine``) with a :class:`MergeSpec`, so
+goes through the one merge engine (``common.merge.engine``) with a :class:`MergeSpec`, so
 a row of the comparison is exactly what ``fedmerge merge`` and the ServerApp would
 produce with the same method. A few strategies cannot be computed from the updates
 alone: ``recalibrate`` asks every site again (BN sums under the merged parameters),
@@ -19,13 +19,13 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from common.bn_bank import BNBank
-from common.bnstats import BNSums
-from common.merge_engine import MergeEngine, Refused
-from common.merge_spec import MergeSpec, method_options
-from common.run_config import RunConfig
-from common.typed_options import build_options, closest, parse_key_values
-from common.updates import SiteUpdate, bn_layer_names
+from common.bn.bank import BNBank
+from common.bn.stats import BNSums
+from common.config.run import RunConfig
+from common.merge.engine import MergeEngine, Refused
+from common.merge.spec import MergeSpec, method_options
+from common.options.typed import build_options, closest, parse_key_values
+from common.updates.site import SiteUpdate, bn_layer_names
 
 __all__ = [
     "STRATEGIES",

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from common.bn_bank import BankedSegmenter, BNBank
+from common.bn.bank import BNBank
 from common.data import build_dataset, make_loader
-from common.evaluation import evaluate_domain
-from common.metrics import harmonic_mean
+from common.models.banked import BankedSegmenter
+from common.scoring.evaluation import evaluate_domain
+from common.scoring.metrics import harmonic_mean
 from experiments.config import EvalSet
 from experiments.pool import SourceBundle
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from common.config.run import ConfigError, MergeCandidate, RunConfig
 from common.data import DataSpec
-from common.merge_spec import MergeSpec
-from common.run_config import ConfigError, MergeCandidate, RunConfig
+from common.merge.spec import MergeSpec
 
 __all__ = ["MergeConfig", "ServerConfig"]
 

@@ -21,9 +21,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from common.bnstats import CountProfile, bn_count_profile
-from common.merge_engine import MergeEngine
-from common.model_factory import build_model
+from common.bn.stats import CountProfile, bn_count_profile
+from common.merge.engine import MergeEngine
+from common.models.factory import build_model
 from server.config import MergeConfig, ServerConfig
 from server.intake import ReplyIntake
 from server.report import MergeReport

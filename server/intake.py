@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from flwr.app import Message
 
-from common.merge_engine import MergeEngine, Refused
-from common.updates import SiteUpdate
-from common.wire import manifest, records_to_sums, records_to_update, wire_bytes
+from common.merge.engine import MergeEngine, Refused
+from common.updates.site import SiteUpdate
+from common.updates.wire import manifest, records_to_sums, records_to_update, wire_bytes
 from server.report import Incident, MergeReport, SiteEntry
 
 __all__ = ["ReplyIntake"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.bn_bank import BNBank
-from common.merge_engine import MergeEngine
-from common.run_config import RunConfig
-from common.update_format import save_site_update
-from common.updates import SiteUpdate, site_label
+from common.bn.bank import BNBank
+from common.config.run import RunConfig
+from common.merge.engine import MergeEngine
+from common.updates.files import save_site_update
+from common.updates.site import SiteUpdate, site_label
 
 __all__ = ["MERGED_FILE", "PARTIAL_FILE", "REPORT_FILE", "UPDATES_DIR", "save_merged", "save_update", "update_path"]
 

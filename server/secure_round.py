@@ -24,8 +24,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common.secure_sum import SecureLayout, decode_sum, unmask
-from common.wire import wire_bytes
+from common.secure.secagg import SecureLayout, decode_sum, unmask
+from common.updates.wire import wire_bytes
 
 __all__ = ["SecureOutcome", "SecureSum", "threshold_for"]
 

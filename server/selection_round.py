@@ -3,7 +3,7 @@
 While the updates stream in, each is folded into one engine per candidate merge (the
 candidates differ in method, BN rule, weights or BN bank). Then, one candidate at a time
 (so a site holds at most its own model and the candidate), every site scores the
-candidate on its own unlabeled images (``common.label_free``) and answers with scalars
+candidate on its own unlabeled images (``common.scoring.label_free``) and answers with scalars
 alone. The server keeps the candidate whose worst (or mean) site score is highest and
 records every score, so the choice can be audited.
 """
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common.bn_bank import BNBank
-from common.merge_engine import MergeEngine
-from common.run_config import MergeCandidate
-from common.wire import manifest, numpy_to_array
+from common.bn.bank import BNBank
+from common.config.run import MergeCandidate
+from common.merge.engine import MergeEngine
+from common.updates.wire import manifest, numpy_to_array
 
 __all__ = ["Candidate", "SelectionRound", "aggregate_scores"]
 

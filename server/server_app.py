@@ -17,14 +17,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.bn_bank import BNBank
-from common.bnstats import bn_count_profile
-from common.checkpoints import read_model_file, save_state
-from common.evaluation import StateEvaluator
-from common.fingerprint import INITIAL_SHA256, state_fingerprint
-from common.model_factory import build_model
-from common.run_config import RunConfig
-from common.updates import SiteUpdate
+from common.bn.bank import BNBank
+from common.bn.stats import bn_count_profile
+from common.config.run import RunConfig
+from common.models.checkpoints import read_model_file, save_state
+from common.models.factory import build_model
+from common.models.fingerprint import INITIAL_SHA256, state_fingerprint
+from common.scoring.evaluation import StateEvaluator
+from common.updates.site import SiteUpdate
 from server.config import ServerConfig
 from server.fedavg import run_fedavg
 from server.report import MergeReport

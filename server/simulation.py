@@ -16,12 +16,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from common.config.run import ConfigError, RunConfig
 from common.data.spec import DataSpec
-from common.run_config import ConfigError, RunConfig
 from server.runtime import simulation_env
 
 if TYPE_CHECKING:
-    from common.pretrain import PretrainPlan
+    from common.training.pretrain import PretrainPlan
 
 __all__ = ["PRESETS_DIR", "SimulationPlan", "list_presets", "run_simulation", "starting_weights"]
 
@@ -81,7 +81,7 @@ class SimulationPlan:
 
 
 def _pretrain_plan(raw: dict[str, Any], path: Path) -> PretrainPlan:
-    from common.pretrain import PretrainPlan
+    from common.training.pretrain import PretrainPlan
 
     return PretrainPlan.from_table(raw, DataSpec.parse, f"{path} [pretrain]")
 
@@ -92,7 +92,7 @@ def list_presets() -> list[str]:
 
 def starting_weights(plan: SimulationPlan, out_dir: Path, pretrain: bool) -> str:
     """The shipped starting model, or one pretrained by the plan's recipe once per output folder."""
-    from common.pretrain import pretrain_to_file
+    from common.training.pretrain import pretrain_to_file
 
     if plan.source is not None and not pretrain:
         if not plan.source.is_file():

@@ -5,7 +5,7 @@ with the number of sites. Here messages are pushed once and replies pulled one a
 as they come; each goes through :class:`~server.intake.ReplyIntake` into the merge engine
 and is dropped before the next is pulled, so the server holds the sums and at most one
 reply. With ``recalibrate`` a second, light round asks each site for BN sums under the
-merged parameters. The maths is all in ``common.merge_engine``; this module is transport.
+merged parameters. The maths is all in ``common.merge.engine``; this module is transport.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor
 
-from common.bn_pooling import capped_shares
-from common.bnstats import CountProfile
-from common.merge_engine import MergeEngine
-from common.secure_merge import decode_merge, decode_statistics, merge_layout, statistics_layout
-from common.updates import SiteUpdate, site_label
-from common.wire import claimed_examples, numpy_to_array, wire_bytes
+from common.bn.stats import CountProfile
+from common.merge.bn_pooling import capped_shares
+from common.merge.engine import MergeEngine
+from common.secure.layout import decode_merge, decode_statistics, merge_layout, statistics_layout
+from common.updates.site import SiteUpdate, site_label
+from common.updates.wire import claimed_examples, numpy_to_array, wire_bytes
 from server.config import MergeConfig
 from server.intake import ReplyIntake
 from server.report import MergeReport, SiteEntry

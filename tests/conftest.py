@@ -58,8 +58,8 @@ def tiny_source():
 @pytest.fixture(scope="session")
 def tiny_pretrained_state(tiny_source) -> dict[str, torch.Tensor]:
     """A briefly pretrained tiny U-Net (9 classes): its predictions carry signal to adapt, or to destroy."""
-    from common.model_factory import build_model
-    from common.pretrain import PretrainConfig, train_segmenter
+    from common.models.factory import build_model
+    from common.training.pretrain import PretrainConfig, train_segmenter
 
     torch.manual_seed(0)
     model = build_model("tiny_unet", 9)

@@ -16,11 +16,11 @@ import torch
 from flwr.app import RecordDict
 from torch import Tensor
 
-from common.merge_engine import Accepted, MergeEngine
-from common.merge_spec import MergeSpec
-from common.run_config import RunConfig
-from common.updates import SiteUpdate, bn_layer_names, split_state
-from common.wire import update_to_records
+from common.config.run import RunConfig
+from common.merge.engine import Accepted, MergeEngine
+from common.merge.spec import MergeSpec
+from common.updates.site import SiteUpdate, bn_layer_names, split_state
+from common.updates.wire import update_to_records
 from server.config import MergeConfig
 
 

@@ -15,8 +15,8 @@ from clients.adaptation.mixing import StrongAugment, class_mix, class_mix_mask
 from clients.adaptation.optim import Schedule, build_optimizer
 from clients.adaptation.sampling import RareClassSampler
 from common.data import IGNORE, DataSpec, build_dataset
-from common.model_factory import build_model
-from common.multires import Box, MultiResSegmenter, fuse_scales, sliding_windows
+from common.models.factory import build_model
+from common.models.multires import Box, MultiResSegmenter, fuse_scales, sliding_windows
 
 SIZE = (32, 48)
 NUM_CLASSES = 9
@@ -407,7 +407,7 @@ def test_wrapper_forward_is_context_or_sliding_detail_at_the_attention_extremes(
 
 
 def test_sliding_windows_tile_the_image_with_half_overlap():
-    from common.multires import MultiResConfig
+    from common.models.multires import MultiResConfig
 
     boxes = sliding_windows(180, 240, MultiResConfig())
     assert {(b.top, b.left) for b in boxes} == {(t, c) for t in (0, 45, 90) for c in (0, 60, 120)}
@@ -420,7 +420,7 @@ def test_sliding_windows_tile_the_image_with_half_overlap():
 
 
 def test_plain_checkpoint_wraps_with_the_same_fresh_attention_head_everywhere(tmp_path):
-    from common.checkpoints import load_checkpoint, save_checkpoint, wrap_checkpoint_for_hrda
+    from common.models.checkpoints import load_checkpoint, save_checkpoint, wrap_checkpoint_for_hrda
 
     torch.manual_seed(1)
     plain = build_model("tiny_unet", 4)
@@ -453,9 +453,9 @@ def test_cli_lists_every_method_with_its_defaults(capsys):
 
 
 def test_cli_adapts_a_wrapped_model_and_writes_a_site_update(tmp_path, source_state, capsys):
-    from common.checkpoints import save_checkpoint
     from common.data import dataset_classes
-    from common.update_format import load_site_update
+    from common.models.checkpoints import save_checkpoint
+    from common.updates.files import load_site_update
     from fedmerge.cli import main
 
     ckpt = save_checkpoint(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common.model_factory import build_model
-from common.update_format import save_site_update
+from common.models.factory import build_model
+from common.updates.files import save_site_update
 from fedmerge.cli import main as cli_main
 from tests.fakes import site_update
 
@@ -72,8 +72,8 @@ def test_folder_data_of_mixed_image_sizes_names_a_file_of_each_size(tmp_path, ca
             src = next((tmp_path / size / "fog" / kind).iterdir())
             (mixed / "fog" / kind / f"{tag}{src.suffix}").write_bytes(src.read_bytes())
     checkpoint = tmp_path / "m.safetensors"
-    from common.checkpoints import save_checkpoint
     from common.data import dataset_classes
+    from common.models.checkpoints import save_checkpoint
 
     save_checkpoint(build_model("tiny_unet", 9), checkpoint, "tiny_unet", dataset_classes("synthetic"))
     assert cli_main(["evaluate", str(checkpoint), "--data", f"folder:{mixed}?domain=fog"]) == 2

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.model_factory import build_model
-from common.update_format import load_site_update, save_site_update
+from common.models.factory import build_model
+from common.updates.files import load_site_update, save_site_update
 from fedmerge.cli import main as cli_main
 from tests.fakes import perturbed, site_update
 

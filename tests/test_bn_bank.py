@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.bn_bank import BankedSegmenter, BNBank, symmetric_kl
-from common.bnstats import apply_bn_sums, bn_layers, collect_bn_sums
-from common.checkpoints import load_checkpoint
-from common.merge_engine import MergeEngine
-from common.model_factory import build_model
+from common.bn.bank import BNBank, symmetric_kl
+from common.bn.stats import apply_bn_sums, bn_layers, collect_bn_sums
+from common.merge.engine import MergeEngine
+from common.models.banked import BankedSegmenter
+from common.models.checkpoints import load_checkpoint
+from common.models.factory import build_model
 from tests.fakes import site_update, spec
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from common.checkpoints import save_checkpoint
 from common.data import dataset_classes
-from common.model_factory import build_model
+from common.models.checkpoints import save_checkpoint
+from common.models.factory import build_model
 from fedmerge.cli import main as cli_main
 
 FOG = "synthetic:?domain=fog&n=4&size=32x48&seed=5"
@@ -53,7 +53,7 @@ def test_bad_merge_option_is_one_clear_error(tmp_path, capsys):
 def test_merge_of_plain_state_dicts_needs_the_model_named(tmp_path, capsys):
     import torch
 
-    from common.checkpoints import load_checkpoint
+    from common.models.checkpoints import load_checkpoint
 
     paths = []
     for seed in (1, 2):
@@ -77,9 +77,9 @@ def test_every_command_reads_every_model_file(checkpoint, tmp_path, capsys):
     """A site update holds a whole model: evaluate reads it; merge reads checkpoints as well as updates."""
     import torch
 
-    from common.checkpoints import load_checkpoint
-    from common.update_format import save_site_update
-    from common.updates import split_state
+    from common.models.checkpoints import load_checkpoint
+    from common.updates.files import save_site_update
+    from common.updates.site import split_state
     from tests.fakes import site_update
 
     torch.manual_seed(4)

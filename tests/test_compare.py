@@ -13,11 +13,11 @@ from torch.utils.data import Dataset
 
 from clients.adaptation.registry import AdaptContext, register
 from clients.site import SiteJob, adapt_site
-from common.checkpoints import save_checkpoint
 from common.data import build_dataset
-from common.model_factory import build_model
-from common.models import Segmenter
-from common.updates import bn_layer_names, split_state
+from common.models.architectures import Segmenter
+from common.models.checkpoints import save_checkpoint
+from common.models.factory import build_model
+from common.updates.site import bn_layer_names, split_state
 from experiments.compare import run_compare
 from experiments.config import CONFIGS_DIR, ExperimentConfig, list_configs, resolve_config_path
 from experiments.pool import EMA_FROM_TRAIN_PASS, ModelPool, load_source

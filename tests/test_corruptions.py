@@ -182,7 +182,7 @@ def test_camvid_frames_keep_labels_and_their_pixels_do_not_depend_on_where_the_r
 
 def test_a_run_configs_site_data_carries_the_key_to_each_simulated_site():
     from clients.config import SiteConfig
-    from common.run_config import declared_defaults
+    from common.config.run import declared_defaults
 
     run = {**declared_defaults(), "site-data": f"{TINY}&corruption=fog:2; camvid:/d?domain=0001TP&corruption=night:4"}
     sites = [SiteConfig.from_flower(run, {"partition-id": p}).data for p in (0, 1)]

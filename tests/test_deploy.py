@@ -33,8 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from clients.client_app import initial_model, round_seed
 from clients.config import SiteConfig
-from common.fingerprint import INITIAL_SHA256, state_fingerprint
-from common.model_factory import build_model
+from common.models.factory import build_model
+from common.models.fingerprint import INITIAL_SHA256, state_fingerprint
 from fedmerge.cli import main as cli_main
 from fedmerge.deploy import CertificateConfig, TLSFiles, make_certificates, make_node_keys
 from server.runtime import PROJECT_ROOT, FlowerEnv, Process, format_node_config

@@ -16,16 +16,16 @@ from torch import nn
 from clients.adaptation.hrda import imagenet_model
 from clients.adaptation.registry import AdaptContext
 from clients.site import SiteJob, adapt_site
-from common.bnstats import BNStatsConfig, bn_layers, collect_bn_sums, exact_bn_statistics
-from common.checkpoints import load_checkpoint, read_model_file
+from common.bn.stats import BNStatsConfig, bn_layers, collect_bn_sums, exact_bn_statistics
 from common.data import DataSpec, build_dataset
-from common.merge_engine import MergeEngine
-from common.model_factory import build_model
-from common.multires import MultiResSegmenter
-from common.segformer import MIN_SIDE, pack_levels
-from common.segmenter import Segmenter
-from common.update_format import load_site_update, save_site_update
-from common.updates import bn_layer_names
+from common.merge.engine import MergeEngine
+from common.models.checkpoints import load_checkpoint, read_model_file
+from common.models.factory import build_model
+from common.models.multires import MultiResSegmenter
+from common.models.segformer import MIN_SIDE, pack_levels
+from common.models.segmenter import Segmenter
+from common.updates.files import load_site_update, save_site_update
+from common.updates.site import bn_layer_names
 from fedmerge.cli import main as cli_main
 from tests.fakes import perturbed, site_update, spec
 from tests.published import mit_imagenet, resnet101_imagenet, uda_checkpoint
@@ -232,10 +232,11 @@ class _LayerNormOnly(Segmenter):
 
 
 def test_a_model_without_bn_is_told_plainly(caplog):
-    from common.bn_bank import BankedSegmenter, BNBank
+    from common.bn.bank import BNBank
+    from common.models.banked import BankedSegmenter
 
     model = _LayerNormOnly()
-    with caplog.at_level(logging.INFO, logger="common.bnstats"):
+    with caplog.at_level(logging.INFO, logger="common.bn.stats"):
         assert collect_bn_sums(model, [torch.rand(1, 3, 8, 8)]) == {}
     assert "no BN layers" in caplog.text
     engine = MergeEngine(spec(), model.state_dict())
@@ -254,7 +255,8 @@ def test_a_model_without_bn_is_told_plainly(caplog):
 
 def test_a_bn_bank_chooses_by_the_one_bn_layer_of_a_segformer():
     """MiT's only BN layer is in the head: the bank keys on it and swaps its statistics image by image."""
-    from common.bn_bank import BankedSegmenter, BNBank
+    from common.bn.bank import BNBank
+    from common.models.banked import BankedSegmenter
 
     model = _copy("segformer_b0")
     ((layer, bn),) = bn_layers(model).items()
@@ -328,7 +330,7 @@ def test_an_imagenet_resnet_without_batch_counters_becomes_a_deeplabv2_start(tmp
     source = tmp_path / "resnet101.pth"
     published = resnet101_imagenet(counters=False)
     torch.save(published, source)
-    from common.weight_import import import_weights
+    from common.models.weight_import import import_weights
 
     model, report = import_weights(source, "resnet", "deeplabv2_resnet101", 5)
     assert torch.equal(model.state_dict()["backbone.layer3.22.conv3.weight"], published["layer3.22.conv3.weight"])

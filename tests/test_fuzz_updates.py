@@ -13,9 +13,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from common.merge_engine import Accepted, MergeEngine
-from common.model_factory import build_model
-from common.update_format import load_site_update, save_site_update
+from common.merge.engine import Accepted, MergeEngine
+from common.models.factory import build_model
+from common.updates.files import load_site_update, save_site_update
 from server.intake import ReplyIntake
 from server.report import MergeReport
 from tests.fakes import FakeReply, perturbed, reply_of, site_update, spec

@@ -9,12 +9,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from common.bn_pooling import capped_shares
-from common.bnstats import BNSums
-from common.model_factory import build_model
-from common.run_config import RunConfig
-from common.updates import bn_layer_names
-from common.wire import sums_to_records
+from common.bn.stats import BNSums
+from common.config.run import RunConfig
+from common.merge.bn_pooling import capped_shares
+from common.models.factory import build_model
+from common.updates.site import bn_layer_names
+from common.updates.wire import sums_to_records
 from server.config import MergeConfig
 from server.results import UPDATES_DIR, save_update
 from server.strategy import OneShotMerge
@@ -174,7 +174,7 @@ def test_a_site_claiming_a_million_times_its_counts_moves_the_default_merge_no_f
 
 
 def test_counts_that_contradict_each_other_or_the_census_are_refused(template):
-    from common.bnstats import bn_count_profile
+    from common.bn.stats import bn_count_profile
 
     profile = bn_count_profile(build_model("tiny_unet", 4))
     strategy = OneShotMerge(merge_config(min_sites=1), template, make_message=fake_message, profile=profile)

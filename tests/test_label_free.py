@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from common.label_free import SCORES, label_free_scores, score_images
-from common.model_factory import build_model
-from common.run_config import ConfigError, RunConfig
+from common.config.run import ConfigError, RunConfig
+from common.models.factory import build_model
+from common.scoring.label_free import SCORES, label_free_scores, score_images
 from experiments.selection import selection_rows, spearman
 from server.selection_round import aggregate_scores
 

@@ -1,5 +1,10 @@
 """The packages import one way: common <- clients, server <- experiments <- fedmerge; no cycles, no private names.
 
+Inside ``common`` the subpackages are ranked (``COMMON_RANKS``): a module imports its own
+subpackage or one of a lower rank, so ``common/`` reads bottom-up: typed options, data and
+BN statistics, then models, then what is built on a model (site updates, scores), then the
+merge and the pretraining driver, then secure aggregation, and the run config on top.
+
 The walk reads every import statement (function-level ones too) with ``ast``, so a cycle
 hidden behind a lazy import still counts.
 """
@@ -19,6 +24,19 @@ ALLOWED = {
     "server": {"common", "server"},
     "experiments": {"common", "clients", "server", "experiments"},
     "fedmerge": set(PACKAGES),
+}
+
+COMMON_RANKS = {
+    "options": 0,
+    "data": 1,
+    "bn": 1,
+    "models": 2,
+    "updates": 3,
+    "scoring": 3,
+    "merge": 4,
+    "training": 4,
+    "secure": 5,
+    "config": 6,
 }
 
 
@@ -68,6 +86,50 @@ def test_every_import_follows_the_layering():
         if dst.split(".")[0] not in ALLOWED[src.split(".")[0]]
     ]
     assert not wrong, "imports against common <- clients, server <- experiments <- fedmerge:\n" + "\n".join(wrong)
+
+
+def _common_package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "common" and len(parts) > 1 else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports from a ``common`` subpackage into one of the same or a higher rank (its own excepted)."""
+    wrong = []
+    for src, targets in graph.items():
+        a = _common_package(src)
+        for dst in targets:
+            b = _common_package(dst)
+            if a is not None and b is not None and a != b and COMMON_RANKS[b] >= COMMON_RANKS[a]:
+                wrong.append(f"{src} -> {dst}")
+    return wrong
+
+
+def test_every_common_module_sits_in_a_ranked_subpackage():
+    loose = [m for m, path in _modules().items() if path.parent == ROOT / "common" and path.name != "__init__.py"]
+    unranked = {_common_package(m) for m in _modules()} - set(COMMON_RANKS) - {None}
+    assert not loose and not unranked, (loose, unranked)
+
+
+def test_common_subpackages_import_only_lower_ranks():
+    graph, _ = _graph()
+    wrong = upward_imports(graph)
+    assert not wrong, "imports against the ranks of common's subpackages:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize(
+    "edge,upward",
+    [
+        (("common.models.checkpoints", "common.bn.bank"), False),  # down a rank
+        (("common.bn.bank", "common.models.segmenter"), True),  # up a rank: the old cycle through the bank
+        (("common.data.spec", "common.bn.stats"), True),  # across one rank
+        (("common.merge.engine", "common.merge.spec"), False),  # inside one subpackage
+        (("clients.site", "common.config.run"), False),  # outside common: the package rule applies
+    ],
+)
+def test_the_rank_check_tells_upward_imports(edge, upward):
+    src, dst = edge
+    assert bool(upward_imports({src: {dst}})) == upward
 
 
 def test_no_module_imports_a_private_name_of_another():

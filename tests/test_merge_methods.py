@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.merge_engine import Accepted, MergeEngine, Refused
-from common.merge_methods import kth_largest
-from common.merge_spec import METHODS, MethodInfo, TiesOptions, method_options
-from common.model_factory import build_model
-from common.typed_options import OptionError
-from common.updates import SiteUpdate, split_state
+from common.merge.engine import Accepted, MergeEngine, Refused
+from common.merge.methods import kth_largest
+from common.merge.spec import METHODS, MethodInfo, TiesOptions, method_options
+from common.models.factory import build_model
+from common.options.typed import OptionError
+from common.updates.site import SiteUpdate, split_state
 from tests.fakes import engine_merge, perturbed, site_update, spec
 
 

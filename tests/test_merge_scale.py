@@ -11,10 +11,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.merge_engine import Accepted, MergeEngine, Refused
-from common.model_factory import build_model
-from common.updates import SiteUpdate, split_state
-from common.wire import numpy_to_array, records_to_update, update_to_records
+from common.merge.engine import Accepted, MergeEngine, Refused
+from common.models.factory import build_model
+from common.updates.site import SiteUpdate, split_state
+from common.updates.wire import numpy_to_array, records_to_update, update_to_records
 from server.strategy import OneShotMerge
 from tests.fakes import FakeReply, engine_merge, fake_message, merge_config, perturbed, site_update, spec
 
@@ -263,7 +263,7 @@ def test_merged_record_matches_a_record_of_the_whole_result(template, updates):
 
 
 def test_param_precision_is_chosen_from_the_run_config(tmp_path):
-    from common.run_config import RunConfig
+    from common.config.run import RunConfig
     from server.config import ServerConfig
 
     config = ServerConfig.from_run(RunConfig.read({"out-dir": str(tmp_path), "param-precision": "float32"}))
@@ -275,7 +275,7 @@ def test_param_precision_is_chosen_from_the_run_config(tmp_path):
 
 
 def test_a_huge_but_finite_update_is_accepted_though_its_screening_sum_overflows(template, updates):
-    from common.validation import validate_update
+    from common.updates.validation import validate_update
 
     big = updates[0]
     key = next(k for k, v in big.params.items() if v.numel() >= 4)

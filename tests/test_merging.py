@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from clients.site import SiteJob, adapt_site
-from common.bnstats import BNStatsConfig, collect_bn_sums, exact_bn_statistics
-from common.merge_engine import Accepted, MergeEngine
-from common.model_factory import build_model
-from common.predictions import CONFIDENCE_THRESHOLD
-from common.run_config import RunConfig
-from common.updates import SiteUpdate, bn_layer_names
+from common.bn.stats import BNStatsConfig, collect_bn_sums, exact_bn_statistics
+from common.config.run import RunConfig
+from common.merge.engine import Accepted, MergeEngine
+from common.models.factory import build_model
+from common.scoring.predictions import CONFIDENCE_THRESHOLD
+from common.updates.site import SiteUpdate, bn_layer_names
 from tests.fakes import site_update
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.checkpoints import load_checkpoint, read_model_file, save_checkpoint
 from common.data import DataSpec, build_dataset, dataset_classes, make_loader
 from common.data.synthetic import render
 from common.data.transforms import TrainAugment
-from common.evaluation import evaluate_domain
-from common.model_factory import build_model
-from common.pretrain import PretrainConfig, pretrain, train_segmenter
+from common.models.checkpoints import load_checkpoint, read_model_file, save_checkpoint
+from common.models.factory import build_model
+from common.scoring.evaluation import evaluate_domain
+from common.training.pretrain import PretrainConfig, pretrain, train_segmenter
 from fedmerge.cli import main
 
 SPEC = DataSpec.parse("synthetic?domain=source&n=8&size=32x48")

@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from common.data import DataSpec, build_dataset
 from common.data.transforms import PhotometricAugment, TrainAugment
-from common.model_factory import build_model
-from common.pretrain import (
+from common.models.factory import build_model
+from common.training.pretrain import (
     PretrainConfig,
     PretrainPlan,
     _Augmented,

@@ -9,8 +9,8 @@ import typing
 import pytest
 
 from clients.config import SiteConfig
-from common.run_config import PYPROJECT, ConfigError, RunConfig, declared_defaults
-from common.typed_options import OptionError
+from common.config.run import PYPROJECT, ConfigError, RunConfig, declared_defaults
+from common.options.typed import OptionError
 from server.config import ServerConfig
 from server.simulation import SimulationPlan
 

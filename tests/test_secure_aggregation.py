@@ -10,8 +10,8 @@ import torch
 from flwr.app import ArrayRecord, Context, MessageType, RecordDict
 
 from clients.client_app import handle_query, handle_train
-from common.model_factory import build_model
-from common.run_config import ConfigError, RunConfig
+from common.config.run import ConfigError, RunConfig
+from common.models.factory import build_model
 from server.config import MergeConfig
 from server.strategy import OneShotMerge
 from tests.fakes import FakeReply, fake_message

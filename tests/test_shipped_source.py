@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoints import load_checkpoint
 from common.data import DataSpec, build_dataset, make_loader
-from common.evaluation import evaluate_domains
+from common.models.checkpoints import load_checkpoint
+from common.scoring.evaluation import evaluate_domains
 from server.simulation import PRESETS_DIR, SimulationPlan, starting_weights
 
 SHIPPED = PRESETS_DIR / "synthetic-source.safetensors"

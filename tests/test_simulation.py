@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.merge_spec import METHODS
-from common.model_factory import build_model
-from common.updates import bn_layer_names, split_state
+from common.merge.spec import METHODS
+from common.models.factory import build_model
+from common.updates.site import bn_layer_names, split_state
 from fedmerge.cli import main as cli_main
 from server.simulation import SimulationPlan, run_simulation
 from tests.flower_processes import command_lines, flower_processes
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def initial_weights(tmp_path_factory) -> Path:
     """The shared start as a file, so every entry point merges task vectors from the same θ₀."""
-    from common.checkpoints import save_checkpoint
     from common.data import dataset_classes
+    from common.models.checkpoints import save_checkpoint
 
     torch.manual_seed(3)
     path = tmp_path_factory.mktemp("initial") / "initial.safetensors"
@@ -114,8 +114,8 @@ def _received(run: Path) -> list[Path]:
 
 def _merge_and_compare(method: str, files: list[Path], initial_weights: Path, out: Path) -> list[dict]:
     """What ``fedmerge merge`` and compare's merge row make of the received updates."""
-    from common.checkpoints import read_model_file
-    from common.update_format import load_site_update
+    from common.models.checkpoints import read_model_file
+    from common.updates.files import load_site_update
     from experiments.strategies import MergeInputs, get_strategy, make_options
 
     assert cli_main(["merge", *map(str, files), "--method", method, "--base", str(initial_weights),
@@ -148,7 +148,7 @@ def _with_task_vectors(files: list[Path], out: Path) -> list[Path]:
     and on τ = 0 every method gives θ₀, so the methods could not be told apart on the updates as carried."""
     import dataclasses
 
-    from common.update_format import load_site_update, save_site_update
+    from common.updates.files import load_site_update, save_site_update
 
     out.mkdir()
     moved = []
@@ -166,8 +166,8 @@ def test_every_merge_method_gives_the_same_bits_in_the_strategy_in_fedmerge_merg
 ):
     """Transport does not depend on the method (the real run above checks it): the ServerApp's strategy,
     fed the replies Flower carried (with task vectors), merges as ``fedmerge merge`` and compare do."""
-    from common.checkpoints import read_model_file
-    from common.update_format import load_site_update
+    from common.models.checkpoints import read_model_file
+    from common.updates.files import load_site_update
     from server.config import ServerConfig
     from server.strategy import OneShotMerge
     from tests.fakes import fake_message, reply_of
@@ -223,9 +223,9 @@ def test_a_secure_simulation_gives_the_plain_merge_within_the_stated_bound(recal
 
 def test_a_label_free_selection_runs_in_flower_and_its_choice_is_the_merged_model(tmp_path):
     """Every candidate goes to the sites; only scalar scores come back; the chosen one is merged.safetensors."""
-    from common.merge_engine import MergeEngine
-    from common.run_config import RunConfig
-    from common.update_format import load_site_update
+    from common.config.run import RunConfig
+    from common.merge.engine import MergeEngine
+    from common.updates.files import load_site_update
 
     plan = SimulationPlan.preset("tiny")
     run = plan.resolve({"select": "label-free", "save-updates": True})

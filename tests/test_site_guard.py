@@ -10,9 +10,9 @@ import torch
 from clients.adaptation.registry import METHODS, AdaptContext, register
 from clients.guard import FELL_BACK, GuardConfig, guard_adaptation
 from clients.site import SiteJob, adapt_site
-from common.label_free import SCORES
-from common.model_factory import build_model
-from common.run_config import SCORE_NAMES, ConfigError, RunConfig
+from common.config.run import SCORE_NAMES, ConfigError, RunConfig
+from common.models.factory import build_model
+from common.scoring.label_free import SCORES
 
 SIZE = (32, 48)
 NUM_CLASSES = 9
@@ -181,7 +181,7 @@ def test_the_margin_lets_a_small_drop_through(start_state, target):
 
 
 def test_decision_and_every_score_reach_the_update_as_float_scalars(start_state, target):
-    from common.wire import records_to_update, update_to_records
+    from common.updates.wire import records_to_update, update_to_records
 
     update = _site(start_state, target, "test-noise", _guard())
     received = records_to_update(update_to_records(update, "test-noise"), "x").metrics

@@ -8,11 +8,11 @@ from flwr.app import ArrayRecord, MessageType
 from torch.utils.data import ConcatDataset
 
 from clients.site import SiteJob, adapt_site, recalibration_sums
-from common.bnstats import BNStatsConfig, collect_bn_sums
+from common.bn.stats import BNStatsConfig, collect_bn_sums
 from common.data import DataSpec, build_dataset, image_batches
-from common.model_factory import build_model
-from common.updates import SiteUpdate, bn_layer_names, split_state
-from common.wire import sums_to_records
+from common.models.factory import build_model
+from common.updates.site import SiteUpdate, bn_layer_names, split_state
+from common.updates.wire import sums_to_records
 from experiments.compare import LocalSites
 from experiments.config import ExperimentConfig
 from experiments.pool import SourceBundle

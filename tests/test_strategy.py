@@ -6,9 +6,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from common.merge_spec import TiesOptions
-from common.model_factory import build_model
-from common.updates import SiteUpdate
+from common.merge.spec import TiesOptions
+from common.models.factory import build_model
+from common.updates.site import SiteUpdate
 from server.strategy import MinSitesNotMet, OneShotMerge
 from tests.fakes import (
     FakeGrid,

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.model_factory import build_model
-from common.update_format import FORMAT, load_site_update, save_site_update
-from common.updates import SiteUpdate
+from common.models.factory import build_model
+from common.updates.files import FORMAT, load_site_update, save_site_update
+from common.updates.site import SiteUpdate
 from fedmerge.cli import main as cli_main
 from tests.fakes import site_update
 

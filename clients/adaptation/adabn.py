@@ -6,7 +6,7 @@ from torch.utils.data import Dataset
 
 from clients.adaptation.configs import AdaBNConfig
 from clients.adaptation.registry import AdaptContext, register
-from common.models import Segmenter
+from common.models.architectures import Segmenter
 
 
 @register("adabn")

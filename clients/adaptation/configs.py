@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.confidence import CONFIDENCE_THRESHOLD
+from common.scoring.confidence import CONFIDENCE_THRESHOLD
 
 __all__ = [
     "BN_MODES",

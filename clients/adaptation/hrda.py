@@ -27,8 +27,8 @@ from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import RareClassSampler, labeled_batch, target_batch, uniform_indices
 from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
 from common.data import IGNORE
-from common.models import Segmenter, load_weights_file
-from common.multires import MultiResSegmenter, random_box
+from common.models.architectures import Segmenter, load_weights_file
+from common.models.multires import MultiResSegmenter, random_box
 
 __all__ = ["HRDAConfig", "adapt", "feature_distance", "imagenet_model"]
 

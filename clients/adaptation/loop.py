@@ -24,8 +24,8 @@ from clients.adaptation.ema import EMATeacher
 from clients.adaptation.optim import Schedule, set_lr
 from clients.adaptation.registry import AdaptContext
 from clients.adaptation.sampling import step_generator
-from common.fingerprint import recipe_key, state_fingerprint
-from common.models import Segmenter
+from common.models.architectures import Segmenter
+from common.models.fingerprint import recipe_key, state_fingerprint
 
 __all__ = ["StepFn", "TrainState", "checkpoint_path", "run_training"]
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.data import IGNORE
-from common.predictions import CONFIDENCE_THRESHOLD, confident_fraction, normalized_entropy
+from common.scoring.predictions import CONFIDENCE_THRESHOLD, confident_fraction, normalized_entropy
 
 __all__ = [
     "confident_fraction",

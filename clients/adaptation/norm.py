@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clients.adaptation.configs import check_bn_mode
-from common.bnstats import BNStatsConfig, exact_bn_statistics
+from common.bn.stats import BNStatsConfig, exact_bn_statistics
 from common.data import image_batches
 
 __all__ = [

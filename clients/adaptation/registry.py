@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from clients.adaptation.configs import BUILTIN, MethodSpec
-from common.typed_options import build_options, closest
+from common.options.typed import build_options, closest
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
-    from common.models import Segmenter
+    from common.models.architectures import Segmenter
 
 __all__ = ["METHODS", "AdaptContext", "Method", "get_method", "make_config", "method_spec", "register"]
 

@@ -17,7 +17,7 @@ from clients.adaptation.norm import refresh_statistics, set_bn_mode
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
 from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
-from common.models import Segmenter
+from common.models.architectures import Segmenter
 
 __all__ = ["SelfTrainConfig", "adapt"]
 

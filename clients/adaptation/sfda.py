@@ -31,7 +31,7 @@ from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
 from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
 from common.data import image_batches
-from common.models import Segmenter
+from common.models.architectures import Segmenter
 
 __all__ = ["SFDAConfig", "adapt", "easy_split", "sfda_losses"]
 

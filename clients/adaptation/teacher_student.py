@@ -16,7 +16,7 @@ from clients.adaptation.loop import StepFn, TrainState, run_training
 from clients.adaptation.norm import refresh_bn
 from clients.adaptation.optim import Schedule, build_optimizer
 from clients.adaptation.registry import AdaptContext
-from common.models import Segmenter
+from common.models.architectures import Segmenter
 
 __all__ = ["TeacherStudentConfig", "run_teacher_student", "start_teacher_student"]
 

@@ -17,7 +17,7 @@ from clients.adaptation.norm import bn_affine_parameters
 from clients.adaptation.optim import Schedule
 from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
-from common.models import Segmenter
+from common.models.architectures import Segmenter
 
 __all__ = ["TentConfig", "adapt"]
 

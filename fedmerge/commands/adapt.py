@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _options(items: list[str]) -> dict[str, str]:
-    from common.typed_options import parse_key_values
+    from common.options.typed import parse_key_values
 
     return parse_key_values(" ".join(items), "--set")
 
@@ -49,8 +49,8 @@ def describe_methods() -> str:
 
 
 def _load_model(path: str, arch: str | None, classes: list[str]) -> tuple[torch.nn.Module, str]:
-    from common.checkpoints import load_checkpoint, read_model_file
-    from common.model_factory import build_model
+    from common.models.checkpoints import load_checkpoint, read_model_file
+    from common.models.factory import build_model
 
     if arch is None:
         model, meta = load_checkpoint(path, classes)
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from clients.guard import GuardConfig
     from clients.site import SiteJob, adapt_site
     from common.data import DataSpec, build_dataset, dataset_classes, make_loader
-    from common.evaluation import evaluate_domain
-    from common.update_format import save_site_update
+    from common.scoring.evaluation import evaluate_domain
+    from common.updates.files import save_site_update
 
     guard = GuardConfig.read(_guard_values(args))  # a bad score fails before the model or any data is loaded
     if args.threads:
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from common.run_config import declared_defaults
+    from common.config.run import declared_defaults
 
     p = sub.add_parser("adapt", help="adapt a model on one site's unlabeled images and write its site update")
     p.add_argument("--list", action="store_true", help="list the methods, their options and defaults, and exit")

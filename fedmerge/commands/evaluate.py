@@ -23,9 +23,9 @@ def _specs(items: list[str]) -> dict[str, DataSpec]:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from common.checkpoints import load_checkpoint
     from common.data import build_dataset, make_loader
-    from common.evaluation import evaluate_domains
+    from common.models.checkpoints import load_checkpoint
+    from common.scoring.evaluation import evaluate_domains
 
     specs = _specs(args.data)
     loaders = {d: make_loader(build_dataset(s), args.batch_size) for d, s in specs.items()}

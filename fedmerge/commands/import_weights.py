@@ -14,7 +14,7 @@ LAYOUT_HELP = (
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.weight_import import import_weights, write_imported
+    from common.models.weight_import import import_weights, write_imported
 
     if not args.out.endswith(".safetensors"):
         raise CommandError(f"--out must end in .safetensors, got {args.out!r}")

@@ -40,10 +40,10 @@ def _check_out(out: str, inputs: list[str]) -> Path:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from common.checkpoints import read_model_file
-    from common.merge_engine import MergeEngine, Refused
-    from common.run_config import RunConfig
-    from common.update_format import load_site_update
+    from common.config.run import RunConfig
+    from common.merge.engine import MergeEngine, Refused
+    from common.models.checkpoints import read_model_file
+    from common.updates.files import load_site_update
 
     inputs = [*([args.base] if args.base else []), *args.sites]
     out = _check_out(args.out, inputs)
@@ -83,7 +83,7 @@ def merge(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from common.merge_spec import BUFFER_MODES, METHODS
+    from common.merge.spec import BUFFER_MODES, METHODS
 
     p = sub.add_parser("merge", help="merge site-update files into one model, training-free")
     p.add_argument("sites", nargs="+", help="site updates (.safetensors site-update/1, or PyTorch state dicts)")

@@ -24,7 +24,7 @@ def _pair(text: str, kind: type) -> tuple:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from common.pretrain import PretrainPlan, pretrain_to_file
+    from common.training.pretrain import PretrainPlan, pretrain_to_file
 
     if not args.out.endswith(".safetensors"):
         raise CommandError(f"--out must end in .safetensors, got {args.out!r}")

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.bnstats import BNSums
-from common.updates import SiteUpdate, bn_layer_names
-from common.validation import UpdateRejected
+from common.bn.stats import BNSums
+from common.updates.site import SiteUpdate, bn_layer_names
+from common.updates.validation import UpdateRejected
 
 __all__ = ["BufferMerger", "MomentPool", "SiteMoments", "capped_shares", "moments_of_sums", "statistics_buffers"]
 

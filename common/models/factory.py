@@ -6,8 +6,8 @@ above the two modules that define them.
 
 from __future__ import annotations
 
-from common.models import Segmenter, WeightsFile, build_base_model
-from common.multires import HRDA_PREFIX, build_multires
+from common.models.architectures import Segmenter, WeightsFile, build_base_model
+from common.models.multires import HRDA_PREFIX, build_multires
 
 __all__ = ["build_model"]
 

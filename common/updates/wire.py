@@ -20,8 +20,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from common.bnstats import BNSums
-from common.updates import SiteUpdate, site_label
+from common.bn.stats import BNSums
+from common.updates.site import SiteUpdate, site_label
 
 __all__ = [
     "census_records",

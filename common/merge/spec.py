@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.typed_options import OptionError, build_options, closest
+from common.options.typed import OptionError, build_options, closest
 
 __all__ = [
     "BUFFER_MODES",

@@ -10,7 +10,7 @@ reduced by a 3x3 conv with BN and ReLU; dropout and a 1x1 classifier follow.
 Module names follow the released mmsegmentation head (``embed_layers.<i>.proj``,
 ``fuse_layer.aspp_modules``, ``fuse_layer.bottleneck``, ``conv_seg``; ConvModule's
 ``conv``/``bn``), so a DAFormer checkpoint maps onto it by a prefix change
-(``common.weight_import``).
+(``common.models.weight_import``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from common.segformer import DROPOUT, MiTSegmenter, mit_encoder
+from common.models.segformer import DROPOUT, MiTSegmenter, mit_encoder
 
 __all__ = ["DAFORMER_VARIANTS", "ContextFusion", "DAFormerHead", "build_daformer"]
 

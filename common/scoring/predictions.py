@@ -11,7 +11,7 @@ import math
 
 from torch import Tensor
 
-from common.confidence import CONFIDENCE_THRESHOLD
+from common.scoring.confidence import CONFIDENCE_THRESHOLD
 
 __all__ = ["CONFIDENCE_THRESHOLD", "confident_fraction", "normalized_entropy"]
 

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from common.models import Segmenter
-from common.predictions import confident_fraction, normalized_entropy
+from common.models.architectures import Segmenter
+from common.scoring.predictions import confident_fraction, normalized_entropy
 
 __all__ = ["SCORES", "SCORE_IMAGES", "Passes", "Score", "forward_passes", "label_free_scores", "score_images"]
 

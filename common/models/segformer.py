@@ -4,7 +4,7 @@ The MiT encoder and the SegFormer decoder modules are the library's (their state
 keys follow the original release: ``patch_embed1``, ``block1.0.attn.q`` ...), imported
 only when a model is built, so the command line starts without the library.
 
-The :class:`~common.segmenter.Segmenter` cut needs ONE feature tensor, while the head
+The :class:`~common.models.segmenter.Segmenter` cut needs ONE feature tensor, while the head
 reads four levels. The levels are packed into one tensor at the finest level's
 resolution (1/4), each upsampled bilinearly and concatenated. The head's per-level
 linear embedding then runs after the upsampling instead of before; a 1x1 linear map
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.segmenter import Segmenter
+from common.models.segmenter import Segmenter
 
 __all__ = [
     "MIN_SIDE",

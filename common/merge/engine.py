@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.bn_bank import BANK_META, BNBank
-from common.bn_pooling import BufferMerger, MomentPool, capped_shares, moments_of_sums, statistics_buffers
-from common.bnstats import BNSums, CountProfile
-from common.checkpoints import checkpoint_metadata, write_safetensors
-from common.merge_methods import build_param_merger
-from common.merge_spec import MergeSpec
-from common.sums import CHUNK, flat_numpy
-from common.updates import SiteUpdate, bn_layer_names, split_state
-from common.validation import UpdateRejected, validate_sums, validate_update
+from common.bn.bank import BANK_META, BNBank
+from common.bn.stats import BNSums, CountProfile
+from common.merge.bn_pooling import BufferMerger, MomentPool, capped_shares, moments_of_sums, statistics_buffers
+from common.merge.methods import build_param_merger
+from common.merge.spec import MergeSpec
+from common.merge.sums import CHUNK, flat_numpy
+from common.models.checkpoints import checkpoint_metadata, write_safetensors
+from common.updates.site import SiteUpdate, bn_layer_names, split_state
+from common.updates.validation import UpdateRejected, validate_sums, validate_update
 
 __all__ = ["Accepted", "MergeEngine", "Refused"]
 

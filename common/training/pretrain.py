@@ -21,13 +21,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from common.checkpoints import save_checkpoint
 from common.data import DataSpec, build_dataset, dataset_classes, make_loader
 from common.data.classes import IGNORE
 from common.data.transforms import PhotometricAugment, TrainAugment
-from common.model_factory import build_model
-from common.models import Segmenter
-from common.typed_options import build_options
+from common.models.architectures import Segmenter
+from common.models.checkpoints import save_checkpoint
+from common.models.factory import build_model
+from common.options.typed import build_options
 
 __all__ = [
     "PretrainConfig",

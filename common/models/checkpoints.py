@@ -4,7 +4,7 @@ Two formats are written, both safetensors with their recipe in the metadata so a
 can be loaded, merged or evaluated without any side file or guess:
 
 - ``checkpoint/1``: a model (trained, merged); metadata ``arch``, ``num_classes``, class names;
-- ``site-update/1`` (``common.update_format``): a site's adapted model plus the sample
+- ``site-update/1`` (``common.updates.files``): a site's adapted model plus the sample
   counts behind its BN statistics.
 
 Plain PyTorch state dicts are read too (``weights_only``, never executing pickled code).
@@ -28,10 +28,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from common.bn_bank import BANK_META, BANK_PREFIX, BankedSegmenter, BNBank
-from common.model_factory import build_model
-from common.models import Segmenter
-from common.multires import HRDA_PREFIX, MultiResSegmenter
+from common.bn.bank import BANK_META, BANK_PREFIX, BNBank
+from common.models.architectures import Segmenter
+from common.models.banked import BankedSegmenter
+from common.models.factory import build_model
+from common.models.multires import HRDA_PREFIX, MultiResSegmenter
 
 __all__ = [
     "CHECKPOINT_FORMAT",

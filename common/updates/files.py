@@ -4,7 +4,7 @@ One safetensors file holds the state dict tensors unchanged, ``running_var`` bei
 population variance, plus an int64 ``<layer>.num_samples`` per BN layer: the values per
 channel behind its statistics. Metadata: ``fedmerge.format = "site-update/1"``, ``arch``,
 ``num_classes``, ``domain``, ``num_examples``. Any other model file is read too (through
-``common.checkpoints.read_model_file``); without counts, they fall back to
+``common.models.checkpoints.read_model_file``); without counts, they fall back to
 ``num_batches_tracked``, with a warning.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoints import COUNT_SUFFIX, SITE_UPDATE_FORMAT, read_model_file, write_safetensors
-from common.updates import SiteUpdate, bn_layer_names, site_label, split_state
+from common.models.checkpoints import COUNT_SUFFIX, SITE_UPDATE_FORMAT, read_model_file, write_safetensors
+from common.updates.site import SiteUpdate, bn_layer_names, site_label, split_state
 
 __all__ = ["FORMAT", "load_site_update", "save_site_update"]
 

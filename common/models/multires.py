@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.models import Segmenter, build_base_model, load_weights_file
+from common.models.architectures import Segmenter, build_base_model, load_weights_file
 
 __all__ = [
     "HRDA_PREFIX",

@@ -1,8 +1,8 @@
 """The one interface every segmentation model has, apart from the registry that builds them.
 
-Model modules (``common.models``, ``common.segformer``, ``common.deeplabv2`` ...) all
+Model modules (``common.models.architectures``, ``common.models.segformer``, ``common.models.deeplabv2`` ...) all
 subclass :class:`Segmenter`; keeping it in a module of its own lets the registry in
-``common.models`` import them without a cycle.
+``common.models.architectures`` import them without a cycle.
 """
 
 from __future__ import annotations

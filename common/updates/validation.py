@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from common.bnstats import BNSums, CountProfile
-from common.updates import SiteUpdate, bn_layer_names
+from common.bn.stats import BNSums, CountProfile
+from common.updates.site import SiteUpdate, bn_layer_names
 
 __all__ = ["UpdateRejected", "template_signature", "validate_sums", "validate_update"]
 
@@ -118,7 +118,7 @@ def _check_integer_buffers(update: SiteUpdate) -> None:
 def validate_update(update: SiteUpdate, template: Mapping[str, Tensor], profile: CountProfile | None = None) -> None:
     """Raise :class:`UpdateRejected` naming the site and tensor at the first problem.
 
-    ``profile`` (``common.bnstats.bn_count_profile``) also checks the BN counts against
+    ``profile`` (``common.bn.stats.bn_count_profile``) also checks the BN counts against
     each other as the architecture relates them.
     """
     if update.num_examples <= 0:

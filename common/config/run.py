@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.merge_spec import MergeSpec, method_info, method_options
-from common.typed_options import OptionError, closest, coerce, parse_key_values
+from common.merge.spec import MergeSpec, method_info, method_options
+from common.options.typed import OptionError, closest, coerce, parse_key_values
 
 __all__ = ["PYPROJECT", "ConfigError", "MergeCandidate", "RunConfig", "declared_defaults"]
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 STRATEGIES = ("one-shot", "fedavg")
 RECALIBRATE_MODES = ("batch", "eval")
 BN_BANKS = ("", "own", "recalibrated")
@@ -45,7 +45,7 @@ class MergeCandidate:
 
 CANDIDATE_KEYS = {"merge-method", "merge-options", "param-weighting", "buffer-mode", "equal-site-stats",
                   "max-site-share", "bn-bank"}  # fmt: skip
-# The label-free scores (common.label_free), named here so a configuration is checked without torch.
+# The label-free scores (common.scoring.label_free), named here so a configuration is checked without torch.
 SCORE_NAMES = ("agreement", "neg-entropy", "confident", "diversity", "mix", "photometric")
 
 

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from common.bn_bank import BankedSegmenter, BNBank
+from common.bn.bank import BNBank
 from common.data import DataSpec, build_dataset, make_loader
-from common.metrics import confusion_matrix, harmonic_mean, mean_iou, per_class_iou
-from common.model_factory import build_model
+from common.models.banked import BankedSegmenter
+from common.models.factory import build_model
+from common.scoring.metrics import confusion_matrix, harmonic_mean, mean_iou, per_class_iou
 
 __all__ = ["DomainScore", "StateEvaluator", "evaluate_domain", "evaluate_domains"]
 

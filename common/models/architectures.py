@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.daformer import DAFORMER_VARIANTS, build_daformer
-from common.deeplabv2 import build_deeplabv2
-from common.segformer import SEGFORMER_VARIANTS, build_segformer
-from common.segmenter import Segmenter
+from common.models.daformer import DAFORMER_VARIANTS, build_daformer
+from common.models.deeplabv2 import build_deeplabv2
+from common.models.segformer import SEGFORMER_VARIANTS, build_segformer
+from common.models.segmenter import Segmenter
 
 __all__ = [
     "ARCHITECTURES",
@@ -215,7 +215,7 @@ def build_base_model(
 ) -> Segmenter:
     """One of :data:`ARCHITECTURES`, never downloading (torchvision is asked for ``weights=None``).
 
-    Wrapped architectures (``hrda_<base>``) are built by ``common.model_factory.build_model``.
+    Wrapped architectures (``hrda_<base>``) are built by ``common.models.factory.build_model``.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")

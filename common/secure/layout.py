@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.bnstats import BNSums
-from common.secure_sum import SecureLayout
-from common.updates import SiteUpdate, bn_layer_names, split_state
+from common.bn.stats import BNSums
+from common.secure.secagg import SecureLayout
+from common.updates.site import SiteUpdate, bn_layer_names, split_state
 
 __all__ = ["decode_merge", "decode_statistics", "merge_layout", "merge_segments", "statistics_layout",
            "statistics_segments"]  # fmt: skip

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from common.segmenter import Segmenter
+from common.models.segmenter import Segmenter
 
 __all__ = ["ASPPClassifier", "DeepLabV2", "build_deeplabv2"]
 

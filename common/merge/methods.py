@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.merge_spec import MergeSpec, TaskArithmeticOptions, TiesOptions
-from common.sums import CHUNK, FlatSums, Slot, flat_numpy
+from common.merge.spec import MergeSpec, TaskArithmeticOptions, TiesOptions
+from common.merge.sums import CHUNK, FlatSums, Slot, flat_numpy
 
 __all__ = ["ParamMerger", "build_param_merger", "kth_largest", "register_param_merger"]
 
@@ -234,7 +234,7 @@ _FACTORIES: dict[str, MergerFactory] = {
 
 
 def register_param_merger(name: str, factory: MergerFactory) -> None:
-    """Attach the maths of a method declared in ``common.merge_spec.METHODS``."""
+    """Attach the maths of a method declared in ``common.merge.spec.METHODS``."""
     _FACTORIES[name] = factory
 
 

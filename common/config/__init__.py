@@ -1,0 +1,1 @@
+"""The run configuration: every key typed, read once per process."""

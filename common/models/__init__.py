@@ -1,0 +1,1 @@
+"""Segmentation networks: architectures, the multi-resolution wrapper, model files and published weights."""

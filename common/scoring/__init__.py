@@ -1,0 +1,1 @@
+"""Scores of a model: mIoU on labeled sets, and label-free scores on a site's own images."""

@@ -1,0 +1,1 @@
+"""Drivers above models and data: supervised pretraining of the shared start."""

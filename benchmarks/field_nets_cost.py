@@ -36,10 +36,10 @@ for path in (ROOT, ROOT / "benchmarks"):
 import hrda_cost  # noqa: E402
 import merge_bench  # noqa: E402
 
+from common.models.catalog import ARCHITECTURES  # noqa: E402
 from common.models.factory import build_model  # noqa: E402
-from common.models.segformer import SEGFORMER_VARIANTS  # noqa: E402
 
-ARCHS = [*SEGFORMER_VARIANTS, "daformer_b5", "deeplabv2_resnet101"]
+ARCHS = [*(a for a in ARCHITECTURES if a.startswith("segformer_")), "daformer_b5", "deeplabv2_resnet101"]
 CLASSES = 19
 MB = 1024 * 1024
 SYNTHETIC = "synthetic:?domain={domain}&n=4&size=128x128&seed=0"

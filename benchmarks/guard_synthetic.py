@@ -26,7 +26,7 @@ from clients.guard import GuardConfig, guard_adaptation
 from clients.site import SiteJob, adapt_site
 from common.data import build_dataset, make_loader
 from common.scoring.evaluation import evaluate_domain
-from common.scoring.label_free import SCORES
+from common.scoring.scores import SCORES
 from experiments.config import ExperimentConfig, resolve_config_path
 from experiments.pool import load_source
 

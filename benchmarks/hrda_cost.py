@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from clients.adaptation import AdaptContext, get_method, make_config  # noqa: E402
+from clients.adaptation import METHODS, AdaptContext  # noqa: E402
 from clients.adaptation.sampling import labeled_batch  # noqa: E402
 from clients.site import SiteJob, package_update  # noqa: E402
 from common.data import DataSpec, build_dataset  # noqa: E402
@@ -62,11 +62,11 @@ def hrda_seconds(
 ) -> float:  # fmt: skip
     source = build_dataset(DataSpec.parse(source_spec))
     target = build_dataset(DataSpec.parse(target_spec))
-    method = get_method("hrda")
-    config = make_config(method, {"steps": steps, "warmup": 1, "bn-refresh": 10**6, **options})
+    method = METHODS.get("hrda")
+    config = method.make_options({"steps": steps, "warmup": 1, "bn-refresh": 10**6, **options})
     started = time.perf_counter()
     model = build_model(f"hrda_{arch}", num_classes)
-    method.adapt(model, target, AdaptContext(source=source, progress=False), config)
+    method.load()(model, target, AdaptContext(source=source, progress=False), config)
     return time.perf_counter() - started
 
 

@@ -20,10 +20,10 @@ from clients.config import SiteConfig
 from clients.site import adapt_site, recalibration_sums
 from common.bn.bank import BNBank
 from common.data import DataSpec, build_dataset, image_batches
-from common.models.architectures import Segmenter
 from common.models.banked import BankedSegmenter
 from common.models.factory import build_model
 from common.models.fingerprint import INITIAL_SHA256, state_fingerprint
+from common.models.segmenter import Segmenter
 from common.scoring.label_free import label_free_scores, score_images
 from common.secure.layout import merge_segments, statistics_segments
 from common.updates.site import SiteUpdate, split_state

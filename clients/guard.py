@@ -29,9 +29,10 @@ from torch.utils.data import Dataset
 from common.bn.stats import BNStatsConfig, exact_bn_statistics
 from common.config.run import ConfigError, check_values, declared_defaults
 from common.data import image_batches
-from common.models.architectures import Segmenter
+from common.models.segmenter import Segmenter
 from common.options.typed import closest
-from common.scoring.label_free import SCORES, label_free_scores, score_images
+from common.scoring.label_free import label_free_scores, score_images
+from common.scoring.scores import SCORES
 
 __all__ = ["FELL_BACK", "GUARD_KEYS", "GuardConfig", "GuardDecision", "guard_adaptation", "score_names"]
 

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from clients.adaptation import AdaptContext, get_method, make_config
+from clients.adaptation import METHODS, AdaptContext
 from clients.guard import GuardConfig, guard_adaptation
 from common.bn.stats import BNStatsConfig, BNSums, collect_bn_sums, exact_bn_statistics
 from common.data import image_batches
-from common.models.architectures import Segmenter
+from common.models.segmenter import Segmenter
 from common.scoring.predictions import confident_fraction, normalized_entropy
 from common.updates.site import SiteUpdate, split_state
 
@@ -70,13 +70,13 @@ def run_adaptation(model: Segmenter, target: Dataset, job: SiteJob) -> float:
     """
     if len(target) == 0:
         raise ValueError(f"site {job.domain!r} has no target images")
-    method = get_method(job.method)
-    config = make_config(method, job.method_options)
-    if method.needs_source and job.context.source is None:
+    method = METHODS.get(job.method)
+    config = method.make_options(job.method_options)
+    if config.needs_source and job.context.source is None:
         raise ValueError(f"method {job.method!r} needs the labeled source set at the site; none was given")
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if job.guard.enabled else None
     started = time.perf_counter()
-    method.adapt(model, target, job.context, config)
+    method.load()(model, target, job.context, config)
     seconds = time.perf_counter() - started
     if start is not None:
         decision = guard_adaptation(model, start, target, job.guard, batch_size=job.batch_size, bn_mode=job.bn_mode,

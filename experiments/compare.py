@@ -208,13 +208,14 @@ def run_compare(config: ExperimentConfig, cache_dir: Path) -> CompareResult:
         options = make_options(strategy, {**implied, **entry.options})
         log.info("strategy %s", entry.label)
         t = time.perf_counter()
-        outcome = strategy.run(inputs, options)
+        outcome = strategy.load()(inputs, options)
         strategy_seconds = time.perf_counter() - t
         scores = tasks.score(source, outcome.state, outcome.per_site, bank=outcome.bank)
         label_free = {} if outcome.state is None else local.label_free(outcome.state, outcome.bank)
+        declared = strategy.options  # what the strategy needs, and whether the domain must be known
         rows.append(
             StrategyRow(entry.label, strategy.name, scores.per_domain, scores.harmonic_mean, outcome.rounds,
-                        outcome.bytes_sent, strategy.test_time_domain, strategy.needs, outcome.site_seconds,
+                        outcome.bytes_sent, declared.test_time_domain, declared.needs, outcome.site_seconds,
                         strategy_seconds, outcome.notes, label_free)
         )  # fmt: skip
         log.info("  %s: H %.4f %s", entry.label, scores.harmonic_mean, scores.per_domain)

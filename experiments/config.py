@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clients.adaptation import make_config, method_spec
+from clients.adaptation import METHODS
 from clients.guard import GUARD_KEYS, GuardConfig
 from common.data import DataSpec
 from common.options.typed import closest
@@ -278,8 +278,7 @@ def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel
 def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod:
     _check_keys(raw, {"name", "options", "batch-size", "source", *GUARD_KEYS}, f"{where} [method]")
     source = raw.get("source")
-    method = method_spec(str(raw.get("name", "adabn")))
-    make_config(method, dict(raw.get("options", {})))  # a misspelt option fails now, not after pretraining
+    METHODS.get(str(raw.get("name", "adabn"))).make_options(dict(raw.get("options", {})))  # fails now, not later
     return LocalMethod(
         name=str(raw.get("name", "adabn")),
         options=dict(raw.get("options", {})),

@@ -20,7 +20,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from clients.adaptation import make_config, method_spec
+from clients.adaptation import METHODS
 from common.config.run import RunConfig
 from common.models.fingerprint import recipe_key
 from experiments.config import ExperimentConfig
@@ -45,8 +45,7 @@ class FedAvgRun:
 def round_options(config: ExperimentConfig, rounds: int, split_steps: bool) -> dict[str, Any]:
     """The method options of one round: with ``split_steps`` each round runs ``ceil(steps / R)`` steps."""
     options = dict(config.method.options)
-    method = method_spec(config.method.name)
-    typed = make_config(method, options)
+    typed = METHODS.get(config.method.name).make_options(options)
     if split_steps and hasattr(typed, "steps"):
         options["steps"] = max(1, math.ceil(int(typed.steps) / rounds))
     return options
@@ -97,7 +96,7 @@ def _key(config: ExperimentConfig, source: SourceBundle, rounds: int, options: M
             "source": source.fingerprint,
             "sites": [f"{s.name}={s.data}" for s in config.sites],
             "method": config.method.name,
-            "options": repr(make_config(method_spec(config.method.name), options)),
+            "options": repr(METHODS.get(config.method.name).make_options(options)),
             "batch_size": config.method.batch_size,
             "method_source": str(config.method.source) if config.method.source else "",
             "seed": config.seed,

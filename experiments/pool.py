@@ -26,13 +26,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from clients.adaptation import AdaptContext, make_config, method_spec
+from clients.adaptation import METHODS, AdaptContext
 from clients.site import SiteJob, package_update, run_adaptation
 from common.data import build_dataset, image_batches
-from common.models.architectures import Segmenter
 from common.models.checkpoints import load_checkpoint, read_model_file, wrap_checkpoint_for_hrda
 from common.models.factory import build_model
 from common.models.fingerprint import recipe_key, state_fingerprint
+from common.models.segmenter import Segmenter
 from common.training.pretrain import pretrain_to_file
 from common.updates.files import load_site_update, save_site_update
 from common.updates.site import SiteUpdate, split_state
@@ -168,8 +168,7 @@ class ModelPool:
 
     def key(self, data_id: str) -> str:
         """Hash of source weights, data, method with its full typed options, batch size, seed and guard."""
-        method = method_spec(self.method.name)
-        options = make_config(method, self.method.options)
+        options = METHODS.get(self.method.name).make_options(self.method.options)
         recipe = {
             "version": CACHE_VERSION,
             "source": self.source.fingerprint,

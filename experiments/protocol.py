@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data import DataSpec, TimeSplit, build_dataset
-from common.scoring.label_free import SCORES
+from common.scoring.scores import SCORES
 from experiments.config import ExperimentConfig, ProtocolConfig
 from experiments.selection import selection_rows
 from experiments.tables import markdown_table

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common.scoring.label_free import SCORES
+from common.scoring.scores import SCORES
 from experiments.compare import CompareResult, StrategyRow
 from experiments.pool import EMA_FROM_TRAIN_PASS
 from experiments.selection import selection_rows, worst_site

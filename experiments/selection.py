@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from common.scoring.label_free import SCORES
+from common.scoring.scores import SCORES
 
 __all__ = ["DEFAULT_LABEL", "candidates", "selection_rows", "spearman", "worst_site"]
 

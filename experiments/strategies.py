@@ -8,14 +8,18 @@ alone: ``recalibrate`` asks every site again (BN sums under the merged parameter
 ``data-combination`` needs all targets' images in one place and ``fedavg-rounds`` trains
 over several rounds. They reach the sites through :class:`SiteServices`, which the
 orchestrator provides, so the maths here stays pure.
+
+Strategies are entries of one :class:`~common.options.registry.Registry`, like merge and
+adaptation methods; every registered merge method is also a row of its own, its options
+read from the merge-method registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
@@ -23,8 +27,9 @@ from common.bn.bank import BNBank
 from common.bn.stats import BNSums
 from common.config.run import RunConfig
 from common.merge.engine import MergeEngine, Refused
-from common.merge.spec import MergeSpec, method_options
-from common.options.typed import build_options, closest, parse_key_values
+from common.merge.spec import MERGE_METHODS, MergeSpec, method_options
+from common.options.registry import Entry, Registry
+from common.options.typed import parse_key_values
 from common.updates.site import SiteUpdate, bn_layer_names
 
 __all__ = [
@@ -32,7 +37,7 @@ __all__ = [
     "MergeInputs",
     "Outcome",
     "SiteServices",
-    "Strategy",
+    "StrategyOptions",
     "average_all",
     "bn_keys",
     "fedbn",
@@ -246,47 +251,33 @@ class Outcome:
     bank: BNBank | None = None  # per-site BN statistics the model picks from, image by image
 
 
+STRATEGIES = Registry("strategy")
+
+
 @dataclass(frozen=True)
-class Strategy:
-    name: str
-    run: Callable[[MergeInputs, Any], Outcome]
-    options: type
-    needs: str  # what it needs beyond one update per site
-    test_time_domain: bool = False
-    summary: str = ""
+class StrategyOptions:
+    """What every strategy declares besides its options: what it needs, and whether the domain must be known."""
+
+    needs: ClassVar[str] = ""  # what it needs beyond one update per site
+    test_time_domain: ClassVar[bool] = False  # one model per domain: the domain must be known at test time
 
 
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def register(
-    name: str, options: type, needs: str = "", test_time_domain: bool = False, summary: str = ""
-) -> Callable[[Callable[[MergeInputs, Any], Outcome]], Callable[[MergeInputs, Any], Outcome]]:
-    def wrap(fn: Callable[[MergeInputs, Any], Outcome]) -> Callable[[MergeInputs, Any], Outcome]:
-        STRATEGIES[name] = Strategy(name, fn, options, needs, test_time_domain, summary)
-        return fn
-
-    return wrap
-
-
-def make_options(strategy: Strategy, options: Mapping[str, Any]) -> Any:
+def make_options(strategy: Entry, options: Mapping[str, Any]) -> Any:
     """The strategy's typed options from kebab- or snake-case keys; unknown keys and wrong types are errors."""
-    return build_options(strategy.options, options, f"strategy {strategy.name!r}", {"lambda": "lam"})
+    return strategy.make_options(options, {"lambda": "lam"})
 
 
-def get_strategy(name: str) -> tuple[Strategy, dict[str, Any]]:
+def get_strategy(name: str) -> tuple[Entry, dict[str, Any]]:
     """The registered strategy for ``name``; ``single:<site>`` also returns ``{"site": <site>}``."""
     head, sep, arg = name.partition(":")
-    if head not in STRATEGIES:
-        hint = closest(head, STRATEGIES)
-        raise ValueError(f"unknown strategy {name!r}{hint}; choose one of {', '.join(sorted(STRATEGIES))}")
+    strategy = STRATEGIES.get(head)
     if head == "single":
         if not sep or not arg:
             raise ValueError("strategy 'single' needs a site: single:<site>")
-        return STRATEGIES[head], {"site": arg}
+        return strategy, {"site": arg}
     if sep:
         raise ValueError(f"strategy {head!r} takes no ':' argument")
-    return STRATEGIES[head], {}
+    return strategy, {}
 
 
 def _one_shot(
@@ -310,36 +301,44 @@ def _services(inputs: MergeInputs, strategy: str) -> SiteServices:
 
 
 @dataclass(frozen=True)
-class NoOptions:
-    pass
+class SourceOnlyOptions(StrategyOptions):
+    needs: ClassVar[str] = "nothing"
 
 
 @dataclass(frozen=True)
-class SingleOptions:
+class SingleOptions(StrategyOptions):
+    needs: ClassVar[str] = "one site's update"
     site: str
 
 
+def _method_row(method: str) -> type:
+    """A merge method's row options: the method's own options, from its registry entry, the BN rule, the method.
+
+    The toolkits average BN statistics like weights, so ``buffers`` defaults to ``average``.
+    """
+    entry = MERGE_METHODS.get(method)
+    own = [f.name for f in dataclasses.fields(entry.options)]
+
+    def check(self: Any) -> None:  # the method's options and the BN rule, checked when the config is read
+        merge_spec(method, {name: getattr(self, name) for name in own}, buffers=self.buffers)
+
+    namespace = {
+        "method": method,
+        "needs": "the shared start" if entry.options.needs_base else "",
+        "__post_init__": check,
+        "method_options": lambda self: {name: getattr(self, name) for name in own},
+    }
+    return dataclasses.make_dataclass(
+        f"{entry.options.__name__}Row",
+        [("buffers", str, field(default="average"))],
+        bases=(entry.options, StrategyOptions),
+        frozen=True,
+        namespace=namespace,
+    )
+
+
 @dataclass(frozen=True)
-class TaskArithmeticOptions:
-    lam: float = 0.3  # the scaling the Task Arithmetic paper found best on its tasks
-    buffers: str = "average"
-
-    def __post_init__(self) -> None:
-        merge_spec("task-arithmetic", {"lam": self.lam}, buffers=self.buffers)  # checked when the config is read
-
-
-@dataclass(frozen=True)
-class TiesOptions:
-    k: float = 0.2  # fraction of each task vector kept (TIES's default top-20%)
-    lam: float = 1.0
-    buffers: str = "average"
-
-    def __post_init__(self) -> None:
-        merge_spec("ties", {"k": self.k, "lam": self.lam}, buffers=self.buffers)
-
-
-@dataclass(frozen=True)
-class MergeOptions:
+class MergeOptions(StrategyOptions):
     """Any registered merge method; a field left unset takes the run config's default."""
 
     method: str = "linear"
@@ -363,7 +362,8 @@ class MergeOptions:
 
 
 @dataclass(frozen=True)
-class RecalibrateOptions:
+class RecalibrateOptions(StrategyOptions):
+    needs: ClassVar[str] = "a second round: BN sums under the merged parameters"
     mode: str = "batch"  # how the sites' statistics pass normalises (BNStatsConfig.mode)
     equal_sites: bool = False  # pool the sites' statistics with equal weights instead of by their counts
     bank: bool = False  # ship each site's statistics under the merged parameters; each test image picks one
@@ -374,12 +374,24 @@ class RecalibrateOptions:
 
 
 @dataclass(frozen=True)
-class SeparateHeadsOptions:
+class LocalBNOptions(StrategyOptions):
+    test_time_domain: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class SeparateHeadsOptions(StrategyOptions):
+    test_time_domain: ClassVar[bool] = True
     head_prefix: str = "classifier."
 
 
 @dataclass(frozen=True)
-class FedAvgOptions:
+class DataCombinationOptions(StrategyOptions):
+    needs: ClassVar[str] = "all targets' images in one place (not private)"
+
+
+@dataclass(frozen=True)
+class FedAvgOptions(StrategyOptions):
+    needs: ClassVar[str] = "R training rounds"
     rounds: int = 3
     split_steps: bool = True  # divide the method's ``steps`` over the rounds: same local compute in all
     buffers: str = "gaussian"  # how the server pools BN statistics each round
@@ -390,12 +402,12 @@ class FedAvgOptions:
         merge_spec(buffers=self.buffers)
 
 
-@register("source-only", NoOptions, "nothing", summary="the shared start, unadapted")
-def _source_only(inputs: MergeInputs, options: NoOptions) -> Outcome:
+@STRATEGIES.implements("source-only", options=SourceOnlyOptions, summary="the shared start, unadapted")
+def _source_only(inputs: MergeInputs, options: SourceOnlyOptions) -> Outcome:
     return Outcome(state=dict(inputs.base), rounds=0)
 
 
-@register("single", SingleOptions, "one site's update", summary="one site's adapted model, used everywhere")
+@STRATEGIES.implements("single", options=SingleOptions, summary="one site's adapted model, used everywhere")
 def _single(inputs: MergeInputs, options: SingleOptions) -> Outcome:
     update = inputs.update(options.site)
     return Outcome(
@@ -406,49 +418,59 @@ def _single(inputs: MergeInputs, options: SingleOptions) -> Outcome:
     )
 
 
-@register("average", NoOptions, summary="every tensor averaged like weights (FedAvg, merging toolkits)")
-def _average(inputs: MergeInputs, options: NoOptions) -> Outcome:
+@STRATEGIES.implements(
+    "average", options=StrategyOptions, summary="every tensor averaged like weights (FedAvg, merging toolkits)"
+)
+def _average(inputs: MergeInputs, options: StrategyOptions) -> Outcome:
     return _one_shot(inputs, average_all(inputs.base, inputs.updates))
 
 
-@register("params-only", NoOptions, summary="parameters averaged, site 1's BN statistics kept")
-def _params_only(inputs: MergeInputs, options: NoOptions) -> Outcome:
+@STRATEGIES.implements(
+    "params-only", options=StrategyOptions, summary="parameters averaged, site 1's BN statistics kept"
+)
+def _params_only(inputs: MergeInputs, options: StrategyOptions) -> Outcome:
     return _one_shot(inputs, params_only(inputs.base, inputs.updates), f"BN statistics of {inputs.updates[0].site}")
 
 
-@register("reference", NoOptions, summary="published rule: BN pooled with n = num_batches_tracked on EMA statistics")
-def _reference(inputs: MergeInputs, options: NoOptions) -> Outcome:
+@STRATEGIES.implements(
+    "reference",
+    options=StrategyOptions,
+    summary="published rule: BN pooled with n = num_batches_tracked on EMA statistics",
+)
+def _reference(inputs: MergeInputs, options: StrategyOptions) -> Outcome:
     return _one_shot(inputs, reference(inputs.base, inputs.ema_updates), "EMA statistics, n = num_batches_tracked")
 
 
-@register("gaussian", NoOptions, summary="ours: exact statistics pooled by sample counts")
-def _gaussian(inputs: MergeInputs, options: NoOptions) -> Outcome:
+@STRATEGIES.implements("gaussian", options=StrategyOptions, summary="ours: exact statistics pooled by sample counts")
+def _gaussian(inputs: MergeInputs, options: StrategyOptions) -> Outcome:
     return _one_shot(inputs, gaussian(inputs.base, inputs.updates))
 
 
-@register("gaussian-equal", NoOptions, summary="exact statistics pooled, every site weighted equally")
-def _gaussian_equal(inputs: MergeInputs, options: NoOptions) -> Outcome:
+@STRATEGIES.implements(
+    "gaussian-equal", options=StrategyOptions, summary="exact statistics pooled, every site weighted equally"
+)
+def _gaussian_equal(inputs: MergeInputs, options: StrategyOptions) -> Outcome:
     return _one_shot(inputs, gaussian(inputs.base, inputs.updates, equal_sites=True))
 
 
-@register("weighted", NoOptions, summary="parameters weighted by image counts; statistics pooled by counts")
-def _weighted(inputs: MergeInputs, options: NoOptions) -> Outcome:
+@STRATEGIES.implements(
+    "weighted", options=StrategyOptions, summary="parameters weighted by image counts; statistics pooled by counts"
+)
+def _weighted(inputs: MergeInputs, options: StrategyOptions) -> Outcome:
     return _one_shot(inputs, gaussian(inputs.base, inputs.updates, weighting="counts"))
 
 
-@register("task-arithmetic", TaskArithmeticOptions, "the shared start", summary="θ₀ + λ Σ τ_i")
-def _task_arithmetic(inputs: MergeInputs, options: TaskArithmeticOptions) -> Outcome:
-    state = task_arithmetic(inputs.base, inputs.updates, options.lam, options.buffers)
-    return _one_shot(inputs, state, f"λ={options.lam:g}, BN {options.buffers}")
+def _method_row_strategy(inputs: MergeInputs, options: Any) -> Outcome:
+    """A merge method's row: the method its options name, with the row's BN rule."""
+    own = options.method_options()
+    state = merge(inputs.base, inputs.updates, merge_spec(options.method, own, buffers=options.buffers))
+    described = ", ".join(f"{'λ' if k == 'lam' else k}={v:g}" for k, v in own.items())
+    return _one_shot(inputs, state, f"{described}, BN {options.buffers}".lstrip(", "))
 
 
-@register("ties", TiesOptions, "the shared start", summary="TIES: trim top-k, elect sign, disjoint mean, λ")
-def _ties(inputs: MergeInputs, options: TiesOptions) -> Outcome:
-    state = ties(inputs.base, inputs.updates, options.k, options.lam, options.buffers)
-    return _one_shot(inputs, state, f"k={options.k:g}, λ={options.lam:g}, BN {options.buffers}")
-
-
-@register("merge", MergeOptions, summary="any registered merge method, as `fedmerge merge --method` runs it")
+@STRATEGIES.implements(
+    "merge", options=MergeOptions, summary="any registered merge method, as `fedmerge merge --method` runs it"
+)
 def _merge(inputs: MergeInputs, options: MergeOptions) -> Outcome:
     spec = options.spec()
     updates = inputs.ema_updates if spec.buffers == "reference" else inputs.updates
@@ -464,20 +486,21 @@ def _merge(inputs: MergeInputs, options: MergeOptions) -> Outcome:
     return outcome
 
 
-@register("fedbn", NoOptions, test_time_domain=True, summary="BN layers stay local; the rest averaged")
-def _fedbn(inputs: MergeInputs, options: NoOptions) -> Outcome:
+@STRATEGIES.implements("fedbn", options=LocalBNOptions, summary="BN layers stay local; the rest averaged")
+def _fedbn(inputs: MergeInputs, options: LocalBNOptions) -> Outcome:
     return _one_shot(inputs, None, per_site=fedbn(inputs.base, inputs.updates))
 
 
-@register("separate-heads", SeparateHeadsOptions, test_time_domain=True, summary="backbone merged, heads per domain")
+@STRATEGIES.implements("separate-heads", options=SeparateHeadsOptions, summary="backbone merged, heads per domain")
 def _separate_heads(inputs: MergeInputs, options: SeparateHeadsOptions) -> Outcome:
     return _one_shot(inputs, None, per_site=separate_heads(inputs.base, inputs.updates, options.head_prefix))
 
 
-@register(
-    "recalibrate", RecalibrateOptions, "a second round: BN sums under the merged parameters",
+@STRATEGIES.implements(
+    "recalibrate",
+    options=RecalibrateOptions,
     summary="merged parameters go back; sites return Σx, Σx², n per BN channel; the server pools them",
-)  # fmt: skip
+)
 def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
     services = _services(inputs, "recalibrate")
     engine = MergeEngine(merge_spec(buffers="gaussian", equal_site_stats=options.equal_sites), inputs.base)
@@ -506,11 +529,10 @@ def _accept(outcome: object) -> None:
         raise ValueError(outcome.reason)
 
 
-@register(
-    "data-combination", NoOptions, "all targets' images in one place (not private)",
-    summary="one model adapted on every target's images together",
-)  # fmt: skip
-def _data_combination(inputs: MergeInputs, options: NoOptions) -> Outcome:
+@STRATEGIES.implements(
+    "data-combination", options=DataCombinationOptions, summary="one model adapted on every target's images together"
+)
+def _data_combination(inputs: MergeInputs, options: DataCombinationOptions) -> Outcome:
     update, image_bytes, seconds = _services(inputs, "data-combination").combined()
     return Outcome(
         state=update.state_dict(),
@@ -521,6 +543,15 @@ def _data_combination(inputs: MergeInputs, options: NoOptions) -> Outcome:
     )
 
 
-@register("fedavg-rounds", FedAvgOptions, "R training rounds", summary="Flower FedAvg over R rounds, same method")
+@STRATEGIES.implements("fedavg-rounds", options=FedAvgOptions, summary="Flower FedAvg over R rounds, same method")
 def _fedavg_rounds(inputs: MergeInputs, options: FedAvgOptions) -> Outcome:
     return _services(inputs, "fedavg-rounds").fedavg(options.rounds, options.split_steps, options.buffers)
+
+
+for _method in MERGE_METHODS:  # every merge method is a row of its own, with its registry options
+    STRATEGIES.add(
+        _method,
+        target="experiments.strategies:_method_row_strategy",
+        options=_method_row(_method),
+        summary=MERGE_METHODS.get(_method).summary,
+    )

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from clients.adaptation import AdaptContext, get_method, losses, make_config
+from clients.adaptation import METHODS, AdaptContext, losses
 from clients.adaptation.ema import EMATeacher, ema_alpha
 from clients.adaptation.loop import TrainState, run_training
 from clients.adaptation.mixing import StrongAugment, class_mix, class_mix_mask
@@ -258,9 +258,9 @@ def test_a_different_config_does_not_resume(tmp_path):
 
 def _adapt(name: str, state: dict, target, options: dict, source=None, arch: str = "tiny_unet", seed: int = 0):
     model = _model(state, arch)
-    method = get_method(name)
+    method = METHODS.get(name)
     context = AdaptContext(source=source, progress=False, seed=seed)
-    method.adapt(model, target, context, make_config(method, options))
+    method.load()(model, target, context, method.make_options(options))
     return model, context.metrics
 
 
@@ -345,10 +345,10 @@ def test_easy_split_ranks_by_entropy_and_keeps_one_of_each():
 def test_hrda_lowers_its_loss(source_state, source_set, target_set, arch):
     model = build_model(arch, NUM_CLASSES)
     (model.base if arch.startswith("hrda_") else model).load_state_dict(source_state)
-    method = get_method("hrda")
+    method = METHODS.get("hrda")
     context = AdaptContext(source=source_set, progress=False)
     options = {"steps": 12, "lr": 1e-3, "threshold": 0.6, "warmup": 0}
-    method.adapt(model, target_set, context, make_config(method, options))
+    method.load()(model, target_set, context, method.make_options(options))
     metrics = context.metrics
     assert metrics["multires"] == float(arch.startswith("hrda_"))
     assert metrics["train-loss"] < metrics["train-loss-start"]
@@ -362,7 +362,7 @@ def test_hrda_refuses_to_run_without_source(source_state, target_set):
 
 def test_unknown_bn_mode_is_rejected():
     with pytest.raises(ValueError, match="bn mode"):
-        make_config(get_method("selftrain"), {"bn": "sometimes"})
+        METHODS.get("selftrain").make_options({"bn": "sometimes"})
 
 
 # ---------------------------------------------------------------- multi-resolution wrapper

@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from clients.adaptation.registry import AdaptContext, register
+from clients.adaptation import METHODS, AdaptContext
+from clients.adaptation.configs import MethodConfig
 from clients.site import SiteJob, adapt_site
 from common.data import build_dataset
-from common.models.architectures import Segmenter
 from common.models.checkpoints import save_checkpoint
 from common.models.factory import build_model
+from common.models.segmenter import Segmenter
 from common.updates.site import bn_layer_names, split_state
 from experiments.compare import run_compare
 from experiments.config import CONFIGS_DIR, ExperimentConfig, list_configs, resolve_config_path
@@ -32,13 +33,14 @@ SIZE = "16x24"
 ADAPTED: list[str] = []  # sites the counting method ran on, in order
 
 
+@METHODS.register("test-counting", target="tests.test_compare:counting",
+                  summary="test only: moves every conv weight and records the call")  # fmt: skip
 @dataclass(frozen=True)
-class CountingConfig:
+class CountingConfig(MethodConfig):
     shift: float = 0.01
 
 
-@register("test-counting", CountingConfig, summary="test only: moves every conv weight and records the call")
-def _counting(model: Segmenter, target: Dataset, context: AdaptContext, config: CountingConfig) -> None:
+def counting(model: Segmenter, target: Dataset, context: AdaptContext, config: CountingConfig) -> None:
     ADAPTED.append(f"{len(target)}")
     with torch.no_grad():
         for p in model.parameters():

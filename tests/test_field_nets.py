@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clients.adaptation.context import AdaptContext
 from clients.adaptation.hrda import imagenet_model
-from clients.adaptation.registry import AdaptContext
 from clients.site import SiteJob, adapt_site
 from common.bn.stats import BNStatsConfig, bn_layers, collect_bn_sums, exact_bn_statistics
 from common.data import DataSpec, build_dataset

@@ -9,7 +9,8 @@ import torch
 
 from common.config.run import ConfigError, RunConfig
 from common.models.factory import build_model
-from common.scoring.label_free import SCORES, label_free_scores, score_images
+from common.scoring.label_free import label_free_scores, score_images
+from common.scoring.scores import SCORES
 from experiments.selection import selection_rows, spearman
 from server.selection_round import aggregate_scores
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from common.merge.engine import Accepted, MergeEngine, Refused
 from common.merge.methods import kth_largest
-from common.merge.spec import METHODS, MethodInfo, TiesOptions, method_options
+from common.merge.spec import MERGE_METHODS, MethodOptions, TiesOptions, method_options
 from common.models.factory import build_model
 from common.options.typed import OptionError
 from common.updates.site import SiteUpdate, split_state
@@ -118,7 +120,7 @@ def test_the_norm_clip_bounds_each_sites_change_from_the_start(base):
 
 
 def test_methods_declare_their_options_and_unknown_names_are_refused():
-    assert set(METHODS) >= {"linear", "task-arithmetic", "ties"}
+    assert set(MERGE_METHODS) >= {"linear", "task-arithmetic", "ties"}
     assert method_options("ties", {"k": "0.1", "lambda": "0.5"}) == TiesOptions(0.1, 0.5)
     with pytest.raises(OptionError, match="did you mean 'ties'"):
         method_options("tie", {})
@@ -128,10 +130,18 @@ def test_methods_declare_their_options_and_unknown_names_are_refused():
         spec(method="ties", options=TiesOptions(), weighting="counts")
 
 
-def test_a_method_that_needs_every_model_at_once_is_refused_by_the_streaming_engine(base, monkeypatch):
-    monkeypatch.setitem(METHODS, "all-at-once", MethodInfo("all-at-once", TiesOptions, "test", streaming=False))
-    with pytest.raises(ValueError, match="needs every model at once"):
-        MergeEngine(spec(method="all-at-once", options=TiesOptions()), base)
+@dataclass(frozen=True)
+class AllAtOnceOptions(MethodOptions):
+    streaming: ClassVar[bool] = False
+
+
+def test_a_method_that_needs_every_model_at_once_is_refused_by_the_streaming_engine(base):
+    MERGE_METHODS.add("all-at-once", target="common.merge.methods:TiesMerger", options=AllAtOnceOptions)
+    try:
+        with pytest.raises(ValueError, match="needs every model at once"):
+            MergeEngine(spec(method="all-at-once", options=AllAtOnceOptions()), base)
+    finally:
+        MERGE_METHODS.remove("all-at-once")
 
 
 def test_a_refused_update_leaves_every_methods_sums_as_they_were(base):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.merge.spec import METHODS
+from common.merge.spec import MERGE_METHODS
 from common.models.factory import build_model
 from common.updates.site import bn_layer_names, split_state
 from fedmerge.cli import main as cli_main
@@ -123,7 +123,7 @@ def _merge_and_compare(method: str, files: list[Path], initial_weights: Path, ou
     updates = [load_site_update(f)[0] for f in files]
     strategy, _ = get_strategy("merge")
     inputs = MergeInputs(read_model_file(initial_weights).state, updates, updates, {}, {u.site: 0.0 for u in updates})
-    return [load_file(str(out)), strategy.run(inputs, make_options(strategy, {"method": method})).state]
+    return [load_file(str(out)), strategy.load()(inputs, make_options(strategy, {"method": method})).state]
 
 
 def _assert_bit_identical(states: list[dict]) -> None:
@@ -160,7 +160,7 @@ def _with_task_vectors(files: list[Path], out: Path) -> list[Path]:
     return moved
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
 def test_every_merge_method_gives_the_same_bits_in_the_strategy_in_fedmerge_merge_and_in_compare(
     method, gaussian_run, initial_weights, tmp_path
 ):

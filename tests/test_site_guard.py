@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from clients.adaptation.registry import METHODS, AdaptContext, register
+from clients.adaptation import METHODS, AdaptContext
+from clients.adaptation.configs import MethodConfig
 from clients.guard import FELL_BACK, GuardConfig, guard_adaptation
 from clients.site import SiteJob, adapt_site
-from common.config.run import SCORE_NAMES, ConfigError, RunConfig
+from common.config.run import ConfigError, RunConfig
 from common.models.factory import build_model
-from common.scoring.label_free import SCORES
+from common.scoring.scores import SCORES
 
 SIZE = (32, 48)
 NUM_CLASSES = 9
@@ -27,11 +29,6 @@ def start_state(tiny_pretrained_state):
 @pytest.fixture(scope="module")
 def target(tiny_target):
     return tiny_target  # conftest's: six synthetic fog images of 32x48
-
-
-@dataclass(frozen=True)
-class _NoOptions:
-    pass
 
 
 @torch.no_grad()
@@ -66,10 +63,10 @@ TEST_METHODS = {"test-noise": _noise, "test-collapse": _collapse, "test-nan": _n
 @pytest.fixture(scope="module", autouse=True)
 def _test_methods():
     for name, fn in TEST_METHODS.items():
-        register(name, _NoOptions, summary="test only")(fn)
+        METHODS.add(name, target=f"tests.test_site_guard:{fn.__name__}", options=MethodConfig, summary="test only")
     yield
     for name in TEST_METHODS:
-        METHODS.pop(name)
+        METHODS.remove(name)
 
 
 def _model(state):
@@ -235,8 +232,14 @@ def test_bad_guard_settings_are_refused_with_one_line(values, message):
         assert "\n" not in str(info.value)
 
 
-def test_the_torch_free_score_names_are_the_registry():
-    assert tuple(SCORES) == SCORE_NAMES
+def test_the_run_config_checks_score_names_on_the_registry_without_torch():
+    probe = (
+        "import sys\nfrom common.config.run import ConfigError, RunConfig\n"
+        "try:\n    RunConfig.read({'guard-score': 'agreement,mixx'})\nexcept ConfigError as e:\n    print(e)\n"
+        "print('TORCH', 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
+    assert "did you mean 'mix'" in out and "TORCH False" in out, out
 
 
 def test_the_experiment_config_and_the_command_line_take_the_guard(tmp_path, capsys):

@@ -133,7 +133,7 @@ def test_recalibrate_equals_statistics_of_the_pooled_images_under_the_merged_par
     updates = [_update("fog", source.state, 1, sizes[0]), _update("night", source.state, 2, sizes[1])]
     services = _local_sites(source, data)
     strategy, _ = get_strategy("recalibrate")
-    outcome = strategy.run(_inputs(source, updates, services), make_options(strategy, {"mode": mode}))
+    outcome = strategy.load()(_inputs(source, updates, services), make_options(strategy, {"mode": mode}))
     merged = gaussian(source.state, updates)
     sums = collect_bn_sums(source.model(merged), image_batches(ConcatDataset(list(data.values())), BATCH),
                            BNStatsConfig(mode))  # fmt: skip
@@ -185,7 +185,7 @@ def test_recalibrate_gives_the_model_the_flower_strategys_second_round_gives(sou
     assert flower.report.recalibration["applied"] is True
     services = _local_sites(source, data)
     strategy, _ = get_strategy("recalibrate")
-    ours = strategy.run(_inputs(source, updates, services), make_options(strategy, {})).state
+    ours = strategy.load()(_inputs(source, updates, services), make_options(strategy, {})).state
     assert set(ours) == set(flower_state)
     for key, value in flower_state.items():
         assert torch.equal(ours[key], value), key  # one engine: the same bits
@@ -206,7 +206,7 @@ def test_recalibrate_with_equal_site_weights_averages_the_sites_moments(source):
     services = LocalSites(ExperimentConfig.from_dict(raw, "t"), source, pool=None, data=data, cache_dir=None)  # type: ignore[arg-type]
     strategy, _ = get_strategy("recalibrate")
     options = make_options(strategy, {"mode": "eval", "equal-sites": True})
-    state = strategy.run(_inputs(source, updates, services), options).state
+    state = strategy.load()(_inputs(source, updates, services), options).state
     model = source.model(gaussian(source.state, updates, equal_sites=True))
     per_site = [collect_bn_sums(model, image_batches(d, BATCH), BNStatsConfig("eval")) for d in data.values()]
     for layer in per_site[0]:
@@ -278,7 +278,7 @@ def test_fedbn_and_separate_heads_keep_each_domains_own_parts(source):
         for key in head_keys(source.state):
             torch.testing.assert_close(heads[u.site][key], u.state_dict()[key])
         torch.testing.assert_close(heads[u.site][conv], merged[conv])
-    assert STRATEGIES["fedbn"].test_time_domain and STRATEGIES["separate-heads"].test_time_domain
+    assert all(STRATEGIES.get(name).options.test_time_domain for name in ("fedbn", "separate-heads"))
 
 
 def test_interpolation_ends_at_the_sites_and_the_gaussian_rule_adds_the_spread(source):

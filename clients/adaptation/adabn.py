@@ -5,10 +5,9 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from clients.adaptation.configs import AdaBNConfig
-from clients.adaptation.registry import AdaptContext, register
-from common.models.architectures import Segmenter
+from clients.adaptation.context import AdaptContext
+from common.models.segmenter import Segmenter
 
 
-@register("adabn")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: AdaBNConfig) -> None:
     del model, target, context, config  # the site's BN pass does all the work

@@ -1,28 +1,36 @@
-"""Every built-in adaptation method's options: typed, documented, and readable without torch.
+"""The registry of adaptation methods: each method's typed, documented options, readable without torch.
 
 A config file or a command line names a method and its options long before anything trains;
 keeping the option types apart from the training code lets them be checked at once, in a
-process that never imports torch. The defaults are each method's documented recipe.
+process that never imports torch. The defaults are each method's documented recipe. A
+method is a function ``adapt(model, target, context, config)`` that changes ``model`` in
+place on the site's unlabeled images, named by its entry's ``target`` and imported when a
+site first runs it; every method is followed by the exact BN statistics pass
+(``clients.site``), so methods need not care about running statistics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+from common.options.registry import Registry
 from common.scoring.confidence import CONFIDENCE_THRESHOLD
 
 __all__ = [
     "BN_MODES",
-    "BUILTIN",
+    "METHODS",
     "AdaBNConfig",
     "HRDAConfig",
-    "MethodSpec",
+    "MethodConfig",
     "SFDAConfig",
     "SelfTrainConfig",
     "TeacherStudentConfig",
     "TentConfig",
     "check_bn_mode",
 ]
+
+METHODS = Registry("adaptation method")
 
 BN_MODES = ("train", "frozen")
 
@@ -34,12 +42,23 @@ def check_bn_mode(mode: str) -> str:
 
 
 @dataclass(frozen=True)
-class AdaBNConfig:
+class MethodConfig:
+    """What every method declares besides its options."""
+
+    needs_source: ClassVar[bool] = False  # the site must hold the labeled source set
+
+
+@METHODS.register("adabn", target="clients.adaptation.adabn:adapt",
+                  summary="re-estimate BN statistics on the target images; nothing else")  # fmt: skip
+@dataclass(frozen=True)
+class AdaBNConfig(MethodConfig):
     """No options: the re-estimation itself is the method."""
 
 
+@METHODS.register("tent", target="clients.adaptation.tent:adapt",
+                  summary="BN affine parameters by entropy minimisation (Tent), BN in batch-stat mode")  # fmt: skip
 @dataclass(frozen=True)
-class TentConfig:
+class TentConfig(MethodConfig):
     """Defaults: the Tent recipe (Adam, lr 1e-3, BN in batch-statistics mode).
 
     steps: optimisation steps (each on ``batch_size`` random target images), 100.
@@ -57,7 +76,7 @@ class TentConfig:
 
 
 @dataclass(frozen=True)
-class TeacherStudentConfig:
+class TeacherStudentConfig(MethodConfig):
     """The options every mean-teacher method has (each method documents its own defaults)."""
 
     steps: int = 600
@@ -76,6 +95,8 @@ class TeacherStudentConfig:
         check_bn_mode(self.bn)
 
 
+@METHODS.register("selftrain", target="clients.adaptation.selftrain:adapt",
+                  summary="pseudo-label self-training on the target, no mixing (EMA teacher)")  # fmt: skip
 @dataclass(frozen=True)
 class SelfTrainConfig(TeacherStudentConfig):
     """Defaults follow the DAFormer self-training recipe, scaled to a short CPU run.
@@ -100,6 +121,8 @@ class SelfTrainConfig(TeacherStudentConfig):
     augment: bool = False
 
 
+@METHODS.register("sfda", target="clients.adaptation.sfda:adapt",
+                  summary="source-free: easy-to-hard ClassMix, focal entropy, diversity, negative labels")  # fmt: skip
 @dataclass(frozen=True)
 class SFDAConfig(TeacherStudentConfig):
     """Defaults follow the DAS3/ATP code, except a short, gentle run without strong augmentation.
@@ -150,6 +173,8 @@ class SFDAConfig(TeacherStudentConfig):
             raise ValueError(f"easy_fraction must be in (0, 1), not {self.easy_fraction}")
 
 
+@METHODS.register("hrda", target="clients.adaptation.hrda:adapt",
+                  summary="HRDA/DAFormer: source + ClassMix self-training, multi-res")  # fmt: skip
 @dataclass(frozen=True)
 class HRDAConfig(TeacherStudentConfig):
     """Defaults follow HRDA/DAFormer, with the step budget of a short CPU run.
@@ -178,6 +203,7 @@ class HRDAConfig(TeacherStudentConfig):
     checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 100.
     """
 
+    needs_source: ClassVar[bool] = True
     steps: int = 1000
     warmup: int = 100
     detail_weight: float = 0.1
@@ -191,31 +217,3 @@ class HRDAConfig(TeacherStudentConfig):
 
     def fd_class_ids(self) -> list[int]:
         return [int(c) for c in self.fd_classes.replace(" ", "").split(",") if c]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a config needs to know of a method before anything trains: its options, and its needs."""
-
-    name: str
-    config_type: type
-    module: str  # the module whose import registers the method's training code
-    needs_source: bool = False
-    summary: str = ""
-
-
-BUILTIN: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec("adabn", AdaBNConfig, "clients.adaptation.adabn",
-                   summary="re-estimate BN statistics on the target images; nothing else"),
-        MethodSpec("tent", TentConfig, "clients.adaptation.tent",
-                   summary="BN affine parameters by entropy minimisation (Tent), BN in batch-stat mode"),
-        MethodSpec("selftrain", SelfTrainConfig, "clients.adaptation.selftrain",
-                   summary="pseudo-label self-training on the target, no mixing (EMA teacher)"),
-        MethodSpec("sfda", SFDAConfig, "clients.adaptation.sfda",
-                   summary="source-free: easy-to-hard ClassMix, focal entropy, diversity, negative labels"),
-        MethodSpec("hrda", HRDAConfig, "clients.adaptation.hrda", needs_source=True,
-                   summary="HRDA/DAFormer: source + ClassMix self-training, multi-res"),
-    )
-}  # fmt: skip

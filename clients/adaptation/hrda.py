@@ -20,15 +20,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from clients.adaptation.configs import HRDAConfig
+from clients.adaptation.context import AdaptContext
 from clients.adaptation.losses import pseudo_labels, weighted_cross_entropy
 from clients.adaptation.mixing import StrongAugment, class_mix
 from clients.adaptation.norm import refresh_statistics, set_bn_mode
-from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import RareClassSampler, labeled_batch, target_batch, uniform_indices
 from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
 from common.data import IGNORE
-from common.models.architectures import Segmenter, load_weights_file
 from common.models.multires import MultiResSegmenter, random_box
+from common.models.segmenter import Segmenter
+from common.models.weights import load_weights_file
 
 __all__ = ["HRDAConfig", "adapt", "feature_distance", "imagenet_model"]
 
@@ -76,7 +77,6 @@ def _resize(images: Tensor, labels: Tensor, size: torch.Size) -> tuple[Tensor, T
     return images.clamp(0.0, 1.0), labels
 
 
-@register("hrda")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDAConfig) -> None:
     source = context.source
     if source is None:

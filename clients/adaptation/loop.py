@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clients.adaptation.context import AdaptContext
 from clients.adaptation.ema import EMATeacher
 from clients.adaptation.optim import Schedule, set_lr
-from clients.adaptation.registry import AdaptContext
 from clients.adaptation.sampling import step_generator
-from common.models.architectures import Segmenter
 from common.models.fingerprint import recipe_key, state_fingerprint
+from common.models.segmenter import Segmenter
 
 __all__ = ["StepFn", "TrainState", "checkpoint_path", "run_training"]
 

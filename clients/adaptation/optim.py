@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.models.architectures import Segmenter
+from common.models.segmenter import Segmenter
 
 __all__ = ["Schedule", "build_optimizer", "set_lr"]
 

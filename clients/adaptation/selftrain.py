@@ -11,18 +11,17 @@ import torch
 from torch.utils.data import Dataset
 
 from clients.adaptation.configs import SelfTrainConfig
+from clients.adaptation.context import AdaptContext
 from clients.adaptation.losses import pseudo_labels, weighted_cross_entropy
 from clients.adaptation.mixing import StrongAugment
 from clients.adaptation.norm import refresh_statistics, set_bn_mode
-from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
 from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
-from common.models.architectures import Segmenter
+from common.models.segmenter import Segmenter
 
 __all__ = ["SelfTrainConfig", "adapt"]
 
 
-@register("selftrain")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: SelfTrainConfig) -> None:
     state, teacher = start_teacher_student(model, target, config, ema_max=None if config.ema else 0.0)
     optimizer = state.optimizer

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from clients.adaptation.configs import SFDAConfig
+from clients.adaptation.context import AdaptContext
 from clients.adaptation.losses import (
     focal_entropy,
     negative_label_loss,
@@ -27,11 +28,10 @@ from clients.adaptation.losses import (
 )
 from clients.adaptation.mixing import StrongAugment, class_mix
 from clients.adaptation.norm import BN_PASS_BATCH, refresh_statistics, set_bn_mode
-from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
 from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
 from common.data import image_batches
-from common.models.architectures import Segmenter
+from common.models.segmenter import Segmenter
 
 __all__ = ["SFDAConfig", "adapt", "easy_split", "sfda_losses"]
 
@@ -90,7 +90,6 @@ def _pick(pool: Tensor, batch: int, gen: torch.Generator) -> list[int]:
     return [int(pool[i]) for i in uniform_indices(len(pool), batch, gen)]
 
 
-@register("sfda")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: SFDAConfig) -> None:
     classifier = model.final_layer()
     flags = [p.requires_grad for p in classifier.parameters()]

@@ -11,12 +11,12 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from clients.adaptation.configs import TeacherStudentConfig
+from clients.adaptation.context import AdaptContext
 from clients.adaptation.ema import EMATeacher
 from clients.adaptation.loop import StepFn, TrainState, run_training
 from clients.adaptation.norm import refresh_bn
 from clients.adaptation.optim import Schedule, build_optimizer
-from clients.adaptation.registry import AdaptContext
-from common.models.architectures import Segmenter
+from common.models.segmenter import Segmenter
 
 __all__ = ["TeacherStudentConfig", "run_teacher_student", "start_teacher_student"]
 

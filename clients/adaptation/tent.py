@@ -11,18 +11,17 @@ import torch
 from torch.utils.data import Dataset
 
 from clients.adaptation.configs import TentConfig
+from clients.adaptation.context import AdaptContext
 from clients.adaptation.loop import TrainState, run_training
 from clients.adaptation.losses import confident_fraction, normalized_entropy
 from clients.adaptation.norm import bn_affine_parameters
 from clients.adaptation.optim import Schedule
-from clients.adaptation.registry import AdaptContext, register
 from clients.adaptation.sampling import target_batch, uniform_indices
-from common.models.architectures import Segmenter
+from common.models.segmenter import Segmenter
 
 __all__ = ["TentConfig", "adapt"]
 
 
-@register("tent")
 def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: TentConfig) -> None:
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.merge.spec import MergeSpec, method_info, method_options
+from common.merge.spec import MergeSpec, method_options
 from common.options.typed import OptionError, closest, coerce, parse_key_values
+from common.scoring.scores import SCORES
 
 __all__ = ["PYPROJECT", "ConfigError", "MergeCandidate", "RunConfig", "declared_defaults"]
 
@@ -45,8 +46,6 @@ class MergeCandidate:
 
 CANDIDATE_KEYS = {"merge-method", "merge-options", "param-weighting", "buffer-mode", "equal-site-stats",
                   "max-site-share", "bn-bank"}  # fmt: skip
-# The label-free scores (common.scoring.label_free), named here so a configuration is checked without torch.
-SCORE_NAMES = ("agreement", "neg-entropy", "confident", "diversity", "mix", "photometric")
 
 
 @functools.cache
@@ -146,8 +145,8 @@ class RunConfig:
             raise ConfigError("bn-bank = recalibrated needs recalibrate = true (the second round measures them)")
         if self.secure_aggregation:
             self._check_secure()
-        for name in self.guard_score.split(","):  # checked here without torch, and by clients.guard on the registry
-            _one_of(name.strip(), SCORE_NAMES, "guard-score")
+        for name in self.guard_score.split(","):
+            _one_of(name.strip(), SCORES.names(), "guard-score")
         if not self.guard_margin >= 0:
             raise ConfigError(f"guard-margin must be >= 0, not {self.guard_margin}")
         _one_of(self.select, ("", "label-free"), "select")
@@ -185,9 +184,7 @@ class RunConfig:
     def candidates(self) -> list[MergeCandidate]:
         """The candidate merges of a label-free selection: this run's merge changed by each item."""
         _one_of(self.select_aggregate, ("worst", "mean"), "select-aggregate")
-        if self.select_score not in SCORE_NAMES:
-            raise ConfigError(f"select-score must be one of {', '.join(SCORE_NAMES)}, not {self.select_score!r}"
-                              f"{closest(self.select_score, SCORE_NAMES)}")  # fmt: skip
+        _one_of(self.select_score, SCORES.names(), "select-score")
         out = []
         for item in (part.strip() for part in self.select_candidates.split(";")):
             if not item:
@@ -204,7 +201,6 @@ class RunConfig:
 
     def merge_spec(self) -> MergeSpec:
         """The merge this run asks for."""
-        method_info(self.merge_method)
         raw = parse_key_values(self.merge_options, "merge-options")
         options = method_options(self.merge_method, raw)
         return MergeSpec(self.merge_method, options, self.param_weighting, self.buffer_mode, self.equal_site_stats,

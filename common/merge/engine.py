@@ -64,7 +64,7 @@ class MergeEngine:
     """
 
     def __init__(self, spec: MergeSpec, template: Mapping[str, Tensor], profile: CountProfile | None = None) -> None:
-        if not spec.info.streaming:
+        if not spec.options.streaming:
             raise ValueError(
                 f"merge method {spec.method!r} needs every model at once; this engine merges one at a time"
             )

@@ -15,16 +15,16 @@ drops them. So every method here runs streaming, holding its sums and one site:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from common.merge.spec import MergeSpec, TaskArithmeticOptions, TiesOptions
+from common.merge.spec import MERGE_METHODS, LinearOptions, MergeSpec, TaskArithmeticOptions, TiesOptions
 from common.merge.sums import CHUNK, FlatSums, Slot, flat_numpy
 
-__all__ = ["ParamMerger", "build_param_merger", "kth_largest", "register_param_merger"]
+__all__ = ["LinearMerger", "ParamMerger", "TaskArithmeticMerger", "TiesMerger", "build_param_merger", "kth_largest"]
 
 
 class ParamMerger(Protocol):
@@ -59,7 +59,9 @@ class LinearMerger:
     without clipping that scalar stays 0 and the result is the plain weighted mean.
     """
 
-    def __init__(self, slots: list[Slot], base: Mapping[str, Tensor] | None, dtype: torch.dtype) -> None:
+    def __init__(
+        self, slots: list[Slot], base: Mapping[str, Tensor] | None, dtype: torch.dtype, options: LinearOptions
+    ) -> None:
         self.slots, self.base = slots, base
         self.sums = FlatSums(slots, dtype)
         self.total = 0.0  # Σ w_i
@@ -92,9 +94,11 @@ class LinearMerger:
 class TaskArithmeticMerger(LinearMerger):
     """θ₀ + λ (Σ θ'_i - K θ₀), from the same sums as the linear merge with unit weights."""
 
-    def __init__(self, slots: list[Slot], base: Mapping[str, Tensor] | None, dtype: torch.dtype, lam: float) -> None:
-        super().__init__(slots, base, dtype)
-        self.lam = lam
+    def __init__(
+        self, slots: list[Slot], base: Mapping[str, Tensor] | None, dtype: torch.dtype, options: TaskArithmeticOptions
+    ) -> None:
+        super().__init__(slots, base, dtype, LinearOptions())
+        self.lam = options.lam
 
     def value(self, index: int) -> Tensor:
         assert self.base is not None
@@ -168,8 +172,10 @@ def _select_in_bucket(chunks: Callable[[], Iterator[np.ndarray]], prefix: int, s
 class TiesMerger:
     """Streaming TIES: per-sign sums and counts of each site's trimmed task vector."""
 
-    def __init__(self, slots: list[Slot], base: Mapping[str, Tensor] | None, options: TiesOptions) -> None:
-        assert base is not None
+    def __init__(
+        self, slots: list[Slot], base: Mapping[str, Tensor] | None, dtype: torch.dtype, options: TiesOptions
+    ) -> None:
+        assert base is not None  # the sums are float64 whatever ``dtype``: signs and counts need the exact values
         self.slots, self.base, self.options = slots, base, options
         self.numel = sum(int(np.prod(shape)) for _, shape, _ in slots)
         self.offsets = np.cumsum([0] + [int(np.prod(shape)) for _, shape, _ in slots]).tolist()
@@ -225,23 +231,9 @@ class TiesMerger:
         self.n_pos = self.n_neg = np.empty(0, dtype=np.uint16)
 
 
-MergerFactory = Callable[[list[Slot], "Mapping[str, Tensor] | None", torch.dtype, Any], ParamMerger]
-_FACTORIES: dict[str, MergerFactory] = {
-    "linear": lambda slots, base, dtype, options: LinearMerger(slots, base, dtype),
-    "task-arithmetic": lambda slots, base, dtype, options: TaskArithmeticMerger(slots, base, dtype, options.lam),
-    "ties": lambda slots, base, dtype, options: TiesMerger(slots, base, options),
-}
-
-
-def register_param_merger(name: str, factory: MergerFactory) -> None:
-    """Attach the maths of a method declared in ``common.merge.spec.METHODS``."""
-    _FACTORIES[name] = factory
-
-
 def build_param_merger(spec: MergeSpec, slots: list[Slot], base: Mapping[str, Tensor] | None) -> ParamMerger:
-    if spec.method not in _FACTORIES:
-        raise ValueError(f"merge method {spec.method!r} is declared but has no implementation")
-    dtype = torch.float64 if spec.precision == "float64" else torch.float32
-    if isinstance(spec.options, TaskArithmeticOptions | TiesOptions) and base is None:
+    """The registered method's merger (``common.merge.spec.MERGE_METHODS``) over these slots."""
+    if spec.needs_base and base is None:
         raise ValueError(f"merge method {spec.method!r} needs the shared starting model")
-    return _FACTORIES[spec.method](slots, base, dtype, spec.options)
+    dtype = torch.float64 if spec.precision == "float64" else torch.float32
+    return MERGE_METHODS.get(spec.method).load()(slots, base, dtype, spec.options)

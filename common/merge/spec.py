@@ -2,9 +2,11 @@
 
 Every entry point (the ServerApp, ``fedmerge merge``, ``fedmerge compare``) builds a
 :class:`MergeSpec` and hands it to the one merge engine, so a method means the same
-thing everywhere. Each merge method declares its typed options here (as mergekit's
-methods do) and whether it can run streaming, holding one site at a time. This module
-imports no torch, so a configuration can be checked in an instant.
+thing everywhere. Each merge method is registered here with its typed options (as
+mergekit's methods declare theirs) and what it needs: whether it runs streaming, holding
+one site at a time, takes per-site weights, or needs the shared start. Its maths is in
+``common.merge.methods``, imported only when a merge runs, so this module imports no
+torch and a configuration is checked in an instant.
 """
 
 from __future__ import annotations
@@ -12,21 +14,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from common.options.typed import OptionError, build_options, closest
+from common.options.registry import Registry
+from common.options.typed import OptionError, closest
 
 __all__ = [
     "BUFFER_MODES",
-    "METHODS",
+    "MERGE_METHODS",
     "PRECISIONS",
     "WEIGHTINGS",
     "LinearOptions",
     "MergeSpec",
-    "MethodInfo",
+    "MethodOptions",
     "TaskArithmeticOptions",
     "TiesOptions",
-    "method_info",
     "method_options",
 ]
 
@@ -35,13 +37,32 @@ BUFFER_MODES = ("gaussian", "reference", "average", "first")
 PRECISIONS = ("float64", "float32")
 
 
+MERGE_METHODS = Registry("merge method")
+_OPTION_ALIASES = {"lambda": "lam"}
+
+
 @dataclass(frozen=True)
-class LinearOptions:
+class MethodOptions:
+    """What every merge method declares besides its options: how it may be run."""
+
+    streaming: ClassVar[bool] = True  # merges one site at a time; False: needs every model at once
+    weighted: ClassVar[bool] = True  # takes per-site weights (counts or explicit); False: sites count equally
+    needs_base: ClassVar[bool] = False  # works on task vectors, so needs the shared starting model
+
+
+@MERGE_METHODS.register("linear", target="common.merge.methods:LinearMerger",
+                        summary="the weighted average of the sites' parameters")  # fmt: skip
+@dataclass(frozen=True)
+class LinearOptions(MethodOptions):
     """The weighted average of the sites' parameters has no options of its own."""
 
 
+@MERGE_METHODS.register("task-arithmetic", target="common.merge.methods:TaskArithmeticMerger",
+                        summary="θ₀ + λ Σ τ_i (τ_i = θ_i - θ₀)")  # fmt: skip
 @dataclass(frozen=True)
-class TaskArithmeticOptions:
+class TaskArithmeticOptions(MethodOptions):
+    weighted: ClassVar[bool] = False
+    needs_base: ClassVar[bool] = True
     lam: float = 0.3  # the scaling the Task Arithmetic paper found best on its tasks
 
     def __post_init__(self) -> None:
@@ -49,8 +70,12 @@ class TaskArithmeticOptions:
             raise OptionError(f"task-arithmetic: lam must be finite, not {self.lam}")
 
 
+@MERGE_METHODS.register("ties", target="common.merge.methods:TiesMerger",
+                        summary="TIES: trim each τ_i to its top-k, elect signs, disjoint mean, θ₀ + λ τ")  # fmt: skip
 @dataclass(frozen=True)
-class TiesOptions:
+class TiesOptions(MethodOptions):
+    weighted: ClassVar[bool] = False
+    needs_base: ClassVar[bool] = True
     k: float = 0.2  # fraction of each task vector kept (TIES's default top-20%)
     lam: float = 1.0
 
@@ -61,47 +86,9 @@ class TiesOptions:
             raise OptionError(f"ties: lam must be finite, not {self.lam}")
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """A merge method as the registry declares it."""
-
-    name: str
-    options: type
-    summary: str
-    streaming: bool = True  # merges one site at a time; False: needs every model at once
-    weighted: bool = True  # takes per-site weights (counts or explicit); False: sites count equally
-    needs_base: bool = False  # works on task vectors, so needs the shared starting model
-
-
-METHODS: dict[str, MethodInfo] = {
-    m.name: m
-    for m in (
-        MethodInfo("linear", LinearOptions, "the weighted average of the sites' parameters"),
-        MethodInfo(
-            "task-arithmetic", TaskArithmeticOptions, "θ₀ + λ Σ τ_i (τ_i = θ_i - θ₀)", weighted=False, needs_base=True
-        ),
-        MethodInfo(
-            "ties",
-            TiesOptions,
-            "TIES: trim each τ_i to its top-k, elect signs, disjoint mean, θ₀ + λ τ",
-            weighted=False,
-            needs_base=True,
-        ),
-    )
-}
-
-_OPTION_ALIASES = {"lambda": "lam"}
-
-
-def method_info(name: str) -> MethodInfo:
-    if name not in METHODS:
-        raise OptionError(f"unknown merge method {name!r}{closest(name, METHODS)}; methods: {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-def method_options(name: str, raw: Mapping[str, Any]) -> Any:
+def method_options(name: str, raw: Mapping[str, Any]) -> MethodOptions:
     """The method's typed options from loose ``raw`` values (strings from a command line, TOML values)."""
-    return build_options(method_info(name).options, raw, f"merge method {name!r}", _OPTION_ALIASES)
+    return MERGE_METHODS.get(name).make_options(raw, _OPTION_ALIASES)
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -133,13 +120,13 @@ class MergeSpec:
     clip_norm: float
 
     def __post_init__(self) -> None:
-        info = method_info(self.method)
-        if not isinstance(self.options, info.options):
-            raise OptionError(f"merge method {self.method!r} takes {info.options.__name__}, not {self.options!r}")
+        entry = MERGE_METHODS.get(self.method)
+        if not isinstance(self.options, entry.options):
+            raise OptionError(f"merge method {self.method!r} takes {entry.options.__name__}, not {self.options!r}")
         _choice(self.weighting, WEIGHTINGS, "param-weighting")
         _choice(self.buffers, BUFFER_MODES, "buffer-mode")
         _choice(self.precision, PRECISIONS, "param-precision")
-        if not info.weighted and self.weighting != "uniform":
+        if not self.options.weighted and self.weighting != "uniform":
             raise OptionError(
                 f"merge method {self.method!r} weights every site equally; param-weighting must be uniform"
             )
@@ -149,12 +136,8 @@ class MergeSpec:
             raise OptionError(f"clip-norm must be a finite number >= 0 (0: off), not {self.clip_norm}")
 
     @property
-    def info(self) -> MethodInfo:
-        return METHODS[self.method]
-
-    @property
     def needs_base(self) -> bool:
-        return self.info.needs_base or self.clip_norm > 0
+        return self.options.needs_base or self.clip_norm > 0
 
     def describe(self) -> dict[str, Any]:
         """The spec as plain values, for reports."""

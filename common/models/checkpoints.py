@@ -29,10 +29,10 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from common.bn.bank import BANK_META, BANK_PREFIX, BNBank
-from common.models.architectures import Segmenter
 from common.models.banked import BankedSegmenter
 from common.models.factory import build_model
 from common.models.multires import HRDA_PREFIX, MultiResSegmenter
+from common.models.segmenter import Segmenter
 
 __all__ = [
     "CHECKPOINT_FORMAT",

@@ -20,13 +20,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from common.models.catalog import MiTOptions
 from common.models.segformer import DROPOUT, MiTSegmenter, mit_encoder
 
-__all__ = ["DAFORMER_VARIANTS", "ContextFusion", "DAFormerHead", "build_daformer"]
+__all__ = ["ContextFusion", "DAFormerHead", "build_daformer"]
 
 EMBED_WIDTH = 256  # DAFormer: every level embedded to 256 channels; the fused width is 256 too
 DILATIONS = (6, 12, 18)  # the separable branches; a 1x1 branch comes first
-DAFORMER_VARIANTS = {"daformer_b5": "mit_b5"}
 
 
 class ChannelLinear(nn.Module):
@@ -95,6 +95,6 @@ class DAFormerHead(nn.Module):
         return self.conv_seg(self.dropout(self.fuse_layer(torch.cat(embedded, dim=1))))
 
 
-def build_daformer(arch: str, num_classes: int) -> MiTSegmenter:
-    encoder = mit_encoder(DAFORMER_VARIANTS[arch])
+def build_daformer(num_classes: int, options: MiTOptions) -> MiTSegmenter:
+    encoder = mit_encoder(options.encoder)
     return MiTSegmenter(encoder, DAFormerHead(encoder.out_channels[2:], num_classes))

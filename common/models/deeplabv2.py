@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from common.models.segmenter import Segmenter
+from common.options.registry import NoOptions
 
 __all__ = ["ASPPClassifier", "DeepLabV2", "build_deeplabv2"]
 
@@ -64,7 +65,5 @@ class DeepLabV2(Segmenter):
         return self.classifier(feats)
 
 
-def build_deeplabv2(arch: str, num_classes: int) -> DeepLabV2:
-    if arch != "deeplabv2_resnet101":
-        raise ValueError(f"unknown DeepLabV2 variant {arch!r}")
+def build_deeplabv2(num_classes: int, options: NoOptions) -> DeepLabV2:
     return DeepLabV2(num_classes)

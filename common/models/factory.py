@@ -1,13 +1,16 @@
 """Build any model fedmerge knows by name: a base architecture or HRDA's ``hrda_<base>`` wrapper.
 
-The wrapper is built from a base model, so the one function that knows both names sits
-above the two modules that define them.
+Every name comes from the one registry (``common.models.catalog``); the wrapper is built
+from a base model, so the one function that knows both sits above the modules that
+define them.
 """
 
 from __future__ import annotations
 
-from common.models.architectures import Segmenter, WeightsFile, build_base_model
+from common.models.base import build_base_model
 from common.models.multires import HRDA_PREFIX, build_multires
+from common.models.segmenter import Segmenter
+from common.models.weights import WeightsFile
 
 __all__ = ["build_model"]
 

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.models.architectures import Segmenter, build_base_model, load_weights_file
+from common.models.base import build_base_model
+from common.models.segmenter import Segmenter
+from common.models.weights import load_weights_file
 
 __all__ = [
     "HRDA_PREFIX",

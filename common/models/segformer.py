@@ -16,17 +16,16 @@ ImageNet feature distance compares and what HRDA's attention head reads.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.models.catalog import MiTOptions
 from common.models.segmenter import Segmenter
 
 __all__ = [
     "MIN_SIDE",
-    "SEGFORMER_VARIANTS",
     "MiTSegmenter",
     "SegFormerHead",
     "build_segformer",
@@ -40,18 +39,6 @@ DROPOUT = 0.1  # before the classifier, as in the released SegFormer and DAForme
 # conv of stride 8, so that stage needs 8 positions a side: floor((side - 1) / 4) + 1 >= 8.
 FIRST_STRIDE, FIRST_REDUCTION = 4, 8
 MIN_SIDE = FIRST_STRIDE * (FIRST_REDUCTION - 1) + 1
-
-
-@dataclass(frozen=True)
-class SegFormerVariant:
-    """One SegFormer size: the MiT encoder (smp's name) and the decode head's width."""
-
-    encoder: str
-    head_width: int
-
-
-# The released SegFormer heads are 256 wide for B0/B1 and 768 for B2-B5.
-SEGFORMER_VARIANTS = {f"segformer_b{i}": SegFormerVariant(f"mit_b{i}", 256 if i < 2 else 768) for i in range(6)}
 
 
 def mit_encoder(name: str) -> nn.Module:
@@ -115,7 +102,6 @@ class SegFormerHead(nn.Module):
         return self.conv_seg(self.dropout(self.decoder.fuse_stage(torch.cat(embedded, dim=1))))
 
 
-def build_segformer(arch: str, num_classes: int) -> MiTSegmenter:
-    variant = SEGFORMER_VARIANTS[arch]
-    encoder = mit_encoder(variant.encoder)
-    return MiTSegmenter(encoder, SegFormerHead(encoder.out_channels[2:], variant.head_width, num_classes))
+def build_segformer(num_classes: int, options: MiTOptions) -> MiTSegmenter:
+    encoder = mit_encoder(options.encoder)
+    return MiTSegmenter(encoder, SegFormerHead(encoder.out_channels[2:], options.head_width, num_classes))

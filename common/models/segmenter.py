@@ -1,8 +1,8 @@
-"""The one interface every segmentation model has, apart from the registry that builds them.
+"""The one interface every segmentation model has, apart from the modules that build them.
 
-Model modules (``common.models.architectures``, ``common.models.segformer``, ``common.models.deeplabv2`` ...) all
-subclass :class:`Segmenter`; keeping it in a module of its own lets the registry in
-``common.models.architectures`` import them without a cycle.
+Model modules (``common.models.unet``, ``common.models.segformer``, ``common.models.deeplabv2`` ...) all
+subclass :class:`Segmenter`; keeping it in a module of its own lets them, and the wrappers
+(``multires``, ``banked``), import it without a cycle.
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common.models.architectures import load_weights_file
 from common.models.checkpoints import save_checkpoint
 from common.models.factory import build_model
 from common.models.multires import HRDA_PREFIX
 from common.models.segmenter import Segmenter
+from common.models.weights import load_weights_file
 
 __all__ = ["LAYOUTS", "UDA_BRANCHES", "ImportReport", "Rule", "import_weights", "map_keys", "write_imported"]
 

@@ -1,9 +1,10 @@
 """Label-free scores of a candidate model on a site's own unlabeled images: only scalars come out.
 
 A deployed run has no labels anywhere, so choosing among candidate merges needs scores a
-site can compute alone. Each score here is a registered function, oriented so that higher
-is better, and all of them read the same few forward passes of the candidate over the
-site's images (plus one of the site's own adapted model):
+site can compute alone. Each score here is a function registered in
+``common.scoring.scores.SCORES``, oriented so that higher is better, and all of them read
+the same few forward passes of the candidate over the site's images (plus one of the
+site's own adapted model):
 
 - ``agreement``: the share of pixels where the candidate's class equals the site model's;
 - ``neg-entropy``: minus the mean normalised prediction entropy (plain entropy is known
@@ -21,17 +22,30 @@ site's images (plus one of the site's own adapted model):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from common.models.architectures import Segmenter
+from common.models.segmenter import Segmenter
 from common.scoring.predictions import confident_fraction, normalized_entropy
+from common.scoring.scores import SCORES
 
-__all__ = ["SCORES", "SCORE_IMAGES", "Passes", "Score", "forward_passes", "label_free_scores", "score_images"]
+__all__ = [
+    "SCORE_IMAGES",
+    "Passes",
+    "agreement",
+    "confident",
+    "diversity",
+    "forward_passes",
+    "label_free_scores",
+    "mix",
+    "neg_entropy",
+    "photometric_agreement",
+    "score_images",
+]
 
 
 @dataclass(frozen=True)
@@ -46,16 +60,6 @@ class Passes:
     photometric: Tensor  # the candidate's classes under the brightness and contrast change
 
 
-ScoreFn = Callable[[list[Passes]], float]
-
-
-@dataclass(frozen=True)
-class Score:
-    name: str
-    fn: ScoreFn
-    summary: str  # what it measures; every score is oriented so that higher is better
-
-
 def _share(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
     agree = total = 0
     for a, b in pairs:
@@ -64,43 +68,30 @@ def _share(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
     return agree / total if total else float("nan")
 
 
-def _agreement(passes: list[Passes]) -> float:
+def agreement(passes: list[Passes]) -> float:
     return _share((p.labels, p.own) for p in passes if p.own is not None)
 
 
-def _neg_entropy(passes: list[Passes]) -> float:
+def neg_entropy(passes: list[Passes]) -> float:
     return -float(torch.cat([normalized_entropy(p.probs).reshape(-1) for p in passes]).mean())
 
 
-def _confident(passes: list[Passes]) -> float:
+def confident(passes: list[Passes]) -> float:
     return float(torch.cat([confident_fraction(p.probs) for p in passes]).mean())
 
 
-def _diversity(passes: list[Passes]) -> float:
+def diversity(passes: list[Passes]) -> float:
     marginal = sum(p.probs.sum((0, 2, 3)) for p in passes)
     marginal = marginal / marginal.sum()
     return float(-(marginal * marginal.clamp_min(1e-12).log()).sum() / math.log(marginal.numel()))
 
 
-def _mix(passes: list[Passes]) -> float:
+def mix(passes: list[Passes]) -> float:
     return _share((p.mixed, p.expected) for p in passes if p.mixed is not None and p.expected is not None)
 
 
-def _photometric_agreement(passes: list[Passes]) -> float:
+def photometric_agreement(passes: list[Passes]) -> float:
     return _share((p.photometric, p.labels) for p in passes)
-
-
-SCORES: dict[str, Score] = {
-    s.name: s
-    for s in (
-        Score("agreement", _agreement, "pixels where the candidate agrees with the site's own adapted model"),
-        Score("neg-entropy", _neg_entropy, "minus the mean normalised prediction entropy"),
-        Score("confident", _confident, "pixels whose top probability reaches the confidence threshold"),
-        Score("diversity", _diversity, "entropy of the mean prediction over the site's images, normalised"),
-        Score("mix", _mix, "ClassMix consistency: pasted classes labelled as the paste implies"),
-        Score("photometric", _photometric_agreement, "agreement with itself under a brightness and contrast change"),
-    )
-}
 
 
 def _mix_pairs(images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -156,5 +147,5 @@ def label_free_scores(
     passes = [forward_passes(candidate, own, images, generator) for images in batches]
     if not passes:
         raise ValueError("no images to score on")
-    scores = {name: score.fn(passes) for name, score in SCORES.items()}
+    scores = {name: SCORES.get(name).load()(passes) for name in SCORES}
     return {name: value for name, value in scores.items() if not math.isnan(value)}

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from common.data import DataSpec, build_dataset, dataset_classes, make_loader
 from common.data.classes import IGNORE
 from common.data.transforms import PhotometricAugment, TrainAugment
-from common.models.architectures import Segmenter
 from common.models.checkpoints import save_checkpoint
 from common.models.factory import build_model
+from common.models.segmenter import Segmenter
 from common.options.typed import build_options
 
 __all__ = [

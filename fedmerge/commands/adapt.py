@@ -34,15 +34,14 @@ def _guard_values(args: argparse.Namespace) -> dict[str, object]:
 
 def describe_methods() -> str:
     """Every registered method with its summary and its config fields, typed, with defaults."""
-    from clients.adaptation import METHODS, method_spec
-    from clients.adaptation.configs import BUILTIN
+    from clients.adaptation import METHODS
 
     lines = []
-    for name in sorted({*BUILTIN, *METHODS}):
-        method = method_spec(name)
-        needs = " [needs --source]" if method.needs_source else ""
+    for name in METHODS:
+        method = METHODS.get(name)
+        needs = " [needs --source]" if method.options.needs_source else ""
         lines.append(f"{name}{needs}: {method.summary}")
-        for f in dataclasses.fields(method.config_type):
+        for f in dataclasses.fields(method.options):
             type_name = f.type if isinstance(f.type, str) else f.type.__name__
             lines.append(f"    {f.name.replace('_', '-')}: {type_name} = {f.default!r}")
     return "\n".join(lines)
@@ -62,7 +61,7 @@ def _load_model(path: str, arch: str | None, classes: list[str]) -> tuple[torch.
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.adaptation import make_config, method_spec
+    from clients.adaptation import METHODS
 
     if args.list:
         print(describe_methods())
@@ -71,9 +70,8 @@ def run(args: argparse.Namespace) -> int:
                                         ("--out", args.out)) if not value]  # fmt: skip
     if missing:
         raise CommandError(f"{', '.join(missing)} required (or --list)")
-    method = method_spec(args.method)
     options = _options(args.set)
-    make_config(method, options)  # a bad option fails before torch, the model or any data is loaded
+    config = METHODS.get(args.method).make_options(options)  # a bad option fails before torch or any data
 
     import torch
 
@@ -93,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     source = None
     if args.source:
         source = build_dataset(DataSpec.parse(args.source))
-    elif method.needs_source:
+    elif config.needs_source:
         raise CommandError(f"method {args.method!r} needs the labeled source set: give --source SPEC")
     target = build_dataset(spec)
     context = AdaptContext(

@@ -83,12 +83,12 @@ def merge(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from common.merge.spec import BUFFER_MODES, METHODS
+    from common.merge.spec import BUFFER_MODES, MERGE_METHODS
 
     p = sub.add_parser("merge", help="merge site-update files into one model, training-free")
     p.add_argument("sites", nargs="+", help="site updates (.safetensors site-update/1, or PyTorch state dicts)")
     p.add_argument("--out", required=True, help="the merged checkpoint (.safetensors)")
-    p.add_argument("--method", choices=list(METHODS), help="the merge method (default: the run config's)")
+    p.add_argument("--method", choices=MERGE_METHODS.names(), help="the merge method (default: the run config's)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a merge-method option")
     p.add_argument("--base", help="the shared starting model (task-arithmetic, ties, --clip-norm)")
     p.add_argument("--weights", default="uniform", help="uniform | counts | a comma list, one weight per site")

@@ -75,7 +75,8 @@ from common.merge.spec import PRECISIONS, method_options  # noqa: E402
 from common.updates.site import SiteUpdate, bn_layer_names, split_state  # noqa: E402
 from common.updates.wire import numpy_to_array, records_to_update, sums_to_records, update_to_records  # noqa: E402
 from server.config import MergeConfig  # noqa: E402
-from server.strategy import OneShotMerge, state_record  # noqa: E402
+from server.messages import state_record  # noqa: E402
+from server.strategy import OneShotMerge  # noqa: E402
 
 PARAM_PRECISIONS = PRECISIONS
 

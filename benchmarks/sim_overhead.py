@@ -44,7 +44,7 @@ from server.simulation import SimulationPlan, run_simulation  # noqa: E402
 
 TRIVIAL_APP = ROOT / "benchmarks" / "trivial_app"
 TORCH_SWITCH = "TRIVIAL_ECHO_TORCH"  # trivial_echo.TORCH_SWITCH: the Flower processes inherit it from here
-NO_EVAL = {"eval-domains": "", "eval-sites": False}
+NO_EVAL = {"eval-data": "", "eval-sites": False}
 PROFILE = {"profile": True}
 SITES = 3
 
@@ -53,7 +53,7 @@ def run_fedmerge(keep_eval: bool) -> dict[str, Any]:
     plan = SimulationPlan.preset("tiny")
     with tempfile.TemporaryDirectory(prefix="sim_overhead_") as tmp:
         started = time.time()
-        report = run_simulation(plan, Path(tmp), plan.resolve(PROFILE if keep_eval else {**NO_EVAL, **PROFILE}))
+        report = run_simulation(plan, Path(tmp), PROFILE if keep_eval else {**NO_EVAL, **PROFILE})
     timings = report["timings"]
     sites = [s["metrics"] for s in report["sites"]]
     return {

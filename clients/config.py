@@ -1,9 +1,14 @@
 """A site's typed configuration: the run config (one reader, ``common.config.run``) under its node config.
 
 Node config (set by each site's operator with ``--node-config``) wins over run config
-(set by whoever starts the run), so data paths and the domain stay with the site. In
-simulation, where node config is only ``partition-id``, the run config's ``domains``
-list maps partitions to domains, and its ``site-data`` list, when given, to whole data specs.
+(set by whoever starts the run), so data paths and the domain stay with the site: a site
+names its data with node config ``site-data``, or with ``domain`` when the run config's
+``site-data`` is a ``{domain}`` template. In simulation, where node config is only
+``partition-id``, partition i takes item i of the run config's ``site-data`` list.
+
+A site's configuration is read once and kept for the run; what a message changes (the
+round's seed, the source set, the metrics a method records) goes into a fresh
+:class:`~clients.site.SiteJob` built for that message.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from clients.adaptation import AdaptContext
-from clients.guard import GUARD_KEYS, GuardConfig
+from clients.guard import GuardConfig
 from clients.site import SiteJob
-from common.config.run import ConfigError, RunConfig, declared_defaults
-from common.data import DataSpec
+from common.config.run import REPLACED_KEYS, ConfigError, RunConfig, declared_defaults
+from common.data.spec import DOMAIN_FIELD, DataSpec, NamedSpec, fill_domain, parse_spec_list
 from common.options.typed import closest, parse_key_values
 
 __all__ = ["NODE_ONLY_KEYS", "SiteConfig"]
@@ -25,27 +30,25 @@ __all__ = ["NODE_ONLY_KEYS", "SiteConfig"]
 NODE_ONLY_KEYS = {"domain": str, "weights": str, "partition-id": int, "num-partitions": int}
 
 
-def _domain(run: RunConfig, node: Mapping[str, Any]) -> str:
-    if str(node.get("domain", "")):
-        return str(node["domain"])
-    if "partition-id" not in node:
-        raise ConfigError("site has no 'domain' in its node config and no 'partition-id'")
-    domains = [d.strip() for d in run.domains.split(",") if d.strip()]
-    pid = int(node["partition-id"])
-    if pid >= len(domains):
-        raise ConfigError(f"partition {pid} has no domain: run config 'domains' lists only {domains}")
-    return domains[pid]
-
-
-def _partition_data(run: RunConfig, node: Mapping[str, Any]) -> DataSpec | None:
-    """In simulation a run-config ``site-data`` list (";"-separated) may give each partition its own data."""
-    specs = [s.strip() for s in run.site_data.split(";") if s.strip()]
-    if not specs or "partition-id" not in node:
-        return None
-    pid = int(node["partition-id"])
-    if pid >= len(specs):
-        raise ConfigError(f"partition {pid} has no data: run config 'site-data' lists only {len(specs)} specs")
-    return DataSpec.parse(specs[pid])
+def _site_spec(run: RunConfig, node: Mapping[str, Any]) -> NamedSpec:
+    """This site's name and data: its own domain in a ``{domain}`` template, else its item of ``site-data``."""
+    domain = str(node.get("domain", ""))
+    if DOMAIN_FIELD in run.site_data:
+        if not domain:
+            raise ConfigError("run config 'site-data' is a {domain} template: this site's node config needs 'domain'")
+        return NamedSpec(domain, parse_spec_list(fill_domain(run.site_data, domain), "site-data")[0].spec)
+    items = run.site_list()
+    if "partition-id" in node:
+        pid = int(node["partition-id"])
+        if pid >= len(items):
+            raise ConfigError(f"partition {pid} has no data: run config 'site-data' lists only {len(items)} specs")
+        item = items[pid]
+    elif len(items) == 1:
+        item = items[0]
+    else:
+        raise ConfigError(f"run config 'site-data' lists {len(items)} specs and this site has no 'partition-id': "
+                          "name its data in its node config (site-data = \"SPEC\")")  # fmt: skip
+    return NamedSpec(domain or item.name, item.spec)
 
 
 def _split_node_config(node_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -55,8 +58,8 @@ def _split_node_config(node_config: Mapping[str, Any]) -> tuple[dict[str, Any], 
     for key, value in node_config.items():
         if key in NODE_ONLY_KEYS:
             node_keys[key] = value
-        elif key in declared:
-            run_keys[key] = value
+        elif key in declared or key in REPLACED_KEYS:
+            run_keys[key] = value  # a replaced key is refused by the run-config reader, naming its successor
         else:
             raise ConfigError(f"unknown node-config key {key!r}{closest(key, [*declared, *NODE_ONLY_KEYS])}")
     return run_keys, node_keys
@@ -65,9 +68,11 @@ def _split_node_config(node_config: Mapping[str, Any]) -> tuple[dict[str, Any], 
 @dataclass(frozen=True)
 class SiteConfig:
     run: RunConfig
+    domain: str
     data: DataSpec
     source: DataSpec | None
-    job: SiteJob
+    method_options: Mapping[str, str]
+    guard: GuardConfig
     weights: str = ""  # node config: this site's local copy of the shared initial weights
 
     @property
@@ -82,21 +87,15 @@ class SiteConfig:
     def from_flower(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteConfig:
         run_keys, node = _split_node_config(node_config)
         run = RunConfig.read({**run_config, **run_keys})
-        domain = _domain(run, node)
-        flat = run.to_flower()
-        data = _partition_data(run, node) or DataSpec.from_config({**flat, "domain": domain})
-        source = DataSpec.from_config(flat, prefix="source-") if run.source_dataset else None
-        job = SiteJob(
-            domain=domain,
-            method=run.method,
-            method_options=parse_key_values(run.method_options, "method-options"),
-            batch_size=run.batch_size,
-            context=AdaptContext(
-                checkpoint_dir=run.checkpoint_dir,
-                progress=run.progress,
-                seed=run.seed,
-                backbone_weights=run.backbone_weights,
-            ),
-            guard=GuardConfig.read({k: flat[k] for k in GUARD_KEYS}),
-        )
-        return cls(run, data, source, job, weights=str(node.get("weights", "")))
+        site = _site_spec(run, node)
+        guard = GuardConfig(run.guard, tuple(s.strip() for s in run.guard_score.split(",")), run.guard_margin)
+        options = parse_key_values(run.method_options, "method-options")
+        return cls(run, site.name, site.spec, run.source_spec(), options, guard, str(node.get("weights", "")))
+
+    def job(self, seed_offset: int = 0) -> SiteJob:
+        """What this site does for one message: a fresh context, so nothing a method records leaks into the next."""
+        run = self.run
+        context = AdaptContext(checkpoint_dir=run.checkpoint_dir, progress=run.progress, seed=run.seed + seed_offset,
+                               backbone_weights=run.backbone_weights)  # fmt: skip
+        return SiteJob(self.domain, run.method, dict(self.method_options), run.batch_size, context=context,
+                       guard=self.guard)  # fmt: skip

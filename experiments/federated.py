@@ -14,14 +14,13 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
 
 from clients.adaptation import METHODS
-from common.config.run import RunConfig
 from common.models.fingerprint import recipe_key
 from experiments.config import ExperimentConfig
 from experiments.pool import CACHE_VERSION, SourceBundle
@@ -51,42 +50,30 @@ def round_options(config: ExperimentConfig, rounds: int, split_steps: bool) -> d
     return options
 
 
-def _run_config(
+def _run_values(
     config: ExperimentConfig, source: SourceBundle, rounds: int, options: Mapping[str, Any], buffers: str
-) -> RunConfig:
-    """The Flower run of this experiment, built as a typed value; each partition gets its site's data spec."""
-    first = config.sites[0].data
-    run = replace(
-        RunConfig.defaults(),
-        arch=source.arch,
-        num_classes=source.num_classes,
-        initial_weights=str(source.path),
-        # The shared data keys must form a valid spec before ``site-data`` gives each partition its own,
-        # so they describe the first site's data.
-        dataset=first.kind,
-        data_root=first.root,
-        split=first.split,
-        domains=",".join(s.name for s in config.sites),
-        site_data=";".join(str(s.data) for s in config.sites),
-        seed=config.seed,
-        method=config.method.name,
-        method_options=" ".join(f"{k}={v}" for k, v in options.items()),
-        batch_size=config.method.batch_size,
-        min_sites=len(config.sites),
-        strategy="fedavg",
-        num_rounds=rounds,
-        buffer_mode=buffers,
-        timeout=3600.0,
-        guard=config.method.guard.enabled,
-        guard_score=",".join(config.method.guard.scores),
-        guard_margin=config.method.guard.margin,
-    )
-    src = config.method.source
-    if src is None:
-        return run
-    size = f"{src.size[0]}x{src.size[1]}" if src.size else ""
-    return replace(run, source_dataset=src.kind, source_data_root=src.root, source_split=src.split,
-                   source_domain=src.domain or "", source_size=size, source_num_images=src.num_images or 0)  # fmt: skip
+) -> dict[str, Any]:
+    """The run config of this experiment's Flower run; each partition gets its site's data spec, by name."""
+    guard = config.method.guard
+    return {
+        "arch": source.arch,
+        "num-classes": source.num_classes,
+        "initial-weights": str(source.path),
+        "site-data": ";".join(f"{s.name}={s.data}" for s in config.sites),
+        "source-data": str(config.method.source) if config.method.source else "",
+        "seed": config.seed,
+        "method": config.method.name,
+        "method-options": " ".join(f"{k}={v}" for k, v in options.items()),
+        "batch-size": config.method.batch_size,
+        "min-sites": len(config.sites),
+        "strategy": "fedavg",
+        "num-rounds": rounds,
+        "buffer-mode": buffers,
+        "timeout": 3600.0,
+        "guard": guard.enabled,
+        "guard-score": ",".join(guard.scores),
+        "guard-margin": guard.margin,
+    }
 
 
 def _key(config: ExperimentConfig, source: SourceBundle, rounds: int, options: Mapping[str, Any], buffers: str) -> str:
@@ -118,7 +105,7 @@ def run_fedavg_rounds(
         log.info("fedavg-rounds: %d rounds of %s (%s) through Flower", rounds, config.method.name, options)
         started = time.perf_counter()
         plan = SimulationPlan("fedavg-rounds", len(config.sites))
-        report = run_simulation(plan, folder, _run_config(config, source, rounds, options, buffers))
+        report = run_simulation(plan, folder, _run_values(config, source, rounds, options, buffers))
         wall = time.perf_counter() - started
         bytes_sent: dict[str, int] = {}
         per_round: dict[int, float] = {}

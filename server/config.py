@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ class MergeConfig:
     recalibrate: bool
     recalibrate_mode: str
     poll_interval: float = 0.05  # seconds between pulls while replies are outstanding
-    secure: bool = False  # secure aggregation: the server learns only sums (server/secure_round.py)
+    secure: bool = False  # secure aggregation: the server learns only sums (server/rounds/secure.py)
     bn_bank: str = ""  # ship the sites' own or recalibrated BN statistics with the merge
-    candidates: tuple[MergeCandidate, ...] = ()  # a label-free selection among these (server/selection_round.py)
+    candidates: tuple[MergeCandidate, ...] = ()  # a label-free selection among these (server/rounds/select.py)
     select_score: str = "confident"
     select_aggregate: str = "worst"
 
@@ -35,14 +35,6 @@ class MergeConfig:
         return cls(run.merge_spec(), run.min_sites, run.timeout, run.recalibrate, run.recalibrate_mode,
                    secure=run.secure_aggregation, bn_bank=run.bn_bank, candidates=candidates,
                    select_score=run.select_score, select_aggregate=run.select_aggregate)  # fmt: skip
-
-
-def _eval_specs(run: RunConfig) -> dict[str, DataSpec]:
-    domains = [d.strip() for d in run.eval_domains.split(",") if d.strip()]
-    if not run.eval_dataset or not domains:
-        return {}
-    flat = run.to_flower()
-    return {d: DataSpec.from_config({**flat, "eval-domain": d}, prefix="eval-") for d in domains}
 
 
 @dataclass(frozen=True)
@@ -56,15 +48,15 @@ class ServerConfig:
     def from_run(cls, run: RunConfig, run_id: int | None = None) -> ServerConfig:
         """``out-dir`` as given (it must be absolute), or, left empty, ``runs/flwr-run-<id>`` under the working
         directory: ``flwr run .`` with the declared defaults then writes beside the project it ran."""
-        if not run.out_dir and run_id is not None:
-            run = replace(run, out_dir=str((Path.cwd() / "runs" / f"flwr-run-{run_id}").resolve()))
         out_dir = Path(run.out_dir)
-        if not run.out_dir or not out_dir.is_absolute():
+        if not run.out_dir and run_id is not None:
+            out_dir = (Path.cwd() / "runs" / f"flwr-run-{run_id}").resolve()
+        elif not run.out_dir or not out_dir.is_absolute():
             raise ConfigError(
                 f"run config 'out-dir' must be an absolute path (the ServerApp runs in the SuperLink's "
                 f"directory), got {run.out_dir!r}"
             )
-        return cls(run, out_dir, MergeConfig.from_run(run), _eval_specs(run))
+        return cls(run, out_dir, MergeConfig.from_run(run), run.eval_specs())
 
     def describe(self) -> dict[str, Any]:
         return {

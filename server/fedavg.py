@@ -26,9 +26,10 @@ from common.merge.engine import MergeEngine
 from common.models.factory import build_model
 from server.config import MergeConfig, ServerConfig
 from server.intake import ReplyIntake
+from server.messages import claimed_weight, state_record
 from server.report import MergeReport
 from server.results import MERGED_FILE, REPORT_FILE, save_merged
-from server.strategy import MinSitesNotMet, claimed_weight, state_record
+from server.rounds.base import MinSitesNotMet
 
 __all__ = ["BNFedAvg", "run_fedavg"]
 

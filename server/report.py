@@ -50,6 +50,7 @@ class MergeReport:
     eval: dict[str, Any] = field(default_factory=dict)  # the merged model
     eval_initial: dict[str, Any] = field(default_factory=dict)  # the model every site started from
     eval_sites: dict[str, Any] = field(default_factory=dict)  # each site's own model, when asked for
+    evaluation: dict[str, Any] = field(default_factory=dict)  # node id -> the site's label-free scores of the merge
     status: str = "running"
     error: str = ""
     _clock: dict[str, float] = field(default_factory=dict, repr=False)

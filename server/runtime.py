@@ -25,6 +25,8 @@ from typing import TextIO
 import psutil
 import tomli_w
 
+from common.config.run import app_pyproject
+
 __all__ = [
     "PROJECT_ROOT",
     "FlowerEnv",
@@ -416,7 +418,7 @@ def stage_app(project: Path, dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    shutil.copy2(project / "pyproject.toml", dest / "pyproject.toml")
+    shutil.copy2(app_pyproject(), dest / "pyproject.toml")
     for package in APP_PACKAGES:
         for pattern in APP_FILES:
             for path in (project / package).rglob(pattern):

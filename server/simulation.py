@@ -12,12 +12,12 @@ import logging
 import time
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from common.config.run import ConfigError, RunConfig
-from common.data.spec import DataSpec
+from common.data.spec import DOMAIN_FIELD, DataSpec
 from server.runtime import simulation_env
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class SimulationPlan:
     pretrain: PretrainPlan | None = None
     description: str = ""
     source: Path | None = None  # a shipped starting model, made once by the [pretrain] recipe
+    origin: Path | None = None  # the file the plan was read from, named in its errors
 
     @classmethod
     def load(cls, path: Path) -> SimulationPlan:
@@ -55,21 +56,30 @@ class SimulationPlan:
         pre = raw.get("pretrain")
         pretrain = _pretrain_plan(pre, path) if pre else None
         source = (path.parent / str(raw["source"])).resolve() if "source" in raw else None
-        plan = cls(path.stem, raw.get("num-sites", 3), dict(raw.get("run-config", {})), pretrain,
-                   str(raw.get("description", "")), source)  # fmt: skip
-        try:
-            plan.resolve()
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        return plan
+        return cls(path.stem, raw.get("num-sites", 3), dict(raw.get("run-config", {})), pretrain,
+                   str(raw.get("description", "")), source, path)  # fmt: skip
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-        """The run config of this plan with ``overrides``, checked against the sites it will have."""
+        """The run config of this plan with ``overrides``, checked against the sites it will have.
+
+        The one :class:`RunConfig` of the process that drives a simulation; an error names the
+        plan's file when it came from one.
+        """
+        try:
+            return self._resolve(overrides)
+        except ValueError as exc:
+            raise type(exc)(f"{self.origin}: {exc}" if self.origin else str(exc)) from None
+
+    def _resolve(self, overrides: Mapping[str, Any] | None) -> RunConfig:
         if not isinstance(self.num_sites, int) or isinstance(self.num_sites, bool) or self.num_sites < 1:
             raise ConfigError(f"num-sites must be an integer of at least 1, not {self.num_sites!r}")
         run = RunConfig.read({**self.run_config, **(overrides or {})})
         if run.min_sites > self.num_sites:
             raise ConfigError(f"min-sites = {run.min_sites} is more than the {self.num_sites} simulated sites")
+        items = run.site_list()
+        if DOMAIN_FIELD not in run.site_data and len(items) < self.num_sites:
+            raise ConfigError(f"site-data lists {len(items)} spec(s) for {self.num_sites} simulated sites: "
+                              "one per site")  # fmt: skip
         return run
 
     @classmethod
@@ -90,44 +100,54 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
-def starting_weights(plan: SimulationPlan, out_dir: Path, pretrain: bool) -> str:
-    """The shipped starting model, or one pretrained by the plan's recipe once per output folder."""
-    from common.training.pretrain import pretrain_to_file
-
+def starting_weights(plan: SimulationPlan, out_dir: Path, pretrain: bool) -> Path:
+    """Where the run's start is: the shipped model, or one the plan's recipe trains once per output folder."""
     if plan.source is not None and not pretrain:
         if not plan.source.is_file():
             raise FileNotFoundError(f"plan {plan.name!r}: its starting model {plan.source} is missing; "
                                     "--pretrain makes one from the plan's [pretrain] recipe")  # fmt: skip
-        return str(plan.source)
+        return plan.source
     if plan.pretrain is None:
         raise ValueError(f"plan {plan.name!r} has no [pretrain] recipe to train a starting model with")
-    path = out_dir / SOURCE_CHECKPOINT
+    return out_dir / SOURCE_CHECKPOINT
+
+
+def _pretrain_if_missing(plan: SimulationPlan, path: Path) -> None:
+    from common.training.pretrain import pretrain_to_file
+
     if path.exists():
         log.info("reusing source model %s", path)
-        return str(path)
-    return str(pretrain_to_file(plan.pretrain, path))
+    elif plan.pretrain is not None:
+        pretrain_to_file(plan.pretrain, path)
 
 
 def run_simulation(
     plan: SimulationPlan,
     out_dir: Path,
-    run: RunConfig | None = None,
+    overrides: Mapping[str, Any] | None = None,
     echo: TextIO | None = None,
     pretrain: bool = False,
 ) -> dict[str, Any]:
-    """Run the plan (its own run config, or ``run``); returns the report the ServerApp wrote.
+    """Run the plan, its run config changed by ``overrides``; returns the report the ServerApp wrote.
 
     The sites start from the run's ``initial-weights``, else the plan's shipped model, else
-    (or with ``pretrain``) one trained by the plan's [pretrain] recipe. Raises with Flower's
-    log on failure. ``echo`` receives Flower's output line by line (e.g. ``sys.stderr``).
+    (or with ``pretrain``) one trained by the plan's [pretrain] recipe. Every value is checked
+    before anything starts. Raises with Flower's log on failure. ``echo`` receives Flower's
+    output line by line (e.g. ``sys.stderr``).
     """
     out_dir = out_dir.resolve()
-    run = replace(run or plan.resolve(), out_dir=str(out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (plan.pretrain is not None or plan.source is not None) and not run.initial_weights:
-        run = replace(run, initial_weights=starting_weights(plan, out_dir, pretrain))
+    values = {**(overrides or {}), "out-dir": str(out_dir)}
+    start = None
+    given = {**plan.run_config, **values}.get("initial-weights")
+    if (plan.pretrain is not None or plan.source is not None) and not given:
+        start = starting_weights(plan, out_dir, pretrain)
+        values["initial-weights"] = str(start)
         if plan.pretrain is not None:  # the recipe names the architecture its model has
-            run = replace(run, arch=plan.pretrain.arch)
+            values["arch"] = plan.pretrain.arch
+    run = plan.resolve(values)  # the one RunConfig of this process
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if start is not None:
+        _pretrain_if_missing(plan, start)
     rounds = run.num_rounds + (1 if run.recalibrate else 0)
     timeout = run.timeout * (rounds + 1) + 120
     report_path = out_dir / "report.json"

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
-from flwr.app import RecordDict
+from flwr.app import Context, RecordDict
 from torch import Tensor
 
 from common.config.run import RunConfig
@@ -161,3 +161,55 @@ class FakeGrid:
         for r in ready:
             self._arrived.remove(r)
         return ready
+
+
+def step_name(message_type: str) -> str:
+    """``"train"``, or a query's action as the tests name it (``query.secagg_share_keys`` -> ``secagg-share-keys``)."""
+    return message_type.partition(".")[2].replace("_", "-") or message_type
+
+
+def site_contexts(run: RunConfig, nodes: Sequence[int], run_id: int = 1) -> dict[int, Context]:
+    """One simulated partition per node, as Flower's simulation gives each its node config."""
+    flower = run.to_flower()
+    return {node: Context(run_id, node, {"partition-id": i, "num-partitions": len(nodes)}, RecordDict(), flower)
+            for i, node in enumerate(nodes)}  # fmt: skip
+
+
+@dataclass
+class SiteGrid:
+    """Sites inside this process: every message goes to the real ClientApp's handler for its type, with that
+    node's context.
+
+    ``vanish`` maps a step (``train``, ``secagg-share-keys``, ...) to the nodes that never answer it
+    (and nothing after). Every reply the server pulls is kept in ``received``.
+    """
+
+    contexts: dict[int, Context]
+    vanish: dict[str, set[int]] = field(default_factory=dict)
+    received: list[tuple[int, str, RecordDict]] = field(default_factory=list)
+    truth: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # each site's adapted model
+    gone: set[int] = field(default_factory=set)
+    _ready: dict[str, FakeReply] = field(default_factory=dict)
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        from clients.client_app import handle
+
+        ids = []
+        for i, msg in enumerate(messages):
+            node, step = msg.metadata.dst_node_id, step_name(msg.message_type)
+            mid = f"{step}-{node}-{i}"
+            ids.append(mid)
+            if node in self.gone or node in self.vanish.get(step, set()):
+                self.gone.add(node)
+                continue
+            self._ready[mid] = FakeReply(handle(msg.message_type, msg.content, self.contexts[node]), node, mid)
+            self.received.append((node, step, self._ready[mid].content))
+            if step == "train" and "secagg-update" in self.contexts[node].state:
+                self.truth[node] = self.contexts[node].state["secagg-update"].to_torch_state_dict()
+        return ids
+
+    def pull_messages(self, message_ids) -> list[FakeReply]:
+        return [self._ready.pop(m) for m in message_ids if m in self._ready]

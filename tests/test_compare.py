@@ -26,7 +26,7 @@ from experiments.strategies import get_strategy, make_options
 from fedmerge.cli import main as cli_main
 from server.fedavg import BNFedAvg
 from server.report import MergeReport
-from server.strategy import MinSitesNotMet
+from server.rounds.base import MinSitesNotMet
 from tests.fakes import error_reply, merge_config, reply_of, site_update
 
 SIZE = "16x24"

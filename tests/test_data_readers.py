@@ -58,22 +58,20 @@ def test_spec_parse_rejects_bad_text_with_a_clear_message(text: str, message: st
         DataSpec.parse(text)
 
 
-def test_spec_from_flower_config_treats_empty_strings_as_unset() -> None:
-    config = {
-        "eval-dataset": "camvid",
-        "eval-data-root": "/data/camvid",
-        "eval-split": "test",
-        "eval-domain": "",
-        "eval-time-split": "last:0.3",
-        "eval-size": "",
-        "eval-num-images": 12,
-        "eval-seed": 0,
-    }
-    spec = DataSpec.from_config(config, prefix="eval-")
-    assert spec == DataSpec("camvid", "/data/camvid", "test", None, TimeSplit("last", fraction=0.3), None, 12, 0)
-    assert DataSpec.from_config({"dataset": "synthetic", "domain": "fog", "size": "48x64"}).size == (48, 64)
-    with pytest.raises(ValueError, match="no dataset key"):
-        DataSpec.from_config({"data-root": "/x"})
+def test_a_spec_list_names_each_item_by_its_prefix_its_domain_or_its_kind() -> None:
+    from common.data.spec import fill_domain, parse_spec_list
+
+    items = parse_spec_list(
+        "dusk=camvid:/d?split=all&domain=0001TP&time=first:42; camvid:/d/x=y?domain=Seq05VD;;synthetic", "t"
+    )
+    assert [i.name for i in items] == ["dusk", "Seq05VD", "synthetic"]  # "/d/x=y" is a root, not a name
+    assert items[0].spec == DataSpec("camvid", "/d", "all", "0001TP", TimeSplit("first", count=42))
+    assert items[1].spec.root == "/d/x=y"
+    with pytest.raises(ValueError, match="t: the name 'fog' is given to two specs"):
+        parse_spec_list("synthetic?domain=fog;fog=synthetic?domain=rain", "t")
+    with pytest.raises(ValueError, match="t: n='x': expected an integer"):
+        parse_spec_list("synthetic?n=x", "t")
+    assert fill_domain("acdc:/data?domain={domain}&size=64x64", "fog") == "acdc:/data?domain=fog&size=64x64"
 
 
 def test_time_split_first_and_complementary_last_partition_exactly() -> None:
@@ -340,13 +338,3 @@ def test_missing_root_and_missing_split_directory_are_named(tmp_path) -> None:
     _camvid_tree(tmp_path)
     with pytest.raises(DataError, match=r"nosplit: no CamVid nosplit directory; .* holds: test, testannot"):
         build_dataset(DataSpec("camvid", str(tmp_path), split="nosplit"))
-
-
-def test_flower_config_num_images_zero_means_every_image():
-    """pyproject declares num-images = 0 (typed default); a site or an eval set that leaves it must still run."""
-    from common.data import DataSpec
-
-    spec = DataSpec.from_config(
-        {"eval-dataset": "synthetic", "eval-num-images": 0, "eval-domain": "fog"}, prefix="eval-"
-    )
-    assert spec.num_images is None and spec.domain == "fog"

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load_file, save_file
 
-from clients.client_app import initial_model, round_seed
 from clients.config import SiteConfig
+from clients.handlers import initial_model, round_offset
 from common.models.factory import build_model
 from common.models.fingerprint import INITIAL_SHA256, state_fingerprint
 from fedmerge.cli import main as cli_main
@@ -44,9 +44,9 @@ ARCH, NUM_CLASSES = "tiny_unet", 9
 DOCS = PROJECT_ROOT / "docs" / "deployment.md"
 # The server operator's run config; sites hold the initial weights, so only their fingerprint travels.
 RUN_CONFIG = {"arch": ARCH, "num-classes": NUM_CLASSES, "batch-size": 3, "send-initial-weights": False}
-FAST = {"dataset": "synthetic", "num-images": 6, "size": "32x48"}
+FAST = {"site-data": "synthetic?domain={domain}&n=6&size=32x48"}  # each site fills in its node-config domain
 SLOW = {**FAST, "method": "tent", "method-options": "steps=1000000"}  # never done within a test
-BROKEN = {"dataset": "acdc", "data-root": "/nonexistent/fedmerge-acdc"}  # a data root that is not there
+BROKEN = {"site-data": "acdc:/nonexistent/fedmerge-acdc?domain={domain}"}  # a data root that is not there
 
 
 # ----- key material ----------------------------------------------------------------------
@@ -96,7 +96,8 @@ def test_node_keys_are_p384_openssh_pairs_with_private_halves_0600(tmp_path):
 def test_node_config_is_formatted_the_way_flower_parses_it():
     from flwr.common.config import parse_config_args
 
-    config = {"domain": "fog", "data-root": "/data/with space", "num-images": 6, "progress": False, "lr": 0.5}
+    config = {"domain": "fog", "site-data": "camvid:/data/with space?domain={domain}", "batch-size": 6,
+              "progress": False, "lr": 0.5}  # fmt: skip
     assert parse_config_args([format_node_config(config)]) == config
     with pytest.raises(ValueError, match="quotes"):
         format_node_config({"domain": 'fo"g'})
@@ -135,38 +136,52 @@ def test_site_uses_its_local_weights_only_when_their_fingerprint_is_the_runs(tmp
 def test_site_configuration_comes_from_node_config_over_the_declared_run_config():
     declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     node = {
-        "dataset": "acdc",
-        "data-root": "/data/acdc",
+        "site-data": "acdc:/data/acdc?domain={domain}",
         "domain": "fog",
         "method": "tent",
         "method-options": "steps=5",
         "weights": "/models/source.safetensors",
     }
-    config = SiteConfig.from_flower({**declared, "method": "adabn", "domains": "night"}, node)
+    config = SiteConfig.from_flower({**declared, "method": "adabn"}, node)
     assert (config.data.kind, config.data.root, config.data.domain) == ("acdc", "/data/acdc", "fog")
-    assert config.data.num_images is None  # the declared default 0 means every image
-    assert (config.job.domain, config.job.method, dict(config.job.method_options)) == ("fog", "tent", {"steps": "5"})
+    assert config.data.num_images is None
+    job = config.job()
+    assert (job.domain, job.method, dict(job.method_options)) == ("fog", "tent", {"steps": "5"})
     assert config.weights == "/models/source.safetensors"
-    assert SiteConfig.from_flower(declared, {**node, "num-images": 4}).data.num_images == 4
+    own = SiteConfig.from_flower(declared, {**node, "site-data": "acdc:/mine?domain=night&n=4"})
+    assert (own.domain, own.data.root, own.data.num_images) == ("fog", "/mine", 4)  # its own spec; its own name
+    with pytest.raises(ValueError, match=r"a \{domain\} template: this site's node config needs 'domain'"):
+        SiteConfig.from_flower({**declared, "site-data": "acdc:/data/acdc?domain={domain}"}, {})
+    with pytest.raises(ValueError, match="'data-root' was replaced by 'site-data'"):
+        SiteConfig.from_flower(declared, {"domain": "fog", "data-root": "/data/acdc"})
 
 
 def test_each_round_of_a_multi_round_run_adapts_with_its_own_seed():
     def message(config: dict) -> RecordDict:
         return RecordDict({"config": ConfigRecord(config)})
 
-    assert round_seed(message({"server-round": 1}), 7) == 7  # the one-shot merge's seed
-    assert round_seed(message({"server-round": 3}), 7) == 9
-    assert round_seed(message({}), 7) == 7
+    site = SiteConfig.from_flower({"seed": 7}, {"partition-id": 0})
+    assert site.job(round_offset(message({"server-round": 1}))).context.seed == 7  # the one-shot merge's seed
+    assert site.job(round_offset(message({"server-round": 3}))).context.seed == 9
+    assert site.job(round_offset(message({}))).context.seed == 7
+    first = site.job()
+    first.context.metrics["x"] = 1.0
+    assert site.job().context.metrics == {}  # nothing one message's method records reaches the next
 
 
 def test_site_data_gives_each_simulated_partition_its_own_spec():
     declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    run = {**declared, "domains": "day,dusk", "site-data": "camvid:/d?domain=0016E5; camvid:/d?domain=0001TP"}
+    run = {**declared, "site-data": "day=camvid:/d?domain=0016E5; dusk=camvid:/d?domain=0001TP"}
     dusk = SiteConfig.from_flower(run, {"partition-id": 1})
-    assert (dusk.job.domain, dusk.data.kind, dusk.data.domain) == ("dusk", "camvid", "0001TP")
-    assert SiteConfig.from_flower({**run, "site-data": ""}, {"partition-id": 1}).data.kind == "synthetic"
+    assert (dusk.domain, dusk.data.kind, dusk.data.domain) == ("dusk", "camvid", "0001TP")
+    unnamed = SiteConfig.from_flower({**run, "site-data": "camvid:/d?domain=0016E5;camvid:/d?domain=0001TP"},
+                                     {"partition-id": 1})  # fmt: skip
+    assert unnamed.domain == "0001TP"  # an item without a name is named by its domain
+    assert SiteConfig.from_flower(declared, {"partition-id": 1}).data.kind == "synthetic"  # the declared default
     with pytest.raises(ValueError, match="partition 2 has no data: run config 'site-data' lists only 2 specs"):
-        SiteConfig.from_flower({**run, "domains": "a,b,c"}, {"partition-id": 2})
+        SiteConfig.from_flower(run, {"partition-id": 2})
+    with pytest.raises(ValueError, match="lists 2 specs and this site has no 'partition-id'"):
+        SiteConfig.from_flower(run, {"domain": "x"})
 
 
 # ----- a real SuperLink with TLS and SuperNode authentication ----------------------------------------
@@ -353,7 +368,7 @@ def test_a_site_whose_clientapp_raises_is_recorded_and_the_rest_merge(broken_sit
     rain = broken_site_runs.broken
     [failed] = report["failed"]
     assert failed["node_id"] == rain.node_id and failed["node_name"] == "rain" and failed["kind"] == "failed"
-    assert "error code 2" in failed["reason"] and BROKEN["data-root"] in failed["reason"]
+    assert "error code 2" in failed["reason"] and "/nonexistent/fedmerge-acdc" in failed["reason"]
     _check_checkpoint(out / "merged.safetensors")
 
 

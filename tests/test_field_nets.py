@@ -285,7 +285,7 @@ def test_recalibrating_a_model_without_bn_is_skipped_with_the_reason(caplog):
     updates = {n: reply_of(site_update(f"s{n}", perturbed(template, n)), n) for n in (1, 2)}
     strategy = OneShotMerge(merge_config(recalibrate=True), template, make_message=fake_message)
     grid = FakeGrid(updates)
-    with caplog.at_level(logging.INFO, logger="server.strategy"):
+    with caplog.at_level(logging.INFO, logger="server"):
         result = strategy.start(grid, ArrayRecord(template))
     assert len(grid.pushed) == 2, "no second round was sent"
     assert strategy.report.recalibration == {"applied": False, "sites": [], "reason": "the model has no BN layers"}

@@ -14,7 +14,7 @@ from common.config.run import RunConfig
 from common.merge.bn_pooling import capped_shares
 from common.models.factory import build_model
 from common.updates.site import bn_layer_names
-from common.updates.wire import sums_to_records
+from common.updates.wire import Action, sums_to_records
 from server.config import MergeConfig
 from server.results import UPDATES_DIR, save_update
 from server.strategy import OneShotMerge
@@ -107,7 +107,7 @@ class _RecalGrid(FakeGrid):
         self.sums = sums
 
     def push_messages(self, messages) -> list[str]:
-        if messages and messages[0].message_type == "query":
+        if messages and messages[0].message_type == Action.RECALIBRATE:
             for msg in messages:
                 self.replies[msg.metadata.dst_node_id] = self.sums[msg.metadata.dst_node_id]
         return super().push_messages(messages)

@@ -12,7 +12,7 @@ from common.models.factory import build_model
 from common.scoring.label_free import label_free_scores, score_images
 from common.scoring.scores import SCORES
 from experiments.selection import selection_rows, spearman
-from server.selection_round import aggregate_scores
+from server.rounds.select import aggregate_scores
 
 
 @pytest.fixture(scope="module")

@@ -2,75 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, MessageType, RecordDict
+from flwr.app import ArrayRecord
 
-from clients.client_app import handle_query, handle_train
 from common.config.run import ConfigError, RunConfig
 from common.models.factory import build_model
 from server.config import MergeConfig
 from server.strategy import OneShotMerge
-from tests.fakes import FakeReply, fake_message
+from tests.fakes import SiteGrid, fake_message, site_contexts
 
 SITES = (101, 202, 303)
-RUN = {"arch": "tiny_unet", "dataset": "synthetic", "domains": "fog,night,rain", "num-images": 4, "size": "32x48",
+SITE_DATA = ";".join(f"synthetic?domain={style}&n=4&size=32x48" for style in ("fog", "night", "rain"))
+RUN = {"arch": "tiny_unet", "site-data": SITE_DATA,
        "batch-size": 2, "method": "adabn", "min-sites": 2}  # fmt: skip
-
-
-@dataclass
-class SiteGrid:
-    """Sites inside this process: every message goes to the real ClientApp handlers with that node's context.
-
-    ``vanish`` maps a step (``train``, ``secagg-share-keys``, ...) to the nodes that never answer it
-    (and nothing after). Every reply the server pulls is kept in ``received``.
-    """
-
-    contexts: dict[int, Context]
-    vanish: dict[str, set[int]] = field(default_factory=dict)
-    received: list[tuple[int, str, RecordDict]] = field(default_factory=list)
-    truth: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # each site's adapted model
-    gone: set[int] = field(default_factory=set)
-    _ready: dict[str, FakeReply] = field(default_factory=dict)
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.contexts)
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for i, msg in enumerate(messages):
-            node = msg.metadata.dst_node_id
-            step = "train" if msg.message_type == MessageType.TRAIN else str(msg.content["config"].get("phase"))
-            mid = f"{step}-{node}-{i}"
-            ids.append(mid)
-            if node in self.gone or node in self.vanish.get(step, set()):
-                self.gone.add(node)
-                continue
-            handler = handle_train if msg.message_type == MessageType.TRAIN else handle_query
-            self._ready[mid] = FakeReply(handler(msg.content, self.contexts[node]), node, mid)
-            self.received.append((node, step, self._ready[mid].content))
-            if step == "train" and "secagg-update" in self.contexts[node].state:
-                self.truth[node] = self.contexts[node].state["secagg-update"].to_torch_state_dict()
-        return ids
-
-    def pull_messages(self, message_ids) -> list[FakeReply]:
-        return [self._ready.pop(m) for m in message_ids if m in self._ready]
-
-
-def _contexts(run: RunConfig) -> dict[int, Context]:
-    flower = run.to_flower()
-    return {node: Context(1, node, {"partition-id": i, "num-partitions": len(SITES)}, RecordDict(), flower)
-            for i, node in enumerate(SITES)}  # fmt: skip
 
 
 def _merge(overrides: dict, vanish: dict | None = None) -> tuple[OneShotMerge, SiteGrid, dict[str, torch.Tensor]]:
     run = RunConfig.read({**RUN, **overrides})
     torch.manual_seed(0)
     template = build_model(run.arch, 9).state_dict()
-    grid = SiteGrid(_contexts(run), vanish or {})
+    grid = SiteGrid(site_contexts(run, SITES), vanish or {})
     config = MergeConfig.from_run(run)
     strategy = OneShotMerge(MergeConfig(**{**config.__dict__, "timeout": 1.0, "poll_interval": 0.0}), template,
                             make_message=fake_message)  # fmt: skip
@@ -128,7 +81,7 @@ def test_a_site_that_drops_out_after_its_masked_input_is_named_and_the_merge_com
 
 
 def test_a_site_that_drops_out_before_its_masked_input_is_left_out_and_its_masks_removed():
-    _, _, two = _merge({"domains": "fog,night,rain"}, vanish={"train": {303}})
+    _, _, two = _merge({}, vanish={"train": {303}})
     strategy, _, secure = _merge({"secure-aggregation": True}, vanish={"secagg-masked-input": {303}})
     assert 303 not in strategy.report.secure["merge"]["survivors"]
     _assert_close(secure, two, rtol=1e-6)

@@ -35,7 +35,7 @@ def initial_weights(tmp_path_factory) -> Path:
 def _simulate(out: Path, initial_weights: Path, overrides: dict, echo: io.StringIO | None = None) -> Path:
     """The tiny preset from the shared start: runs that differ only in ``overrides`` compare tensor by tensor."""
     plan = SimulationPlan.preset("tiny")
-    run_simulation(plan, out, plan.resolve({"initial-weights": str(initial_weights), **overrides}), echo=echo)
+    run_simulation(plan, out, {"initial-weights": str(initial_weights), **overrides}, echo=echo)
     return out
 
 
@@ -228,8 +228,9 @@ def test_a_label_free_selection_runs_in_flower_and_its_choice_is_the_merged_mode
     from common.updates.files import load_site_update
 
     plan = SimulationPlan.preset("tiny")
-    run = plan.resolve({"select": "label-free", "save-updates": True})
-    run_simulation(plan, tmp_path, run)
+    overrides = {"select": "label-free", "save-updates": True}
+    run = plan.resolve(overrides)
+    run_simulation(plan, tmp_path, overrides)
     report = _report(tmp_path)
     selection = report["selection"]
     assert selection["chosen"] in selection["candidates"] and len(selection["candidates"]) == 4
@@ -249,3 +250,25 @@ def test_a_label_free_selection_runs_in_flower_and_its_choice_is_the_merged_mode
     for key, value in engine.result().items():
         torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6)
     assert RunConfig.defaults().select == ""  # selection is asked for, not the default
+
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+
+
+@pytest.mark.skipif(not (CAMVID / "trainannot").is_dir(), reason=f"CamVid not found at {CAMVID}")
+def test_a_simulation_names_its_sites_and_evaluation_sets_by_camvid_data_specs(tmp_path):
+    """site-data and eval-data are spec lists: partition i adapts on item i, each named by its label."""
+    import dataclasses
+
+    def spec(name: str, domain: str, n: int) -> str:
+        return f"{name}=camvid:{CAMVID}?split=all&domain={domain}&n={n}&size=36x48"
+
+    plan = dataclasses.replace(SimulationPlan.preset("tiny"), num_sites=2)
+    run_simulation(plan, tmp_path, {
+        "num-classes": 11, "min-sites": 2, "site-data": f"{spec('dusk', '0001TP', 4)};{spec('day', 'Seq05VD', 4)}",
+        "eval-data": f"{spec('dusk', '0001TP', 3)};{spec('day', 'Seq05VD', 3)}", "eval-sites": False,
+    })  # fmt: skip
+    report = _report(tmp_path)
+    assert sorted(s["domain"] for s in report["sites"]) == ["day", "dusk"]
+    assert {s["num_examples"] for s in report["sites"]} == {4}
+    assert sorted(report["eval"]["per_domain"]) == ["day", "dusk"]

@@ -213,10 +213,10 @@ def test_the_pool_guards_its_sites_and_keys_them_apart(start_state, target, star
 def test_the_run_config_and_node_config_set_the_guard():
     from clients.config import SiteConfig
 
-    run = {"guard": True, "guard-score": "mix,diversity", "domains": "fog"}
+    run = {"guard": True, "guard-score": "mix,diversity", "site-data": "synthetic?domain=fog"}
     site = SiteConfig.from_flower(run, {"partition-id": 0, "guard-margin": 0.05})
-    assert site.job.guard == GuardConfig(True, ("mix", "diversity"), 0.05)
-    assert SiteConfig.from_flower({}, {"partition-id": 0}).job.guard.enabled is False
+    assert site.job().guard == GuardConfig(True, ("mix", "diversity"), 0.05)
+    assert SiteConfig.from_flower({}, {"partition-id": 0}).job().guard.enabled is False
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ from flwr.app import ArrayRecord
 from common.merge.spec import TiesOptions
 from common.models.factory import build_model
 from common.updates.site import SiteUpdate
-from server.strategy import MinSitesNotMet, OneShotMerge
+from server.rounds.base import MinSitesNotMet
+from server.strategy import OneShotMerge
 from tests.fakes import (
     FakeGrid,
     engine_merge,
@@ -130,6 +131,16 @@ def test_silent_site_is_recorded_as_timeout(template):
     assert [t.node_id for t in timeouts] == [3]
 
 
+def test_start_honours_flowers_timeout_argument_over_the_run_configs(template):
+    grid = FakeGrid({1: reply_of(_update("a", 1)), 2: reply_of(_update("b", 2)), 3: None})
+    strategy = strategy_of(template, min_sites=2, timeout=600.0)
+    strategy.start(grid, ArrayRecord(template), timeout=1.0)
+    [timeout] = strategy.report.incidents_of("timeout")
+    assert (timeout.node_id, timeout.reason) == (3, "no reply within 1s")
+    with pytest.raises(ValueError, match="num_rounds must be 1"):
+        strategy.start(grid, ArrayRecord(template), num_rounds=2)
+
+
 def test_counts_weighting_and_report_entries(template):
     ups = [_update("a", 1), _update("b", 5)]
     strategy = strategy_of(template, min_sites=2, weighting="counts")
@@ -152,3 +163,31 @@ def test_the_summary_names_the_method_its_options_and_every_round_after_the_merg
     assert "method: ties (k=0.2" in text
     assert "clip-norm 2" in text
     assert text.splitlines()[-1].endswith("then: recalibration round (batch)")
+
+
+def test_an_evaluate_config_adds_the_sites_label_free_scores_of_the_merged_model():
+    """Flower's evaluate round for a one-shot merge: every site scores the final model; scalars only come back."""
+    import dataclasses
+
+    from flwr.app import ConfigRecord
+
+    from common.config.run import RunConfig
+    from common.scoring.scores import SCORES
+    from server.config import MergeConfig
+    from tests.fakes import SiteGrid, fake_message, site_contexts
+
+    site_data = ";".join(f"synthetic?domain={s}&n=4&size=32x48" for s in ("fog", "night"))
+    run = RunConfig.read({"arch": "tiny_unet", "site-data": site_data, "batch-size": 2})
+    torch.manual_seed(0)
+    template = build_model("tiny_unet", 9).state_dict()
+    config = dataclasses.replace(MergeConfig.from_run(run), poll_interval=0.0)
+    strategy = OneShotMerge(config, template, make_message=fake_message)
+    grid = SiteGrid(site_contexts(run, (5, 6), run_id=9))
+    plain = strategy.start(grid, ArrayRecord(template))
+    assert not plain.evaluate_metrics_clientapp and "evaluate" not in {step for _, step, _ in grid.received}
+    strategy = OneShotMerge(config, template, make_message=fake_message)
+    result = strategy.start(grid, ArrayRecord(template), evaluate_config=ConfigRecord({"note": "x"}))
+    metrics = result.evaluate_metrics_clientapp[1]
+    assert metrics["sites"] == 2 and 0.0 <= metrics["confident"] <= 1.0
+    assert set(strategy.report.evaluation) == {"5", "6"}
+    assert all(set(s) <= set(SCORES) for s in strategy.report.evaluation.values())

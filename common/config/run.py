@@ -7,6 +7,12 @@ type (that of its default) everywhere: in the ServerApp and ClientApp, in
 before anything starts (an unknown key is refused with the closest known one, a
 boolean must be a boolean or exactly ``true``/``false``), and the whole check imports
 neither torch nor Flower, so it answers at once.
+
+Each process builds one :class:`RunConfig` (one per site in simulation) and passes it
+down. Data is named by data specs, one key per role (``site-data``, ``source-data``,
+``eval-data``), in the grammar of ``common.data.spec``. A wheel carries the project's
+``pyproject.toml`` inside the package (``setup.py`` copies it at build time), so an
+installed copy has its defaults, and is a whole Flower app, wherever it runs.
 """
 
 from __future__ import annotations
@@ -19,13 +25,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.data.spec import DOMAIN_FIELD, DataSpec, NamedSpec, parse_spec_list
 from common.merge.spec import MergeSpec, method_options
 from common.options.typed import OptionError, closest, coerce, parse_key_values
 from common.scoring.scores import SCORES
 
-__all__ = ["PYPROJECT", "ConfigError", "MergeCandidate", "RunConfig", "declared_defaults"]
+__all__ = ["REPLACED_KEYS", "ConfigError", "MergeCandidate", "RunConfig", "app_pyproject", "declared_defaults"]
 
-PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+PROJECT_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"  # a checkout's, or Flower's app copy's
+PACKAGED_PYPROJECT = Path(__file__).resolve().with_name("app-pyproject.toml")  # the copy a wheel carries
+# Keys of earlier releases, each refused with the key that replaced it (kept for one release, then dropped).
+REPLACED_KEYS = {
+    **dict.fromkeys(("dataset", "data-root", "domains", "split", "time-split", "size", "num-images"), "site-data"),
+    **dict.fromkeys(("source-dataset", "source-data-root", "source-split", "source-domain", "source-size",
+                     "source-num-images"), "source-data"),
+    **dict.fromkeys(("eval-dataset", "eval-data-root", "eval-domains", "eval-split", "eval-time-split", "eval-size",
+                     "eval-num-images", "eval-seed"), "eval-data"),
+}  # fmt: skip
+_SPEC_EXAMPLES = {
+    "site-data": 'site-data = "synthetic?domain=fog&n=32;synthetic?domain=night&n=32" (one spec per site)',
+    "source-data": 'source-data = "camvid:DIR?split=all&domain=0016E5"',
+    "eval-data": 'eval-data = "fog=synthetic?domain=fog&n=24&seed=2;night=synthetic?domain=night&n=24&seed=2"',
+}
 STRATEGIES = ("one-shot", "fedavg")
 RECALIBRATE_MODES = ("batch", "eval")
 BN_BANKS = ("", "own", "recalibrated")
@@ -48,13 +69,23 @@ CANDIDATE_KEYS = {"merge-method", "merge-options", "param-weighting", "buffer-mo
                   "max-site-share", "bn-bank"}  # fmt: skip
 
 
+def app_pyproject() -> Path:
+    """The Flower app's ``pyproject.toml``: the copy an installed wheel carries, else the project's own.
+
+    The packaged copy exists only in a built install, so it wins there even if another
+    package left a ``pyproject.toml`` in site-packages.
+    """
+    return PACKAGED_PYPROJECT if PACKAGED_PYPROJECT.is_file() else PROJECT_PYPROJECT
+
+
 @functools.cache
 def declared_defaults() -> dict[str, bool | int | float | str]:
-    """``[tool.flwr.app.config]`` of the project: every run-config key with its default."""
+    """``[tool.flwr.app.config]``: every run-config key with its default."""
+    path = app_pyproject()
     try:
-        table = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+        table = tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
     except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read the run-config declarations in {PYPROJECT}: {exc}") from None
+        raise ConfigError(f"cannot read the run-config declarations in {path}: {exc}") from None
     return dict(table)
 
 
@@ -67,26 +98,15 @@ class RunConfig:
     num_classes: int
     initial_weights: str
     send_initial_weights: bool
-    # the sites' target data
-    dataset: str
-    data_root: str
-    domains: str
-    split: str
-    time_split: str
-    size: str
-    num_images: int
-    seed: int
+    # the data of each role, as data specs
     site_data: str
+    source_data: str
+    eval_data: str
+    seed: int
     # local adaptation
     method: str
     method_options: str
     batch_size: int
-    source_dataset: str
-    source_data_root: str
-    source_split: str
-    source_domain: str
-    source_size: str
-    source_num_images: int
     backbone_weights: str
     checkpoint_dir: str
     progress: bool
@@ -117,15 +137,7 @@ class RunConfig:
     profile: bool
     strategy: str
     num_rounds: int
-    # optional server-side evaluation
-    eval_dataset: str
-    eval_data_root: str
-    eval_domains: str
-    eval_split: str
-    eval_time_split: str
-    eval_size: str
-    eval_num_images: int
-    eval_seed: int
+    # optional server-side evaluation (the sets are eval-data)
     eval_sites: bool
 
     def __post_init__(self) -> None:
@@ -133,8 +145,7 @@ class RunConfig:
         _at_least(self.batch_size, 1, "batch-size")
         _at_least(self.min_sites, 1, "min-sites")
         _at_least(self.num_rounds, 1, "num-rounds")
-        for key in ("num-images", "source-num-images", "eval-num-images"):
-            _at_least(getattr(self, key.replace("-", "_")), 0, key)
+        self._check_data()
         if not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds, not {self.timeout}")
         _one_of(self.strategy, STRATEGIES, "strategy")
@@ -156,6 +167,32 @@ class RunConfig:
             self.candidates()  # every candidate checked now
         self.merge_spec()  # every merge key checked now, not when the first reply arrives
 
+    def _check_data(self) -> None:
+        """Every data spec of every role parses now, not when a site first reads it."""
+        self.site_list()
+        self.source_spec()
+        self.eval_specs()
+
+    def site_list(self) -> list[NamedSpec]:
+        """``site-data`` as a list (one item per simulated partition); a ``{domain}`` template is one item."""
+        items = _specs(self.site_data.replace(DOMAIN_FIELD, "domain"), "site-data")
+        if not items:
+            raise ConfigError(f"site-data names no data; e.g. {_SPEC_EXAMPLES['site-data']}")
+        if DOMAIN_FIELD in self.site_data and len(items) > 1:
+            raise ConfigError("site-data: a {domain} template is one spec, filled by each site; not a list")
+        return items
+
+    def source_spec(self) -> DataSpec | None:
+        """The labeled source set (HRDA's), or None."""
+        items = _specs(self.source_data, "source-data")
+        if len(items) > 1:
+            raise ConfigError(f"source-data is one spec, not {len(items)}")
+        return items[0].spec if items else None
+
+    def eval_specs(self) -> dict[str, DataSpec]:
+        """The server's labeled evaluation sets by name (empty: no evaluation)."""
+        return {item.name: item.spec for item in _specs(self.eval_data, "eval-data")}
+
     def _check_secure(self) -> None:
         """Secure aggregation sums; what needs one site's values cannot run under it."""
         if self.merge_method not in ("linear", "task-arithmetic"):
@@ -174,7 +211,9 @@ class RunConfig:
         return cls(**{k.replace("-", "_"): v for k, v in check_values(merged).items()})
 
     @classmethod
+    @functools.cache
     def defaults(cls) -> RunConfig:
+        """The declared defaults, built once per process (the value is immutable)."""
         return cls.read()
 
     def to_flower(self) -> dict[str, bool | int | float | str]:
@@ -193,18 +232,32 @@ class RunConfig:
             unknown = set(changes) - CANDIDATE_KEYS
             if unknown:
                 raise ConfigError(f"select-candidates item {item!r}: only {sorted(CANDIDATE_KEYS)} can change")
-            run = RunConfig.read({**self.to_flower(), **changes, "select": ""})
-            out.append(MergeCandidate(item, run.merge_spec(), run.bn_bank))
+            values = {**self.to_flower(), **check_values(changes)}
+            bank = str(values["bn-bank"])
+            _one_of(bank, BN_BANKS, "bn-bank")
+            out.append(MergeCandidate(item, _merge_spec(values), bank))
         if len(out) < 2:
             raise ConfigError(f"select-candidates needs at least two candidates, got {self.select_candidates!r}")
         return out
 
     def merge_spec(self) -> MergeSpec:
         """The merge this run asks for."""
-        raw = parse_key_values(self.merge_options, "merge-options")
-        options = method_options(self.merge_method, raw)
-        return MergeSpec(self.merge_method, options, self.param_weighting, self.buffer_mode, self.equal_site_stats,
-                         self.param_precision, self.max_site_share, self.clip_norm)  # fmt: skip
+        return _merge_spec(self.to_flower())
+
+
+def _merge_spec(values: Mapping[str, Any]) -> MergeSpec:
+    """The merge the run-config values ``values`` (kebab-case, typed) ask for."""
+    method = str(values["merge-method"])
+    options = method_options(method, parse_key_values(str(values["merge-options"]), "merge-options"))
+    return MergeSpec(method, options, values["param-weighting"], values["buffer-mode"], values["equal-site-stats"],
+                     values["param-precision"], values["max-site-share"], values["clip-norm"])  # fmt: skip
+
+
+def _specs(text: str, key: str) -> list[NamedSpec]:
+    try:
+        return parse_spec_list(text, f"run config {key!r}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -212,6 +265,9 @@ def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
     declared = declared_defaults()
     out: dict[str, Any] = {}
     for key, value in values.items():
+        if key in REPLACED_KEYS and key not in declared:
+            new = REPLACED_KEYS[key]
+            raise ConfigError(f"run-config key {key!r} was replaced by {new!r}, a data spec: {_SPEC_EXAMPLES[new]}")
         if key not in declared:
             raise ConfigError(f"unknown run-config key {key!r}{closest(key, declared)}")
         try:

@@ -1,20 +1,23 @@
 """What data to read, as one value that survives a command line, a Flower config and a log line.
 
-``DataSpec`` is the single currency between the CLI, the Flower apps and the readers:
-``DataSpec.parse(text)`` and ``str(spec)`` round-trip, and ``DataSpec.from_config`` reads the
-flat kebab-case keys Flower run/node configs carry.
+``DataSpec`` is the single currency between the CLI, the experiment config, the Flower run
+config and the readers: ``DataSpec.parse(text)`` and ``str(spec)`` round-trip. A run config
+names each role's data (``site-data``, ``source-data``, ``eval-data``) with the same grammar,
+as a ``;``-separated list of ``[NAME=]SPEC`` items (:func:`parse_spec_list`); one spec holding
+``{domain}`` is a template a site fills with its own domain (:func:`fill_domain`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, quote
 
 from common.data.corruptions import CORRUPTIONS, Corruption
 
-__all__ = ["DATASET_KINDS", "SPEC_HELP", "DataSpec", "TimeSplit", "parse_size"]
+__all__ = ["DATASET_KINDS", "SPEC_HELP", "DataSpec", "NamedSpec", "TimeSplit", "fill_domain", "parse_size",
+           "parse_spec_list"]  # fmt: skip
 
 DATASET_KINDS = ("synthetic", "camvid", "cityscapes", "gta5", "idd", "acdc", "darkzurich", "folder")
 _QUERY_KEYS = ("split", "domain", "time", "size", "n", "seed", "corruption")
@@ -24,7 +27,9 @@ SPEC_HELP = f"""data spec (--data, --eval, --source, site-data): KIND[:ROOT][?KE
   keys:  split=NAME  domain=D[,D2]  time=first:N|last:0.F|frames:A-B  size=HxW  n=N  seed=K
          corruption=NAME:SEVERITY (severity 1-5; images only, labels untouched)
   corruptions: {", ".join(CORRUPTIONS)}
-  e.g.   camvid:../shared/data/camvid?split=all&domain=Seq05VD&time=first:42&corruption=fog:4"""
+  e.g.   camvid:../shared/data/camvid?split=all&domain=Seq05VD&time=first:42&corruption=fog:4
+  lists (run config site-data, eval-data): [NAME=]SPEC;[NAME=]SPEC;...  e.g. dusk=camvid:DIR?domain=0001TP
+  a site-data spec with {{domain}} is filled with each site's node-config domain"""
 
 
 @dataclass(frozen=True)
@@ -192,32 +197,6 @@ class DataSpec:
             return head
         return head + "?" + "&".join(f"{k}={quote(v, safe=':/.,-_')}" for k, v in query)
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, object], prefix: str = "") -> DataSpec:
-        """Read ``<prefix>dataset``, ``data-root``, ``split``, ``domain``, ``time-split``, ``size``,
-        ``num-images`` and ``seed`` from a flat Flower config; ``""`` or a missing key means unset,
-        and so does ``num-images = 0`` (Flower config keys need a typed default: 0 = every image)."""
-
-        def get(key: str) -> str | None:
-            value = config.get(prefix + key)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                return None
-            if key == "num-images" and str(value).strip() in ("0", "0.0"):
-                return None
-            return str(value).strip()
-
-        kind = get("dataset")
-        if kind is None:
-            raise ValueError(f"config has no {prefix}dataset key (one of {', '.join(DATASET_KINDS)})")
-        fields: dict[str, object] = {"kind": kind, "root": get("data-root") or ""}
-        keys = {"split": "split", "domain": "domain", "time-split": "time", "size": "size"}
-        keys |= {"num-images": "n", "seed": "seed"}
-        for config_key, query_key in keys.items():
-            value = get(config_key)
-            if value is not None:
-                fields.update(_query_field(query_key, value))
-        return cls(**fields)  # type: ignore[arg-type]
-
     def with_(self, **changes: object) -> DataSpec:
         """A copy with some fields replaced (a readable ``dataclasses.replace``)."""
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -244,3 +223,53 @@ def _query_field(key: str, value: str) -> dict[str, object]:
     if key == "n":
         return {"num_images": number}
     return {"seed": number or 0}
+
+
+DOMAIN_FIELD = "{domain}"
+_NAME = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$", re.S)
+
+
+@dataclass(frozen=True)
+class NamedSpec:
+    """One item of a spec list: the name it reports under, and its data."""
+
+    name: str
+    spec: DataSpec
+
+
+def _item_name(text: str) -> tuple[str, str]:
+    """``("dusk", "camvid:...")`` for ``dusk=camvid:...``; ``("", text)`` when the item names nothing.
+
+    A spec's own ``=`` signs all come after its ``?``, so a ``NAME=`` prefix is told apart by
+    what precedes the first ``=``: a plain name, with no ``:`` or ``?`` in it.
+    """
+    match = _NAME.match(text)
+    return (match.group(1), match.group(2).strip()) if match else ("", text)
+
+
+def parse_spec_list(text: str, what: str) -> list[NamedSpec]:
+    """``[NAME=]SPEC;[NAME=]SPEC;...``: each item named by its prefix, else by its ``domain``, else by its kind.
+
+    Names must differ, so every report line says which data it is about; ``what`` names the
+    list in errors (``"run config 'eval-data'"``).
+    """
+    out: list[NamedSpec] = []
+    for item in (part.strip() for part in text.split(";")):
+        if not item:
+            continue
+        name, body = _item_name(item)
+        try:
+            spec = DataSpec.parse(body)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+        out.append(NamedSpec(name or spec.domain or spec.kind, spec))
+    names = [n.name for n in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{what}: the name {twice[0]!r} is given to two specs; name them apart with NAME=SPEC")
+    return out
+
+
+def fill_domain(template: str, domain: str) -> str:
+    """The template with ``{domain}`` replaced: a deployment's run config names the layout, each site its domain."""
+    return template.replace(DOMAIN_FIELD, domain)

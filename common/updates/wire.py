@@ -4,7 +4,8 @@ A site reply holds exactly these records and nothing else: ``params`` and ``buff
 (ArrayRecords), ``counts`` (number of images and values per channel behind each BN
 layer), ``info`` (domain and method) and ``metrics`` (unsupervised scalars). A
 recalibration reply holds ``bnsums`` (Σx, Σx², n per BN channel), ``counts`` and ``info``.
-This is the only module of ``common`` that knows Flower.
+Each kind of message has its own type (:class:`Action`), which Flower routes to the
+ClientApp function registered for it. This is the only module of ``common`` that knows Flower.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from common.bn.stats import BNSums
 from common.updates.site import SiteUpdate, site_label
 
 __all__ = [
+    "Action",
     "census_records",
     "claimed_examples",
     "manifest",
@@ -34,6 +36,21 @@ __all__ = [
     "update_to_records",
     "wire_bytes",
 ]
+
+
+class Action:
+    """The message types of the protocol: a Flower category, and for queries the action Flower routes on."""
+
+    ADAPT = "train"  # the shared start goes out; the site adapts and replies with its update
+    CENSUS = "query.census"  # how many images the site holds
+    SCORE = "query.score"  # label-free scores of one candidate merge on the site's images
+    RECALIBRATE = "query.recalibrate"  # BN sums under the merged parameters
+    EVALUATE = "evaluate"  # label-free scores of the final model, when the strategy is given an evaluate config
+    SECAGG_ADVERTISE = "query.secagg_advertise"  # a second secure sum's public keys (the recalibration's)
+    SECAGG_SHARE_KEYS = "query.secagg_share_keys"
+    SECAGG_MASKED_INPUT = "query.secagg_masked_input"
+    SECAGG_UNMASK = "query.secagg_unmask"
+
 
 _LAYER = "bn:"
 _MAX_COUNT = 2**62  # far above any real count, far below where int64 sums could overflow

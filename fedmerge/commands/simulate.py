@@ -37,9 +37,8 @@ def _overrides(items: list[str]) -> dict[str, object]:
 def simulate(args: argparse.Namespace) -> int:
     echo = None if args.quiet else sys.stderr
     plan = _plan(args)
-    run = plan.resolve(_overrides(args.set))  # every key and value checked before anything starts
-    try:
-        report = run_simulation(plan, Path(args.out_dir), run, echo=echo, pretrain=args.pretrain)
+    try:  # every key and value is checked before anything starts
+        report = run_simulation(plan, Path(args.out_dir), _overrides(args.set), echo=echo, pretrain=args.pretrain)
     except SimulationFailed as exc:
         raise CommandError(str(exc)) from None
     print(report_table(report))

@@ -9,7 +9,9 @@ Runs, through the command line only (so the same script can run before and after
   simulation whose run config names their data by ``site-data`` specs.
 
 Prints one line per merged model: its name and the SHA-256 over every tensor (name, dtype,
-shape, bytes, sorted by name). Compare the output of two checkouts line by line.
+shape, bytes, sorted by name). Compare the output of two checkouts line by line. (Checkouts
+before the data-spec run config name the simulated sites with ``domains = "dusk,day"`` and
+unnamed ``site-data`` items instead; the sites' names set the order BN statistics pool in.)
 
     .venv/bin/python benchmarks/recipe_fingerprints.py --source SOURCE.safetensors --work /tmp/fp
 """
@@ -77,11 +79,11 @@ def merges(sites: dict[str, Path], base: Path, work: Path) -> dict[str, Path]:
 
 def simulations(root: str, work: Path) -> dict[str, Path]:
     run("simulate", "--preset", "synthetic-3", "--out-dir", str(work / "synthetic-3"), "--quiet")
-    site_data = ";".join(camvid(spec, root) for spec in SITES.values())
+    site_data = ";".join(f"{name}={camvid(spec, root)}" for name, spec in SITES.items())
     config = work / "camvid-sim.toml"
     config.write_text(
         'num-sites = 2\n[run-config]\narch = "small_unet"\nnum-classes = 11\nmethod = "adabn"\n'
-        f'initial-weights = "{work / "source.safetensors"}"\nsite-data = "{site_data}"\ndomains = "dusk,day"\n'
+        f'initial-weights = "{work / "source.safetensors"}"\nsite-data = "{site_data}"\n'
     )
     run("simulate", "--config", str(config), "--out-dir", str(work / "camvid-sim"), "--quiet")
     return {"synthetic-3 (simulation)": work / "synthetic-3" / "merged.safetensors",

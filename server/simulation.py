@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from common.config.run import ConfigError, RunConfig
+from common.config.run import ConfigError, RunConfig, check_values
 from common.data.spec import DOMAIN_FIELD, DataSpec
 from server.runtime import simulation_env
 
@@ -42,7 +42,6 @@ class SimulationPlan:
     pretrain: PretrainPlan | None = None
     description: str = ""
     source: Path | None = None  # a shipped starting model, made once by the [pretrain] recipe
-    origin: Path | None = None  # the file the plan was read from, named in its errors
 
     @classmethod
     def load(cls, path: Path) -> SimulationPlan:
@@ -56,21 +55,18 @@ class SimulationPlan:
         pre = raw.get("pretrain")
         pretrain = _pretrain_plan(pre, path) if pre else None
         source = (path.parent / str(raw["source"])).resolve() if "source" in raw else None
-        return cls(path.stem, raw.get("num-sites", 3), dict(raw.get("run-config", {})), pretrain,
-                   str(raw.get("description", "")), source, path)  # fmt: skip
+        run_config = dict(raw.get("run-config", {}))
+        try:
+            check_values(run_config)  # the file's own keys and types, named with the file
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        return cls(path.stem, raw.get("num-sites", 3), run_config, pretrain, str(raw.get("description", "")), source)
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> RunConfig:
         """The run config of this plan with ``overrides``, checked against the sites it will have.
 
-        The one :class:`RunConfig` of the process that drives a simulation; an error names the
-        plan's file when it came from one.
+        The one :class:`RunConfig` of the process that drives a simulation.
         """
-        try:
-            return self._resolve(overrides)
-        except ValueError as exc:
-            raise type(exc)(f"{self.origin}: {exc}" if self.origin else str(exc)) from None
-
-    def _resolve(self, overrides: Mapping[str, Any] | None) -> RunConfig:
         if not isinstance(self.num_sites, int) or isinstance(self.num_sites, bool) or self.num_sites < 1:
             raise ConfigError(f"num-sites must be an integer of at least 1, not {self.num_sites!r}")
         run = RunConfig.read({**self.run_config, **(overrides or {})})

@@ -86,7 +86,7 @@ def test_a_simulation_file_with_a_bad_key_names_the_file_and_the_key(tmp_path):
     path = tmp_path / "sim.toml"
     path.write_text('num-sites = 2\n[run-config]\nrecalibrate = "yes"\n')
     with pytest.raises(ValueError, match=r"sim\.toml: run-config key 'recalibrate' must be true or false"):
-        SimulationPlan.load(path).resolve()
+        SimulationPlan.load(path)
 
 
 def test_node_config_keys_are_checked_by_name_and_server_out_dir_must_be_absolute():

@@ -30,7 +30,8 @@ from common.merge.spec import MergeSpec, method_options
 from common.options.typed import OptionError, closest, coerce, parse_key_values
 from common.scoring.scores import SCORES
 
-__all__ = ["REPLACED_KEYS", "ConfigError", "MergeCandidate", "RunConfig", "app_pyproject", "declared_defaults"]
+__all__ = ["REPLACED_KEYS", "ConfigError", "MergeCandidate", "RunConfig", "app_pyproject", "check_values",
+           "declared_defaults"]  # fmt: skip
 
 PROJECT_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"  # a checkout's, or Flower's app copy's
 PACKAGED_PYPROJECT = Path(__file__).resolve().with_name("app-pyproject.toml")  # the copy a wheel carries

@@ -71,7 +71,7 @@ class _Step(Round):
 
 @dataclass
 class _ShareKeys(_Step):
-    name = "share keys"
+    name = "share-keys"
     action = Action.SECAGG_SHARE_KEYS
 
     def configure(self, run: RunState) -> dict[int, RecordDict]:
@@ -95,7 +95,7 @@ class _ShareKeys(_Step):
 
 @dataclass
 class _MaskedInput(_Step):
-    name = "masked input"
+    name = "masked-input"
     action = Action.SECAGG_MASKED_INPUT
     shares: Mapping[int, Mapping[int, bytes]] = field(default_factory=dict)
     layout: SecureLayout | None = None

@@ -96,8 +96,8 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
-def starting_weights(plan: SimulationPlan, out_dir: Path, pretrain: bool) -> Path:
-    """Where the run's start is: the shipped model, or one the plan's recipe trains once per output folder."""
+def start_path(plan: SimulationPlan, out_dir: Path, pretrain: bool) -> Path:
+    """Where the run's start is: the shipped model, or the one the plan's recipe trains in the output folder."""
     if plan.source is not None and not pretrain:
         if not plan.source.is_file():
             raise FileNotFoundError(f"plan {plan.name!r}: its starting model {plan.source} is missing; "
@@ -108,13 +108,16 @@ def starting_weights(plan: SimulationPlan, out_dir: Path, pretrain: bool) -> Pat
     return out_dir / SOURCE_CHECKPOINT
 
 
-def _pretrain_if_missing(plan: SimulationPlan, path: Path) -> None:
+def starting_weights(plan: SimulationPlan, out_dir: Path, pretrain: bool) -> Path:
+    """The shipped starting model, or one pretrained by the plan's recipe once per output folder."""
     from common.training.pretrain import pretrain_to_file
 
+    path = start_path(plan, out_dir, pretrain)
     if path.exists():
-        log.info("reusing source model %s", path)
+        log.info("using the starting model %s", path)
     elif plan.pretrain is not None:
         pretrain_to_file(plan.pretrain, path)
+    return path
 
 
 def run_simulation(
@@ -136,14 +139,14 @@ def run_simulation(
     start = None
     given = {**plan.run_config, **values}.get("initial-weights")
     if (plan.pretrain is not None or plan.source is not None) and not given:
-        start = starting_weights(plan, out_dir, pretrain)
+        start = start_path(plan, out_dir, pretrain)  # known before anything is trained: the run is checked first
         values["initial-weights"] = str(start)
         if plan.pretrain is not None:  # the recipe names the architecture its model has
             values["arch"] = plan.pretrain.arch
     run = plan.resolve(values)  # the one RunConfig of this process
     out_dir.mkdir(parents=True, exist_ok=True)
     if start is not None:
-        _pretrain_if_missing(plan, start)
+        starting_weights(plan, out_dir, pretrain)
     rounds = run.num_rounds + (1 if run.recalibrate else 0)
     timeout = run.timeout * (rounds + 1) + 120
     report_path = out_dir / "report.json"

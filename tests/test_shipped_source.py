@@ -54,7 +54,7 @@ def test_a_shipped_start_is_used_as_is_and_pretrain_trains_by_the_recipe_instead
     plan = _tiny_plan(tmp_path, SHIPPED)
     out = tmp_path / "out"
     out.mkdir()
-    assert starting_weights(plan, out, pretrain=False) == str(SHIPPED.resolve())
+    assert starting_weights(plan, out, pretrain=False) == SHIPPED.resolve()
     assert not list(out.iterdir())  # nothing trained
     trained = Path(starting_weights(plan, out, pretrain=True))
     assert trained.parent == out

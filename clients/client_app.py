@@ -20,6 +20,7 @@ from clients.config import SiteConfig
 from clients.site import adapt_site, recalibration_sums
 from common.bn.bank import BNBank
 from common.data import DataSpec, build_dataset, image_batches
+from common.device.runtime import resolve_compute
 from common.models.architectures import Segmenter
 from common.models.banked import BankedSegmenter
 from common.models.factory import build_model
@@ -50,6 +51,11 @@ def _global_model(received: RecordDict, config: SiteConfig) -> Segmenter:
     model = build_model(config.arch, config.num_classes)
     model.load_state_dict(received["arrays"].to_torch_state_dict(), strict=True)  # type: ignore[union-attr]
     return model
+
+
+def _device(config: SiteConfig) -> str:
+    """This site's device (its node config may name its own): the query rounds run there too."""
+    return resolve_compute(config.job.context.compute).device
 
 
 def initial_model(received: RecordDict, config: SiteConfig) -> Segmenter:
@@ -147,7 +153,8 @@ def _secure_query(received: RecordDict, context: Context, config: SiteConfig, ph
     if phase == "secagg-advertise":  # the recalibration round, secured: moments under the merged model
         target = _dataset(config.data)
         model = _global_model(received, config)
-        sums = recalibration_sums(model, target, config.job.batch_size, str(settings.get("bn-mode", "batch")))
+        sums = recalibration_sums(model, target, config.job.batch_size, str(settings.get("bn-mode", "batch")),
+                                  _device(config))  # fmt: skip
         moments = {f"{layer}.mean": s.mean() for layer, s in sums.items()}
         moments.update({f"{layer}.second": s.sum_sq / s.count for layer, s in sums.items()})
         context.state[SECURE_STATISTICS] = ArrayRecord(moments)
@@ -172,9 +179,10 @@ def _score_candidate(received: RecordDict, context: Context, config: SiteConfig,
     if "bank" in received:
         names = tuple(str(n) for n in _config(received)["bank-names"])  # type: ignore[union-attr]
         candidate = BankedSegmenter(candidate, BNBank.from_tensors(received["bank"].to_torch_state_dict(), names))
+    candidate.to(_device(config))
     own = None
     if OWN_MODEL in context.state:
-        own = build_model(config.arch, config.num_classes)
+        own = build_model(config.arch, config.num_classes).to(_device(config))
         own.load_state_dict(context.state[OWN_MODEL].to_torch_state_dict())
     batches = image_batches(score_images(target), config.job.batch_size)
     scores = label_free_scores(candidate, own, batches, seed=config.run.seed)
@@ -193,5 +201,5 @@ def handle_query(received: RecordDict, context: Context) -> RecordDict:
         return _score_candidate(received, context, config, target)
     model = _global_model(received, config)
     mode = str(_config(received).get("bn-mode", "batch"))
-    sums = recalibration_sums(model, target, config.job.batch_size, mode)
+    sums = recalibration_sums(model, target, config.job.batch_size, mode, _device(config))
     return sums_to_records(sums, len(target), config.job.domain)

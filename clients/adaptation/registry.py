@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from clients.adaptation.configs import BUILTIN, MethodSpec
+from common.device.spec import Compute
 from common.options.typed import build_options, closest
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class AdaptContext:
     seed: int = 0
     backbone_weights: str = ""  # ImageNet weights for the feature distance, when given
     metrics: dict[str, float] = field(default_factory=dict)  # filled by the method
+    compute: Compute = field(default_factory=Compute)  # the site's device (resolved) and amp; the CPU at float32
 
 
 AdaptFn = Callable[["Segmenter", "Dataset", AdaptContext, Any], None]

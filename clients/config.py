@@ -17,6 +17,7 @@ from clients.guard import GUARD_KEYS, GuardConfig
 from clients.site import SiteJob
 from common.config.run import ConfigError, RunConfig, declared_defaults
 from common.data import DataSpec
+from common.device.spec import Compute
 from common.options.typed import closest, parse_key_values
 
 __all__ = ["NODE_ONLY_KEYS", "SiteConfig"]
@@ -96,6 +97,7 @@ class SiteConfig:
                 progress=run.progress,
                 seed=run.seed,
                 backbone_weights=run.backbone_weights,
+                compute=Compute(run.device, run.amp),  # node config may set it; resolved where the site computes
             ),
             guard=GuardConfig.read({k: flat[k] for k in GUARD_KEYS}),
         )

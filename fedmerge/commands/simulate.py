@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from experiments.tables import report_table
-from fedmerge.cli import CommandError
+from fedmerge.cli import CommandError, add_device_options
 from server.simulation import SimulationFailed, SimulationPlan, list_presets, run_simulation
 
 DEMO_PRESET = "synthetic-3"
@@ -37,7 +37,9 @@ def _overrides(items: list[str]) -> dict[str, object]:
 def simulate(args: argparse.Namespace) -> int:
     echo = None if args.quiet else sys.stderr
     plan = _plan(args)
-    run = plan.resolve(_overrides(args.set))  # every key and value checked before anything starts
+    given = {"device": args.device, "amp": args.amp}  # the run-config keys, when given as flags
+    overrides = {**_overrides(args.set), **{k: v for k, v in given.items() if v is not None}}
+    run = plan.resolve(overrides)  # every key and value checked before anything starts
     try:
         report = run_simulation(plan, Path(args.out_dir), run, echo=echo, pretrain=args.pretrain)
     except SimulationFailed as exc:
@@ -61,6 +63,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pretrain", action="store_true", help="train the starting model by the plan's [pretrain] recipe instead"
     )
+    add_device_options(parser, default=None)  # the run-config keys device and amp; --set num-gpus=X for Ray
 
 
 def register(sub: argparse._SubParsersAction) -> None:

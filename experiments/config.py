@@ -17,6 +17,7 @@ from typing import Any
 from clients.adaptation import make_config, method_spec
 from clients.guard import GUARD_KEYS, GuardConfig
 from common.data import DataSpec
+from common.device.spec import Compute
 from common.options.typed import closest
 from common.training.pretrain import PretrainPlan
 from experiments.shipped import CONFIGS_DIR, list_configs, resolve_config_path
@@ -126,6 +127,7 @@ class ExperimentConfig:
     seed: int = 0
     eval_batch_size: int = 8
     description: str = ""
+    compute: Compute = field(default_factory=Compute)  # top-level device and amp: where sites train, models are scored
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sites]
@@ -189,13 +191,22 @@ class ExperimentConfig:
             seed=seed,
             eval_batch_size=int(raw.get("eval-batch-size", 8)),
             description=str(raw.get("description", "")),
+            compute=_compute(raw, name),
         )
 
 
 _TOP_KEYS = {
     "description", "seed", "data-root-default", "eval-batch-size", "source", "method", "sites", "eval",
-    "strategies", "lmc", "protocol",
+    "strategies", "lmc", "protocol", "device", "amp",
 }  # fmt: skip
+
+
+def _compute(raw: Mapping[str, Any], where: str) -> Compute:
+    """The top-level ``device`` and ``amp`` (checked as written; whether this machine has the device, at run time)."""
+    try:
+        return Compute(str(raw.get("device", "cpu")), str(raw.get("amp", "off")))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _protocol(raw: Any, where: str) -> ProtocolConfig | None:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from clients.adaptation import make_config, method_spec
 from common.config.run import RunConfig
+from common.device.runtime import resolve_compute
 from common.models.fingerprint import recipe_key
 from experiments.config import ExperimentConfig
 from experiments.pool import CACHE_VERSION, SourceBundle
@@ -81,6 +82,8 @@ def _run_config(
         guard=config.method.guard.enabled,
         guard_score=",".join(config.method.guard.scores),
         guard_margin=config.method.guard.margin,
+        device=config.compute.device,
+        amp=config.compute.amp,
     )
     src = config.method.source
     if src is None:
@@ -104,6 +107,7 @@ def _key(config: ExperimentConfig, source: SourceBundle, rounds: int, options: M
             "rounds": rounds,
             "buffers": buffers,
             **config.method.guard.recipe(),
+            **resolve_compute(config.compute).recipe(),  # "auto" keys as what it means on this machine
         }
     )
 

@@ -31,7 +31,7 @@ from common.device.runtime import model_device
 from common.models.architectures import Segmenter, load_weights_file
 from common.models.multires import MultiResSegmenter, random_box
 
-__all__ = ["HRDAConfig", "adapt", "feature_distance", "imagenet_model"]
+__all__ = ["HRDAConfig", "adapt", "feature_distance", "imagenet_model", "random_crop"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,23 @@ def _flip(gen: torch.Generator, *tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(torch.where(which.view(-1, *[1] * (t.dim() - 1)), t.flip(-1), t) for t in tensors)
 
 
+def random_crop(gen: torch.Generator, size: tuple[int, int], *tensors: Tensor) -> tuple[Tensor, ...]:
+    """One random ``size`` window per image of the batch, the same window in each tensor (an image and its label).
+
+    A side shorter than the window is kept whole. Windows are drawn from the step's generator,
+    image by image, so a resumed run cuts the same windows.
+    """
+    height, width = tensors[0].shape[-2:]
+    ch, cw = min(size[0], height), min(size[1], width)
+    cut: list[list[Tensor]] = [[] for _ in tensors]
+    for i in range(tensors[0].shape[0]):
+        top = int(torch.randint(height - ch + 1, (1,), generator=gen, device=gen.device))
+        left = int(torch.randint(width - cw + 1, (1,), generator=gen, device=gen.device))
+        for pieces, t in zip(cut, tensors, strict=True):
+            pieces.append(t[i, ..., top : top + ch, left : left + cw])
+    return tuple(torch.stack(pieces) for pieces in cut)
+
+
 def _resize(images: Tensor, labels: Tensor, size: torch.Size) -> tuple[Tensor, Tensor]:
     images = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     labels = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
@@ -96,6 +113,7 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDA
     augment = StrongAugment() if config.augment else None
     reference = imagenet_model(model, context.backbone_weights) if context.backbone_weights else None
     fd_classes = config.fd_class_ids()
+    crop = config.crop_size()
 
     def supervised(images: Tensor, labels: Tensor, weights: Tensor, gen: torch.Generator) -> Tensor:
         if not multires:
@@ -113,6 +131,9 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDA
         )
         src_images, src_labels = labeled_batch(source, src_idx, device)
         tgt_images = target_batch(target, uniform_indices(len(target), config.batch_size, gen), device)
+        if crop is not None:
+            src_images, src_labels = random_crop(gen, crop, src_images, src_labels)
+            (tgt_images,) = random_crop(gen, crop, tgt_images)
         if src_images.shape[-2:] != tgt_images.shape[-2:]:  # ClassMix pastes pixel to pixel
             src_images, src_labels = _resize(src_images, src_labels, tgt_images.shape[-2:])
         if config.flip:

@@ -84,6 +84,7 @@ def _run_config(
         guard_margin=config.method.guard.margin,
         device=config.compute.device,
         amp=config.compute.amp,
+        backbone_weights=config.method.backbone_weights,
     )
     src = config.method.source
     if src is None:
@@ -107,6 +108,7 @@ def _key(config: ExperimentConfig, source: SourceBundle, rounds: int, options: M
             "rounds": rounds,
             "buffers": buffers,
             **config.method.guard.recipe(),
+            **config.method.recipe(),
             **resolve_compute(config.compute).recipe(),  # "auto" keys as what it means on this machine
         }
     )

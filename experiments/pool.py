@@ -192,6 +192,7 @@ class ModelPool:
             "method_source": str(self.method.source) if self.method.source else "",
             "seed": self.seed,
             **self.method.guard.recipe(),
+            **self.method.recipe(),
             **self.compute.recipe(),
         }
         return recipe_key(recipe)
@@ -199,7 +200,8 @@ class ModelPool:
     def _context(self) -> AdaptContext:
         if self.method.source is not None and self._source_data is None:
             self._source_data = build_dataset(self.method.source)
-        return AdaptContext(source=self._source_data, progress=False, seed=self.seed, compute=self.compute)
+        return AdaptContext(source=self._source_data, progress=False, seed=self.seed, compute=self.compute,
+                            backbone_weights=self.method.backbone_weights)  # fmt: skip
 
     def get(self, site: str, target: Dataset, data_id: str) -> PoolEntry:
         """``site``'s update on ``target`` (described by ``data_id``), from the cache when present."""

@@ -22,6 +22,7 @@ from clients.guard import GuardConfig
 from clients.site import SiteJob
 from common.config.run import REPLACED_KEYS, ConfigError, RunConfig, declared_defaults
 from common.data.spec import DOMAIN_FIELD, DataSpec, NamedSpec, fill_domain, parse_spec_list
+from common.device.spec import Compute
 from common.options.typed import closest, parse_key_values
 
 __all__ = ["NODE_ONLY_KEYS", "SiteConfig"]
@@ -83,6 +84,11 @@ class SiteConfig:
     def num_classes(self) -> int:
         return self.run.num_classes
 
+    @property
+    def compute(self) -> Compute:
+        """Where this site computes and at what precision (node config may set its own); resolved where it runs."""
+        return Compute(self.run.device, self.run.amp)
+
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteConfig:
         run_keys, node = _split_node_config(node_config)
@@ -96,6 +102,6 @@ class SiteConfig:
         """What this site does for one message: a fresh context, so nothing a method records leaks into the next."""
         run = self.run
         context = AdaptContext(checkpoint_dir=run.checkpoint_dir, progress=run.progress, seed=run.seed + seed_offset,
-                               backbone_weights=run.backbone_weights)  # fmt: skip
+                               backbone_weights=run.backbone_weights, compute=self.compute)  # fmt: skip
         return SiteJob(self.domain, run.method, dict(self.method_options), run.batch_size, context=context,
                        guard=self.guard)  # fmt: skip

@@ -21,6 +21,7 @@ from clients.config import SiteConfig
 from clients.site import adapt_site, recalibration_sums
 from common.bn.bank import BNBank
 from common.data import DataSpec, build_dataset, image_batches
+from common.device.runtime import resolve_compute
 from common.models.banked import BankedSegmenter
 from common.models.factory import build_model
 from common.models.fingerprint import INITIAL_SHA256, state_fingerprint
@@ -47,6 +48,11 @@ def _dataset(spec: DataSpec) -> Dataset:
 
 def _config(received: RecordDict) -> ConfigRecord:
     return received["config"] if "config" in received else ConfigRecord()  # type: ignore[return-value]
+
+
+def _device(site: SiteConfig) -> str:
+    """This site's device (its node config may name its own): the query rounds run there too."""
+    return resolve_compute(site.compute).device
 
 
 def _sent_model(received: RecordDict, site: SiteConfig) -> Segmenter:
@@ -122,7 +128,7 @@ def recalibrate(received: RecordDict, site: SiteConfig, context: Context) -> Rec
     """Σx, Σx², n per BN channel of this site's images under the merged parameters sent."""
     target = _dataset(site.data)
     mode = str(_config(received).get("bn-mode", "batch"))
-    sums = recalibration_sums(_sent_model(received, site), target, site.run.batch_size, mode)
+    sums = recalibration_sums(_sent_model(received, site), target, site.run.batch_size, mode, _device(site))
     return sums_to_records(sums, len(target), site.domain)
 
 
@@ -132,9 +138,10 @@ def score(received: RecordDict, site: SiteConfig, context: Context) -> RecordDic
     if "bank" in received:
         names = tuple(str(n) for n in _config(received)["bank-names"])  # type: ignore[union-attr]
         candidate = BankedSegmenter(candidate, BNBank.from_tensors(received["bank"].to_torch_state_dict(), names))
+    candidate.to(_device(site))
     own = None
     if OWN_MODEL in context.state:
-        own = build_model(site.arch, site.num_classes)
+        own = build_model(site.arch, site.num_classes).to(_device(site))
         own.load_state_dict(context.state[OWN_MODEL].to_torch_state_dict())
     batches = image_batches(score_images(_dataset(site.data)), site.run.batch_size)
     scores = label_free_scores(candidate, own, batches, seed=site.run.seed)
@@ -150,7 +157,7 @@ def secagg_advertise(received: RecordDict, site: SiteConfig, context: Context) -
     """The recalibration, secured: this site's BN moments under the merged model kept here, its keys sent."""
     target = _dataset(site.data)
     mode = str(_config(received).get("bn-mode", "batch"))
-    sums = recalibration_sums(_sent_model(received, site), target, site.run.batch_size, mode)
+    sums = recalibration_sums(_sent_model(received, site), target, site.run.batch_size, mode, _device(site))
     moments = {f"{layer}.mean": s.mean() for layer, s in sums.items()}
     moments.update({f"{layer}.second": s.sum_sq / s.count for layer, s in sums.items()})
     context.state[SECURE_STATISTICS] = ArrayRecord(moments)

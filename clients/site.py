@@ -1,7 +1,9 @@
 """One site's work, framework-free: adapt, measure exact BN statistics, build the update.
 
 The Flower ClientApp is a thin shell around :func:`adapt_site` and
-:func:`recalibration_sums`; the CLI and the experiments call them directly.
+:func:`recalibration_sums`; the CLI and the experiments call them directly. The work runs
+on the site's device (``AdaptContext.compute``); what it returns is on the CPU, because
+that is what leaves the site.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from clients.adaptation import METHODS, AdaptContext
 from clients.guard import GuardConfig, guard_adaptation
 from common.bn.stats import BNStatsConfig, BNSums, collect_bn_sums, exact_bn_statistics
 from common.data import image_batches
+from common.device.runtime import model_device, resolve_compute
 from common.models.segmenter import Segmenter
 from common.scoring.predictions import confident_fraction, normalized_entropy
 from common.updates.site import SiteUpdate, split_state
@@ -45,9 +48,10 @@ class SiteJob:
 def unsupervised_metrics(model: Segmenter, target: Dataset, batch_size: int) -> dict[str, float]:
     """Mean normalised prediction entropy and the fraction of confident pixels: label-free health signals."""
     model.eval()
+    device = model_device(model)
     ent_sum, conf_sum, images_seen = 0.0, 0.0, 0
     for images in image_batches(target, batch_size):
-        probs = model(images).softmax(1)
+        probs = model(images.to(device)).softmax(1)
         ent_sum += float(normalized_entropy(probs).flatten(1).mean(1).sum())
         conf_sum += float(confident_fraction(probs).sum())
         images_seen += probs.shape[0]
@@ -66,7 +70,8 @@ def run_adaptation(model: Segmenter, target: Dataset, job: SiteJob) -> float:
 
     A guard that falls back leaves the start's weights in ``model`` (``clients.guard``).
     Split out so that an experiment can look at the model between the method and the
-    exact statistics pass (e.g. at the running statistics the method left).
+    exact statistics pass (e.g. at the running statistics the method left). The model
+    moves to the job's device (``auto`` resolved here, once) and stays there.
     """
     if len(target) == 0:
         raise ValueError(f"site {job.domain!r} has no target images")
@@ -74,6 +79,8 @@ def run_adaptation(model: Segmenter, target: Dataset, job: SiteJob) -> float:
     config = method.make_options(job.method_options)
     if config.needs_source and job.context.source is None:
         raise ValueError(f"method {job.method!r} needs the labeled source set at the site; none was given")
+    job.context.compute = resolve_compute(job.context.compute)
+    model.to(job.context.compute.device)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if job.guard.enabled else None
     started = time.perf_counter()
     method.load()(model, target, job.context, config)
@@ -86,15 +93,18 @@ def run_adaptation(model: Segmenter, target: Dataset, job: SiteJob) -> float:
 
 
 def package_update(model: Segmenter, target: Dataset, job: SiteJob, adapt_seconds: float) -> SiteUpdate:
-    """The second half: the exact BN statistics pass, the label-free metrics, the update."""
+    """The second half: the exact BN statistics pass, the label-free metrics, the update (its tensors on the CPU)."""
     started = time.perf_counter()
     counts = exact_bn_statistics(model, image_batches(target, job.batch_size), BNStatsConfig(job.bn_mode))
     metrics = {**job.context.metrics, **unsupervised_metrics(model, target, job.batch_size)}
     metrics.update({"adapt-seconds": adapt_seconds, "bn-seconds": time.perf_counter() - started})
-    params, buffers = split_state(model.state_dict())
+    params, buffers = split_state({k: v.cpu() for k, v in model.state_dict().items()})
     return SiteUpdate(job.domain, params, buffers, counts, len(target), metrics)
 
 
-def recalibration_sums(model: Segmenter, target: Dataset, batch_size: int, mode: str = "batch") -> dict[str, BNSums]:
-    """Σx, Σx², n per BN channel under the given (merged) parameters: the second round's reply."""
-    return collect_bn_sums(model, image_batches(target, batch_size), BNStatsConfig(mode))
+def recalibration_sums(
+    model: Segmenter, target: Dataset, batch_size: int, mode: str = "batch", device: str = "cpu"
+) -> dict[str, BNSums]:
+    """Σx, Σx², n per BN channel under the given (merged) parameters, measured on ``device``: round two's reply."""
+    sums = collect_bn_sums(model.to(device), image_batches(target, batch_size), BNStatsConfig(mode))
+    return {name: s.cpu() for name, s in sums.items()}

@@ -21,6 +21,8 @@ from clients.site import recalibration_sums
 from common.bn.bank import BNBank
 from common.bn.stats import BNSums
 from common.data import build_dataset, image_batches
+from common.device.runtime import resolve_compute
+from common.device.spec import Compute
 from common.models.banked import BankedSegmenter
 from common.scoring.label_free import label_free_scores, score_images
 from common.updates.site import SiteUpdate
@@ -60,10 +62,12 @@ class LocalSites:
     data: dict[str, Dataset]
     cache_dir: Path
     pool_updates: dict[str, SiteUpdate] = field(default_factory=dict)  # each site's own adapted model
+    compute: Compute = field(default_factory=Compute)  # resolved: where the sites recalibrate and score
 
     def bn_sums(self, site: str, state: Mapping[str, Tensor], mode: str) -> tuple[dict[str, BNSums], int, float]:
         started = time.perf_counter()
-        sums = recalibration_sums(self.source.model(state), self.data[site], self.config.method.batch_size, mode)
+        sums = recalibration_sums(self.source.model(state), self.data[site], self.config.method.batch_size, mode,
+                                  self.compute.device)  # fmt: skip
         seconds = time.perf_counter() - started
         return sums, wire_bytes(sums_to_records(sums, len(self.data[site]), site)), seconds
 
@@ -75,7 +79,8 @@ class LocalSites:
             candidate = self.source.model(state)
             if bank is not None:
                 candidate = BankedSegmenter(candidate, bank)
-            own = self.source.model(self.pool_updates[site.name].state_dict())
+            candidate.to(self.compute.device)
+            own = self.source.model(self.pool_updates[site.name].state_dict()).to(self.compute.device)
             batches = image_batches(images, self.config.method.batch_size)
             for name, value in label_free_scores(candidate, own, batches, seed=self.config.seed).items():
                 out.setdefault(name, {})[site.name] = value
@@ -171,6 +176,7 @@ def _lmc_domains(config: ExperimentConfig, pair: tuple[str, str]) -> list[str]:
 
 def run_compare(config: ExperimentConfig, cache_dir: Path) -> CompareResult:
     started = time.perf_counter()
+    compute = resolve_compute(config.compute)  # a device this machine lacks fails here, before any work
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -178,15 +184,15 @@ def run_compare(config: ExperimentConfig, cache_dir: Path) -> CompareResult:
     t = time.perf_counter()
     source = load_source(config.source, cache_dir)
     timings["source-seconds"] = time.perf_counter() - t
-    tasks = TaskPool(config.eval_sets, config.eval_batch_size)
+    tasks = TaskPool(config.eval_sets, config.eval_batch_size, compute)
     data = {s.name: build_dataset(s.data) for s in config.sites}
 
     t = time.perf_counter()
-    pool = ModelPool(source, config.method, config.seed, cache_dir)
+    pool = ModelPool(source, config.method, config.seed, cache_dir, compute)
     entries: dict[str, PoolEntry] = {s.name: pool.get(s.name, data[s.name], str(s.data)) for s in config.sites}
     timings["adaptation-seconds"] = time.perf_counter() - t
     updates = [entries[s.name].update for s in config.sites]
-    local = LocalSites(config, source, pool, data, cache_dir, {u.site: u for u in updates})
+    local = LocalSites(config, source, pool, data, cache_dir, {u.site: u for u in updates}, compute)
     inputs = MergeInputs(
         base=source.state,
         updates=updates,

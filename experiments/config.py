@@ -17,6 +17,7 @@ from typing import Any
 from clients.adaptation import METHODS
 from clients.guard import GUARD_KEYS, GuardConfig
 from common.data import DataSpec
+from common.device.spec import Compute
 from common.options.typed import closest
 from common.training.pretrain import PretrainPlan
 from experiments.shipped import CONFIGS_DIR, list_configs, resolve_config_path
@@ -76,6 +77,11 @@ class LocalMethod:
     batch_size: int = 8
     source: DataSpec | None = None  # the labeled source set, for methods that need it (hrda)
     guard: GuardConfig = field(default_factory=GuardConfig.read)  # [method] keys guard, guard-score, guard-margin
+    backbone_weights: str = ""  # ImageNet backbone weights for hrda's feature distance ([method] backbone-weights)
+
+    def recipe(self) -> dict[str, str]:
+        """Its part of a cache key beyond the method and options: nothing without backbone weights."""
+        return {"backbone_weights": self.backbone_weights} if self.backbone_weights else {}
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ class ExperimentConfig:
     seed: int = 0
     eval_batch_size: int = 8
     description: str = ""
+    compute: Compute = field(default_factory=Compute)  # top-level device and amp: where sites train, models are scored
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sites]
@@ -189,13 +196,22 @@ class ExperimentConfig:
             seed=seed,
             eval_batch_size=int(raw.get("eval-batch-size", 8)),
             description=str(raw.get("description", "")),
+            compute=_compute(raw, name),
         )
 
 
 _TOP_KEYS = {
     "description", "seed", "data-root-default", "eval-batch-size", "source", "method", "sites", "eval",
-    "strategies", "lmc", "protocol",
+    "strategies", "lmc", "protocol", "device", "amp",
 }  # fmt: skip
+
+
+def _compute(raw: Mapping[str, Any], where: str) -> Compute:
+    """The top-level ``device`` and ``amp`` (checked as written; whether this machine has the device, at run time)."""
+    try:
+        return Compute(str(raw.get("device", "cpu")), str(raw.get("amp", "off")))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _protocol(raw: Any, where: str) -> ProtocolConfig | None:
@@ -259,13 +275,7 @@ def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel
     wrap = str(raw.get("wrap", ""))
     if wrap not in ("", "hrda"):
         raise ValueError(f"{where} [source]: wrap must be 'hrda' or absent, not {wrap!r}")
-    checkpoint = str(raw.get("checkpoint", ""))
-    if checkpoint and DATA_ROOT in checkpoint:
-        if root is None:
-            raise ValueError(f"{where}: the source checkpoint {checkpoint!r} needs a data root: pass --data-root")
-        checkpoint = checkpoint.replace(DATA_ROOT, root)
-    if checkpoint and not Path(checkpoint).is_absolute():
-        checkpoint = str((PROJECT_ROOT / checkpoint).resolve())
+    checkpoint = _file(str(raw.get("checkpoint", "")), root, where, "the source checkpoint")
     pre = raw.get("pretrain")
     plan = None
     if pre is not None:
@@ -275,8 +285,19 @@ def _source(raw: Mapping[str, Any], root: str | None, where: str) -> SourceModel
     return SourceModel(checkpoint, plan, wrap)
 
 
+def _file(path: str, root: str | None, where: str, what: str) -> str:
+    """A file a config names: ``{data_root}`` filled in, a relative path taken from the project folder."""
+    if path and DATA_ROOT in path:
+        if root is None:
+            raise ValueError(f"{where}: {what} {path!r} needs a data root: pass --data-root")
+        path = path.replace(DATA_ROOT, root)
+    if path and not Path(path).is_absolute():
+        path = str((PROJECT_ROOT / path).resolve())
+    return path
+
+
 def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod:
-    _check_keys(raw, {"name", "options", "batch-size", "source", *GUARD_KEYS}, f"{where} [method]")
+    _check_keys(raw, {"name", "options", "batch-size", "source", "backbone-weights", *GUARD_KEYS}, f"{where} [method]")
     source = raw.get("source")
     METHODS.get(str(raw.get("name", "adabn"))).make_options(dict(raw.get("options", {})))  # fails now, not later
     return LocalMethod(
@@ -285,6 +306,7 @@ def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod
         batch_size=int(raw.get("batch-size", 8)),
         source=_spec(source, root, where) if source else None,
         guard=GuardConfig.read({k: v for k, v in raw.items() if k in GUARD_KEYS}),
+        backbone_weights=_file(str(raw.get("backbone-weights", "")), root, where, "the backbone weights"),
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from clients.adaptation import METHODS
+from common.device.runtime import resolve_compute
 from common.models.fingerprint import recipe_key
 from experiments.config import ExperimentConfig
 from experiments.pool import CACHE_VERSION, SourceBundle
@@ -73,6 +74,9 @@ def _run_values(
         "guard": guard.enabled,
         "guard-score": ",".join(guard.scores),
         "guard-margin": guard.margin,
+        "device": config.compute.device,
+        "amp": config.compute.amp,
+        "backbone-weights": config.method.backbone_weights,
     }
 
 
@@ -90,6 +94,8 @@ def _key(config: ExperimentConfig, source: SourceBundle, rounds: int, options: M
             "rounds": rounds,
             "buffers": buffers,
             **config.method.guard.recipe(),
+            **config.method.recipe(),
+            **resolve_compute(config.compute).recipe(),  # "auto" keys as what it means on this machine
         }
     )
 

@@ -29,6 +29,8 @@ from torch.utils.data import Dataset
 from clients.adaptation import METHODS, AdaptContext
 from clients.site import SiteJob, package_update, run_adaptation
 from common.data import build_dataset, image_batches
+from common.device.runtime import model_device
+from common.device.spec import Compute
 from common.models.checkpoints import load_checkpoint, read_model_file, wrap_checkpoint_for_hrda
 from common.models.factory import build_model
 from common.models.fingerprint import recipe_key, state_fingerprint
@@ -110,16 +112,18 @@ def _wrapped(path: Path, cache_dir: Path) -> Path:
 
 
 def _bn_buffers(model: Segmenter) -> dict[str, Tensor]:
+    """The BN buffers, copied to the CPU (where the cache files are written from)."""
     _, buffers = split_state(model.state_dict())
-    return {k: v.detach().clone() for k, v in buffers.items()}
+    return {k: v.detach().cpu().clone() for k, v in buffers.items()}
 
 
 @torch.no_grad()
 def _train_mode_pass(model: Segmenter, target: Dataset, batch_size: int) -> dict[str, Tensor]:
     """The running statistics one epoch of PyTorch's train-mode BN would leave (momentum as set)."""
     probe = copy.deepcopy(model).train()
+    device = model_device(probe)
     for images in image_batches(target, batch_size):
-        probe(images)
+        probe(images.to(device))
     return _bn_buffers(probe)
 
 
@@ -159,15 +163,22 @@ class PoolEntry:
 class ModelPool:
     """Site updates keyed by everything that produced them; computed on first request, then read back."""
 
-    def __init__(self, source: SourceBundle, method: LocalMethod, seed: int, cache_dir: Path) -> None:
-        self.source, self.method, self.seed = source, method, seed
+    def __init__(
+        self, source: SourceBundle, method: LocalMethod, seed: int, cache_dir: Path, compute: Compute = Compute()
+    ) -> None:
+        """``compute``: a resolved device (``common.device.runtime.resolve_compute``) and the sites' amp."""
+        self.source, self.method, self.seed, self.compute = source, method, seed, compute
         self.folder = cache_dir / "updates"
         self.folder.mkdir(parents=True, exist_ok=True)
         self._source_data: Dataset | None = None
         self.computed: list[str] = []  # keys adapted (not read back) in this process
 
     def key(self, data_id: str) -> str:
-        """Hash of source weights, data, method with its full typed options, batch size, seed and guard."""
+        """Hash of source weights, data, method with its full typed options, batch size, seed, guard and device.
+
+        The device enters only when it is not the CPU at full precision, so every key cached
+        before devices existed stays valid.
+        """
         options = METHODS.get(self.method.name).make_options(self.method.options)
         recipe = {
             "version": CACHE_VERSION,
@@ -180,13 +191,16 @@ class ModelPool:
             "method_source": str(self.method.source) if self.method.source else "",
             "seed": self.seed,
             **self.method.guard.recipe(),
+            **self.method.recipe(),
+            **self.compute.recipe(),
         }
         return recipe_key(recipe)
 
     def _context(self) -> AdaptContext:
         if self.method.source is not None and self._source_data is None:
             self._source_data = build_dataset(self.method.source)
-        return AdaptContext(source=self._source_data, progress=False, seed=self.seed)
+        return AdaptContext(source=self._source_data, progress=False, seed=self.seed, compute=self.compute,
+                            backbone_weights=self.method.backbone_weights)  # fmt: skip
 
     def get(self, site: str, target: Dataset, data_id: str) -> PoolEntry:
         """``site``'s update on ``target`` (described by ``data_id``), from the cache when present."""

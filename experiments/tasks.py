@@ -14,6 +14,7 @@ from torch import Tensor
 
 from common.bn.bank import BNBank
 from common.data import build_dataset, make_loader
+from common.device.spec import Compute
 from common.models.banked import BankedSegmenter
 from common.scoring.evaluation import evaluate_domain
 from common.scoring.metrics import harmonic_mean
@@ -30,8 +31,9 @@ class Scores:
 
 
 class TaskPool:
-    def __init__(self, eval_sets: tuple[EvalSet, ...], batch_size: int) -> None:
-        self.sets = eval_sets
+    def __init__(self, eval_sets: tuple[EvalSet, ...], batch_size: int, compute: Compute = Compute()) -> None:
+        """``compute``: a resolved device (``common.device.runtime.resolve_compute``) and the evaluation's amp."""
+        self.sets, self.compute = eval_sets, compute
         self.batches: dict[str, list[tuple[Tensor, Tensor]]] = {
             e.domain: list(make_loader(build_dataset(e.data), batch_size)) for e in eval_sets
         }
@@ -58,7 +60,7 @@ class TaskPool:
         if (state is None) == (per_site is None):
             raise ValueError("score one model (state) or one per site (per_site), not both or neither")
         wanted = [e for e in self.sets if domains is None or e.domain in domains]
-        shared = source.model(state) if state is not None else None
+        shared = source.model(state).to(self.compute.device) if state is not None else None
         if shared is not None and bank is not None:
             shared = BankedSegmenter(shared, bank).eval()
         per_domain: dict[str, float] = {}
@@ -66,9 +68,10 @@ class TaskPool:
             if shared is not None:
                 model = shared
             elif per_site is not None and e.site in per_site:
-                model = source.model(per_site[e.site])
+                model = source.model(per_site[e.site]).to(self.compute.device)
             else:
                 per_domain[e.domain] = float("nan")  # no site holds this domain's local parts
                 continue
-            per_domain[e.domain] = evaluate_domain(model, self.batches[e.domain], source.num_classes, e.domain).miou
+            score = evaluate_domain(model, self.batches[e.domain], source.num_classes, e.domain, amp=self.compute.amp)
+            per_domain[e.domain] = score.miou
         return Scores(per_domain, harmonic_mean(per_domain))

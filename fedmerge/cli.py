@@ -8,6 +8,7 @@ import logging
 import sys
 
 from common.data.spec import SPEC_HELP
+from common.device.spec import AMP_MODES, DEVICE_CHOICES, Compute, DeviceError, check_device
 
 # Each module registers its own sub-commands; order is the order of ``fedmerge --help``.
 COMMAND_MODULES = [
@@ -25,6 +26,39 @@ COMMAND_MODULES = [
 
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text)
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_device_options(parser: argparse.ArgumentParser, default: str | None = "cpu", amp: bool = True) -> None:
+    """``--device`` (and ``--amp``) the same way on every command that runs a model.
+
+    ``default=None`` leaves both unset, for a command whose config file names them.
+    """
+    shown = "the config's" if default is None else default
+    parser.add_argument("--device", type=_device, default=default,
+                        help=f"where the model runs: {DEVICE_CHOICES} (auto: CUDA when present, else the CPU; "
+                             f"default {shown})")  # fmt: skip
+    if amp:
+        amp_default = None if default is None else "off"
+        parser.add_argument(
+            "--amp",
+            choices=AMP_MODES,
+            default=amp_default,
+            help=f"autocast precision of training and evaluation (default {amp_default or shown})",
+        )
+
+
+def device_options(args: argparse.Namespace) -> Compute:
+    """The command's device as this machine runs it: a device it lacks is one line and exit 2, before any work."""
+    from common.device.runtime import resolve_compute
+
+    return resolve_compute(Compute(args.device or "cpu", getattr(args, "amp", None) or "off"))
 
 
 def build_parser() -> argparse.ArgumentParser:

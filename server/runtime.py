@@ -137,7 +137,8 @@ class FlowerEnv:
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")])),
                 "PYTHONUNBUFFERED": "1",
                 # Ray's coming default (it warns on every simulation until it is set): an actor
-                # asking for no GPU keeps the devices it sees. fedmerge's sites never use CUDA.
+                # asking for no GPU keeps the devices it sees; one that reserves a share (the run
+                # config's num-gpus) sees only the GPU Ray gave it, as cuda:0.
                 "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
             }
         )
@@ -437,26 +438,27 @@ def stage_app(project: Path, dest: Path) -> Path:
 FINISHED_RUN_GRACE = 0.5
 
 
-def simulation_config(num_supernodes: int) -> dict[str, object]:
+def simulation_config(num_supernodes: int, num_gpus: float = 0.0) -> dict[str, object]:
     """Flower's simulation settings for this machine: one CPU per site's actor, so sites run side by side
-    (Flower's default of 2 CPUs each runs them one at a time on 2 cores), and a quiet Ray.
+    (Flower's default of 2 CPUs each runs them one at a time on 2 cores), ``num_gpus`` of a GPU each (the
+    run config's ``num-gpus``: how many sites Ray lets share one GPU at once), and a quiet Ray.
 
     The keys are those of ``flwr run --federation-config`` (Flower's ``SimulationConfig``).
     """
     return {
         "num-supernodes": num_supernodes,
         "client-resources-num-cpus": 1,
-        "client-resources-num-gpus": 0.0,
+        "client-resources-num-gpus": float(num_gpus),
         "init-args-logging-level": "ERROR",
         "init-args-log-to-driver": False,
     }
 
 
 @contextlib.contextmanager
-def simulation_env(home: Path, num_supernodes: int) -> Iterator[tuple[FlowerEnv, str]]:
-    """A SuperLink in simulation mode with a ``sim`` connection of ``num_supernodes`` nodes."""
+def simulation_env(home: Path, num_supernodes: int, num_gpus: float = 0.0) -> Iterator[tuple[FlowerEnv, str]]:
+    """A SuperLink in simulation mode with a ``sim`` connection of ``num_supernodes`` nodes, ``num_gpus`` GPU each."""
     with FlowerEnv(home) as env:
         _, port = env.superlink(simulation=True)
-        env.write_connection("sim", port, simulation=simulation_config(num_supernodes))
+        env.write_connection("sim", port, simulation=simulation_config(num_supernodes, num_gpus))
         yield env, "sim"
         env.stop_all(grace=FINISHED_RUN_GRACE)  # a run that ended normally; any other ending keeps the full grace

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from common.config.run import ConfigError, RunConfig, check_values
 from common.data.spec import DOMAIN_FIELD, DataSpec
+from common.device.spec import Compute, DeviceError
 from server.runtime import simulation_env
 
 if TYPE_CHECKING:
     from common.training.pretrain import PretrainPlan
 
-__all__ = ["PRESETS_DIR", "SimulationPlan", "list_presets", "run_simulation", "starting_weights"]
+__all__ = ["PRESETS_DIR", "SimulationPlan", "check_devices", "list_presets", "run_simulation", "starting_weights"]
 
 log = logging.getLogger(__name__)
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -120,6 +121,30 @@ def starting_weights(plan: SimulationPlan, out_dir: Path, pretrain: bool) -> Pat
     return path
 
 
+def check_devices(run: RunConfig) -> None:
+    """The GPUs the simulated sites will ask for, checked on this machine (where they all run) before anything starts.
+
+    A run on the CPU is not asked about: it needs neither torch here nor a GPU anywhere.
+    """
+    if not (run.device.startswith("cuda") or run.num_gpus > 0):
+        return
+    import torch
+
+    from common.device.runtime import resolve_compute
+
+    if run.num_gpus > 0 and run.device == "cpu":
+        raise DeviceError(f"num-gpus = {run.num_gpus} reserves GPUs for sites that compute on the CPU "
+                          "(device = 'cpu'): set device = 'cuda' or 'auto', or num-gpus = 0")  # fmt: skip
+    if run.num_gpus > 0 and run.device not in ("auto", "cuda", "cuda:0"):
+        raise DeviceError(f"device = {run.device!r} with num-gpus = {run.num_gpus}: Ray shows each simulated site "
+                          "only its own GPU, as cuda:0; use device = 'cuda' or 'auto'")  # fmt: skip
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if run.num_gpus > count:
+        raise DeviceError(f"num-gpus = {run.num_gpus} asks Ray for more than the {count} CUDA device(s) torch sees "
+                          "on this machine: no site could be placed")  # fmt: skip
+    resolve_compute(Compute(run.device, run.amp))
+
+
 def run_simulation(
     plan: SimulationPlan,
     out_dir: Path,
@@ -144,6 +169,7 @@ def run_simulation(
         if plan.pretrain is not None:  # the recipe names the architecture its model has
             values["arch"] = plan.pretrain.arch
     run = plan.resolve(values)  # the one RunConfig of this process
+    check_devices(run)
     out_dir.mkdir(parents=True, exist_ok=True)
     if start is not None:
         starting_weights(plan, out_dir, pretrain)
@@ -152,7 +178,7 @@ def run_simulation(
     report_path = out_dir / "report.json"
     report_path.unlink(missing_ok=True)  # never mistake an earlier run's report for this one's
     clock = {"started-at": time.time()}
-    with simulation_env(out_dir / ".flwr", plan.num_sites) as (env, connection):
+    with simulation_env(out_dir / ".flwr", plan.num_sites, run.num_gpus) as (env, connection):
         clock["superlink-ready-at"] = time.time()
         result = env.run_app(connection, run.to_flower(), timeout=timeout, echo=echo)
         clock["flwr-run-ended-at"] = time.time()

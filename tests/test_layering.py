@@ -28,6 +28,7 @@ ALLOWED = {
 
 COMMON_RANKS = {
     "options": 0,
+    "device": 0,
     "data": 1,
     "bn": 1,
     "models": 2,

@@ -11,7 +11,7 @@ site first runs it; every method is followed by the exact BN statistics pass
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from common.options.registry import Registry
@@ -201,6 +201,9 @@ class HRDAConfig(TeacherStudentConfig):
     bn: student BN mode, "train" (batch statistics) or "frozen" (exact target statistics).
     bn_refresh: steps between re-measuring the teacher's target statistics, 100.
     checkpoint_every: steps between resumable checkpoints (with a checkpoint dir), 100.
+    crop: "HxW": every source and target image is cut to a random window of that size before
+        anything else (HRDA trains on 1024x1024 windows of 1024x2048 Cityscapes frames), one window
+        per image; "" (default) trains on whole images.
     """
 
     needs_source: ClassVar[bool] = True
@@ -214,6 +217,25 @@ class HRDAConfig(TeacherStudentConfig):
     fd_classes: str = ""
     augment: bool = True
     flip: bool = True
+    crop: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.crop_size()  # a malformed crop fails where it is written
+
+    def __repr__(self) -> str:
+        """The dataclass repr, naming ``crop`` only when set: cache keys made before it existed stay valid."""
+        shown = (f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "crop" or self.crop)
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     def fd_class_ids(self) -> list[int]:
         return [int(c) for c in self.fd_classes.replace(" ", "").split(",") if c]
+
+    def crop_size(self) -> tuple[int, int] | None:
+        """``crop`` as (height, width), or None for whole images."""
+        if not self.crop:
+            return None
+        height, sep, width = self.crop.lower().partition("x")
+        if not (sep and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+            raise ValueError(f"hrda crop must be HxW with positive integers (1024x1024) or empty, not {self.crop!r}")
+        return int(height), int(width)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from common.device.spec import Compute
+
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
@@ -21,3 +23,4 @@ class AdaptContext:
     seed: int = 0
     backbone_weights: str = ""  # ImageNet weights for the feature distance, when given
     metrics: dict[str, float] = field(default_factory=dict)  # filled by the method
+    compute: Compute = field(default_factory=Compute)  # the site's device (resolved) and amp; the CPU at float32

@@ -27,11 +27,12 @@ from clients.adaptation.norm import refresh_statistics, set_bn_mode
 from clients.adaptation.sampling import RareClassSampler, labeled_batch, target_batch, uniform_indices
 from clients.adaptation.teacher_student import run_teacher_student, start_teacher_student
 from common.data import IGNORE
+from common.device.runtime import model_device
 from common.models.multires import MultiResSegmenter, random_box
 from common.models.segmenter import Segmenter
 from common.models.weights import load_weights_file
 
-__all__ = ["HRDAConfig", "adapt", "feature_distance", "imagenet_model"]
+__all__ = ["HRDAConfig", "adapt", "feature_distance", "imagenet_model", "random_crop"]
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,35 @@ def feature_distance(student: Tensor, reference: Tensor, labels: Tensor, class_i
 
     Keeping the features of source objects near their ImageNet features counters the
     source overfitting that erases what the pretrained backbone knew about those classes.
+    The distance is taken in float32 even when the features come out of autocast.
     """
     lbl = F.interpolate(labels[:, None].float(), size=student.shape[-2:], mode="nearest")[:, 0].long()
-    mask = torch.isin(lbl, torch.tensor(class_ids)) if class_ids else lbl != IGNORE
-    dist = torch.linalg.vector_norm(student - reference, dim=1)
+    mask = torch.isin(lbl, torch.tensor(class_ids, device=lbl.device)) if class_ids else lbl != IGNORE
+    dist = torch.linalg.vector_norm(student.float() - reference.float(), dim=1)
     return (dist * mask).sum() / mask.sum().clamp_min(1)
 
 
 def _flip(gen: torch.Generator, *tensors: Tensor) -> tuple[Tensor, ...]:
     """Flip each image of the batch left-right with probability 1/2 (same flip for image and label)."""
-    which = torch.rand(tensors[0].shape[0], generator=gen) < 0.5
+    which = (torch.rand(tensors[0].shape[0], generator=gen, device=gen.device) < 0.5).to(tensors[0].device)
     return tuple(torch.where(which.view(-1, *[1] * (t.dim() - 1)), t.flip(-1), t) for t in tensors)
+
+
+def random_crop(gen: torch.Generator, size: tuple[int, int], *tensors: Tensor) -> tuple[Tensor, ...]:
+    """One random ``size`` window per image of the batch, the same window in each tensor (an image and its label).
+
+    A side shorter than the window is kept whole. Windows are drawn from the step's generator,
+    image by image, so a resumed run cuts the same windows.
+    """
+    height, width = tensors[0].shape[-2:]
+    ch, cw = min(size[0], height), min(size[1], width)
+    cut: list[list[Tensor]] = [[] for _ in tensors]
+    for i in range(tensors[0].shape[0]):
+        top = int(torch.randint(height - ch + 1, (1,), generator=gen, device=gen.device))
+        left = int(torch.randint(width - cw + 1, (1,), generator=gen, device=gen.device))
+        for pieces, t in zip(cut, tensors, strict=True):
+            pieces.append(t[i, ..., top : top + ch, left : left + cw])
+    return tuple(torch.stack(pieces) for pieces in cut)
 
 
 def _resize(images: Tensor, labels: Tensor, size: torch.Size) -> tuple[Tensor, Tensor]:
@@ -85,14 +104,16 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDA
     if not multires:
         log.warning("hrda on a plain model runs single-resolution (DAFormer); wrap it as hrda_<arch> for HRDA")
     num_classes = model.final_layer().out_channels
-    state, teacher = start_teacher_student(model, target, config)
-    optimizer = state.optimizer
+    state, teacher = start_teacher_student(model, target, config, context)
+    optimizer, precision = state.optimizer, state.precision
+    device = model_device(model)
     sampler = (
         RareClassSampler(source, num_classes, config.rcs_temperature, config.rcs_min_pixels) if config.rcs else None
     )
     augment = StrongAugment() if config.augment else None
     reference = imagenet_model(model, context.backbone_weights) if context.backbone_weights else None
     fd_classes = config.fd_class_ids()
+    crop = config.crop_size()
 
     def supervised(images: Tensor, labels: Tensor, weights: Tensor, gen: torch.Generator) -> Tensor:
         if not multires:
@@ -108,8 +129,11 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDA
         src_idx = (
             sampler.sample(config.batch_size, gen) if sampler else uniform_indices(len(source), config.batch_size, gen)
         )
-        src_images, src_labels = labeled_batch(source, src_idx)
-        tgt_images = target_batch(target, uniform_indices(len(target), config.batch_size, gen))
+        src_images, src_labels = labeled_batch(source, src_idx, device)
+        tgt_images = target_batch(target, uniform_indices(len(target), config.batch_size, gen), device)
+        if crop is not None:
+            src_images, src_labels = random_crop(gen, crop, src_images, src_labels)
+            (tgt_images,) = random_crop(gen, crop, tgt_images)
         if src_images.shape[-2:] != tgt_images.shape[-2:]:  # ClassMix pastes pixel to pixel
             src_images, src_labels = _resize(src_images, src_labels, tgt_images.shape[-2:])
         if config.flip:
@@ -118,23 +142,27 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: HRDA
 
         set_bn_mode(model, config.bn)
         optimizer.zero_grad(set_to_none=True)
-        src_loss = supervised(src_images, src_labels, torch.ones_like(src_labels, dtype=torch.float32), gen)
-        fd = torch.zeros(())
-        if reference is not None and config.fd_weight > 0:
-            small = src_images
-            if multires:
-                small = F.interpolate(src_images, scale_factor=model.config.context_scale, mode="bilinear")
-            with torch.no_grad():
-                ref_feats = reference.features(small)
-            fd = feature_distance(model.features(small), ref_feats, src_labels, fd_classes)
-        (src_loss + config.fd_weight * fd).backward()
+        with precision.autocast():
+            src_loss = supervised(src_images, src_labels, torch.ones_like(src_labels, dtype=torch.float32), gen)
+            fd = torch.zeros((), device=device)
+            if reference is not None and config.fd_weight > 0:
+                small = src_images
+                if multires:
+                    small = F.interpolate(src_images, scale_factor=model.config.context_scale, mode="bilinear")
+                with torch.no_grad():
+                    ref_feats = reference.features(small)
+                fd = feature_distance(model.features(small), ref_feats, src_labels, fd_classes)
+            source_loss = src_loss + config.fd_weight * fd
+        precision.backward(source_loss)
 
-        pl, pw = pseudo_labels(teacher.probs(tgt_images), config.threshold)
+        with precision.autocast():
+            pl, pw = pseudo_labels(teacher.probs(tgt_images), config.threshold)
         mixed = class_mix(src_images, src_labels, tgt_images, pl, pw, gen)
         images = augment(mixed.images, gen) if augment is not None else mixed.images
-        mix_loss = supervised(images, mixed.labels, mixed.weights, gen)
-        mix_loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            mix_loss = supervised(images, mixed.labels, mixed.weights, gen)
+        precision.backward(mix_loss)
+        precision.step(optimizer)
         teacher.update(model, t)
         return {
             "loss": src_loss.item() + mix_loss.item(),

@@ -24,10 +24,12 @@ from clients.adaptation.context import AdaptContext
 from clients.adaptation.ema import EMATeacher
 from clients.adaptation.optim import Schedule, set_lr
 from clients.adaptation.sampling import step_generator
+from common.device.runtime import Precision, model_device
+from common.device.spec import Compute
 from common.models.fingerprint import recipe_key, state_fingerprint
 from common.models.segmenter import Segmenter
 
-__all__ = ["StepFn", "TrainState", "checkpoint_path", "run_training"]
+__all__ = ["StepFn", "TrainState", "checkpoint_path", "run_training", "training_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class TrainState:
     teacher: EMATeacher | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)  # e.g. the easy/hard split of a source-free run
     step: int = 0
+    precision: Precision = field(default_factory=Precision)  # autocast and the fp16 loss scale
 
     def to_dict(self, recent: dict[str, list[float]], first: dict[str, list[float]]) -> dict[str, Any]:
         return {
@@ -54,8 +57,9 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(),
             "teacher": self.teacher.model.state_dict() if self.teacher is not None else {},
             "extras": dict(self.extras),
-            "recent": {k: torch.tensor(v, dtype=torch.float64) for k, v in recent.items()},
-            "first": {k: torch.tensor(v, dtype=torch.float64) for k, v in first.items()},
+            "recent": {k: torch.tensor(v, dtype=torch.float64, device="cpu") for k, v in recent.items()},
+            "first": {k: torch.tensor(v, dtype=torch.float64, device="cpu") for k, v in first.items()},
+            "precision": self.precision.state_dict(),
         }
 
     def load_dict(self, saved: dict[str, Any]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -65,21 +69,31 @@ class TrainState:
             self.teacher.model.load_state_dict(saved["teacher"])
         self.extras = dict(saved["extras"])
         self.step = int(saved["step"])
+        self.precision.load_state_dict(saved.get("precision", {}))
         recent = {k: v.tolist() for k, v in saved["recent"].items()}
         return recent, {k: v.tolist() for k, v in saved["first"].items()}
 
 
-def _fingerprint(name: str, config: Any, num_target: int, seed: int, model: Segmenter) -> str:
-    """Same method, options, data size, seed and starting weights -> same checkpoint file.
+def _fingerprint(name: str, config: Any, num_target: int, seed: int, model: Segmenter, compute: Compute) -> str:
+    """Same method, options, data size, seed, starting weights and precision -> same checkpoint file.
 
-    The running statistics are left out: they are re-measured before the first step.
+    The running statistics are left out: they are re-measured before the first step. A CPU
+    run at full precision keeps the file name it had before devices existed.
     """
     weights = {k: v for k, v in model.state_dict().items() if "running_" not in k}
-    return recipe_key([name, repr(config), num_target, seed, state_fingerprint(weights)], length=16)
+    parts = [name, repr(config), num_target, seed, state_fingerprint(weights)]
+    return recipe_key(parts + ([compute.recipe()] if compute.recipe() else []), length=16)
 
 
-def checkpoint_path(directory: str, name: str, config: Any, num_target: int, seed: int, model: Segmenter) -> Path:
-    return Path(directory) / f"{name}-{_fingerprint(name, config, num_target, seed, model)}.pt"
+def checkpoint_path(
+    directory: str, name: str, config: Any, num_target: int, seed: int, model: Segmenter, compute: Compute = Compute()
+) -> Path:
+    return Path(directory) / f"{name}-{_fingerprint(name, config, num_target, seed, model, compute)}.pt"
+
+
+def training_precision(model: Segmenter, context: AdaptContext) -> Precision:
+    """Autocast and loss scaling for training ``model`` where it lies, at the site's ``amp``."""
+    return Precision(model_device(model), context.compute.amp)
 
 
 def _save(path: Path, state: TrainState, recent: dict[str, deque[float]], first: dict[str, list[float]]) -> None:
@@ -115,7 +129,8 @@ def run_training(
     recent: dict[str, deque[float]] = {}
     first: dict[str, list[float]] = {}
     if context.checkpoint_dir:
-        path = checkpoint_path(context.checkpoint_dir, name, config, num_target, context.seed, state.model)
+        path = checkpoint_path(context.checkpoint_dir, name, config, num_target, context.seed, state.model,
+                               context.compute)  # fmt: skip
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             saved_recent, first = state.load_dict(saved)

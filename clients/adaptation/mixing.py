@@ -3,7 +3,9 @@
 Pasting whole classes of one image onto another makes images whose label is known
 where it was pasted and pseudo-labelled elsewhere: the network must get both right
 in the same context, which transfers what the pasted image teaches across domains.
-All randomness comes from an explicit generator, so a resumed run repeats itself.
+All randomness comes from an explicit generator, so a resumed run repeats itself; it is a
+CPU generator on any device (its small draws move to the images), so a GPU run mixes and
+augments as a CPU run does.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def class_mix_mask(label: Tensor, generator: torch.Generator) -> Tensor:
     classes = classes[classes != IGNORE]
     if classes.numel() == 0:
         return torch.zeros_like(label, dtype=torch.bool)
-    chosen = classes[torch.randperm(classes.numel(), generator=generator)[: (classes.numel() + 1) // 2]]
+    order = torch.randperm(classes.numel(), generator=generator, device=generator.device).to(classes.device)
+    chosen = classes[order[: (classes.numel() + 1) // 2]]
     return torch.isin(label, chosen)
 
 
@@ -59,7 +62,7 @@ def class_mix(
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
+    return low + (high - low) * float(torch.rand((), generator=generator, device=generator.device))
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,12 @@ class StrongAugment:
         from torchvision.transforms.v2 import functional as TF  # here: the import costs a ClientApp worker ~3 s
 
         s = self.jitter
-        if s > 0 and float(torch.rand((), generator=generator)) < self.jitter_prob:
+        if s > 0 and float(torch.rand((), generator=generator, device=generator.device)) < self.jitter_prob:
             image = TF.adjust_brightness(image, _uniform(generator, 1 - s, 1 + s))
             image = TF.adjust_contrast(image, _uniform(generator, 1 - s, 1 + s))
             image = TF.adjust_saturation(image, _uniform(generator, 1 - s, 1 + s))
             image = TF.adjust_hue(image, _uniform(generator, -min(s, 0.5), min(s, 0.5)))
-        if float(torch.rand((), generator=generator)) < self.blur_prob:
+        if float(torch.rand((), generator=generator, device=generator.device)) < self.blur_prob:
             side = min(image.shape[-2:])
             kernel = 2 * max(1, round(0.05 * side)) + 1
             sigma = _uniform(generator, *self.blur_sigma)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from clients.adaptation.configs import TeacherStudentConfig
 from clients.adaptation.context import AdaptContext
 from clients.adaptation.ema import EMATeacher
-from clients.adaptation.loop import StepFn, TrainState, run_training
+from clients.adaptation.loop import StepFn, TrainState, run_training, training_precision
 from clients.adaptation.norm import refresh_bn
 from clients.adaptation.optim import Schedule, build_optimizer
 from common.models.segmenter import Segmenter
@@ -25,13 +25,14 @@ def start_teacher_student(
     model: Segmenter,
     target: Dataset,
     config: TeacherStudentConfig,
+    context: AdaptContext,
     ema_max: float | None = None,
 ) -> tuple[TrainState, EMATeacher]:
-    """AdaBN on the target, then the EMA teacher (a copy) and the student's optimiser."""
+    """AdaBN on the target, then the EMA teacher (a copy, on the student's device), the optimiser and the precision."""
     refresh_bn(model, target)
     teacher = EMATeacher(model, config.ema_max if ema_max is None else ema_max)
     optimizer = build_optimizer(model, config.lr, config.head_lr_mult, config.weight_decay)
-    return TrainState(model, optimizer, teacher), teacher
+    return TrainState(model, optimizer, teacher, precision=training_precision(model, context)), teacher
 
 
 def run_teacher_student(

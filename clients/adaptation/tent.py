@@ -12,11 +12,12 @@ from torch.utils.data import Dataset
 
 from clients.adaptation.configs import TentConfig
 from clients.adaptation.context import AdaptContext
-from clients.adaptation.loop import TrainState, run_training
+from clients.adaptation.loop import TrainState, run_training, training_precision
 from clients.adaptation.losses import confident_fraction, normalized_entropy
 from clients.adaptation.norm import bn_affine_parameters
 from clients.adaptation.optim import Schedule
 from clients.adaptation.sampling import target_batch, uniform_indices
+from common.device.runtime import model_device
 from common.models.segmenter import Segmenter
 
 __all__ = ["TentConfig", "adapt"]
@@ -31,16 +32,19 @@ def adapt(model: Segmenter, target: Dataset, context: AdaptContext, config: Tent
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999))
-    state = TrainState(model, optimizer)
+    precision = training_precision(model, context)
+    state = TrainState(model, optimizer, precision=precision)
+    device = model_device(model)
 
     def step(t: int, gen: torch.Generator) -> dict[str, float]:
         model.train()  # batch statistics in every BN layer
-        images = target_batch(target, uniform_indices(len(target), config.batch_size, gen))
-        probs = model(images).softmax(1)
-        loss = normalized_entropy(probs).mean()
+        images = target_batch(target, uniform_indices(len(target), config.batch_size, gen), device)
+        with precision.autocast():
+            probs = model(images).float().softmax(1)
+            loss = normalized_entropy(probs).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.backward(loss)
+        precision.step(optimizer)
         return {"loss": loss.item(), "confident": float(confident_fraction(probs.detach(), config.threshold).mean())}
 
     try:

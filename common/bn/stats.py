@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from common.device.runtime import full_precision, model_device
+
 __all__ = [
     "BNStatsConfig",
     "BNSums",
@@ -68,6 +70,10 @@ class BNSums:
     def __add__(self, other: BNSums) -> BNSums:
         return BNSums(self.sum + other.sum, self.sum_sq + other.sum_sq, self.count + other.count)
 
+    def cpu(self) -> BNSums:
+        """The sums as they leave a site: on the CPU (the same tensors when they are there already)."""
+        return BNSums(self.sum.cpu(), self.sum_sq.cpu(), self.count.cpu())
+
 
 def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """The BN layers that track running statistics, by module name."""
@@ -106,7 +112,12 @@ def collect_bn_sums(
     images: Iterable[Tensor],
     config: BNStatsConfig = BNStatsConfig(),
 ) -> dict[str, BNSums]:
-    """One pass over ``images`` (batches of NCHW tensors); the model is left unchanged."""
+    """One pass over ``images`` (batches of NCHW tensors, moved to the model's device); the model is left unchanged.
+
+    The pass runs at full precision even inside an autocast region: the statistics describe
+    float32 activations and are summed in float64 on the model's device, whatever the run's
+    ``amp``; the sums stay where they were computed (``BNSums.cpu`` brings them back).
+    """
     layers = bn_layers(model)
     if not layers:  # e.g. a LayerNorm encoder under a head without BN: the merge averages parameters only
         log.info("the model has no BN layers: the statistics pass has nothing to measure")
@@ -114,10 +125,12 @@ def collect_bn_sums(
     store: dict[str, BNSums] = {}
     was_training = model.training
     model.eval()
+    device = model_device(model)
     handles = [m.register_forward_hook(_make_hook(store, n, config.mode == "batch")) for n, m in layers.items()]
     try:
         for batch in tqdm(images, desc="BN statistics", disable=not config.progress, leave=False):
-            model(batch)
+            with full_precision(device):
+                model(batch.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -144,7 +157,8 @@ def bn_count_profile(model: nn.Module, probe: tuple[int, int] = (64, 64)) -> Cou
     """Measured on two probe images, one twice the other's side, so that the two kinds of layer tell apart."""
 
     def counts(h: int, w: int) -> dict[str, int]:
-        return {name: int(s.count[0]) for name, s in collect_bn_sums(model, [torch.zeros(1, 3, h, w)]).items()}
+        probe_image = torch.zeros(1, 3, h, w, device=model_device(model))
+        return {name: int(s.count[0]) for name, s in collect_bn_sums(model, [probe_image]).items()}
 
     small, large = counts(*probe), counts(2 * probe[0], 2 * probe[1])
     fixed = {name: n for name, n in small.items() if large[name] == n}
@@ -166,7 +180,7 @@ def apply_bn_sums(model: nn.Module, sums: dict[str, BNSums]) -> None:
 def exact_bn_statistics(
     model: nn.Module, images: Iterable[Tensor], config: BNStatsConfig = BNStatsConfig()
 ) -> dict[str, Tensor]:
-    """Measure, install, and return the per-layer counts (``{layer: int64[C]}``)."""
+    """Measure, install, and return the per-layer counts (``{layer: int64[C]}``, on the CPU: they leave the site)."""
     sums = collect_bn_sums(model, images, config)
     apply_bn_sums(model, sums)
-    return {name: st.count for name, st in sums.items()}
+    return {name: st.count.cpu() for name, st in sums.items()}

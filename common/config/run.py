@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data.spec import DOMAIN_FIELD, DataSpec, NamedSpec, parse_spec_list
+from common.device.spec import DeviceError, check_amp, check_device, check_num_gpus
 from common.merge.spec import MergeSpec, method_options
 from common.options.typed import OptionError, closest, coerce, parse_key_values
 from common.scoring.scores import SCORES
@@ -114,6 +115,10 @@ class RunConfig:
     guard: bool
     guard_score: str
     guard_margin: float
+    # where each site computes (common.device)
+    device: str
+    amp: str
+    num_gpus: float
     # the merge
     min_sites: int
     timeout: float
@@ -161,6 +166,7 @@ class RunConfig:
             _one_of(name.strip(), SCORES.names(), "guard-score")
         if not self.guard_margin >= 0:
             raise ConfigError(f"guard-margin must be >= 0, not {self.guard_margin}")
+        _check_compute(self)
         _one_of(self.select, ("", "label-free"), "select")
         if self.select:
             if self.secure_aggregation:
@@ -276,6 +282,16 @@ def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
         except OptionError as exc:
             raise ConfigError(str(exc)) from None
     return out
+
+
+def _check_compute(run: RunConfig) -> None:
+    """The device keys, spelled right (whether this machine has the device is asked where a site starts)."""
+    try:
+        check_device(run.device)
+        check_amp(run.amp)
+        check_num_gpus(run.num_gpus)
+    except DeviceError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _at_least(value: int, low: int, key: str) -> None:

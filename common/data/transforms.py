@@ -76,7 +76,7 @@ def _check_range(name: str, bounds: Range) -> None:
 def _log_uniform(bounds: Range) -> float:
     """A factor drawn uniformly in log space, so x0.5 and x2 are equally likely: light changes multiply."""
     low, high = math.log(bounds[0]), math.log(bounds[1])
-    return math.exp(low + (high - low) * float(torch.rand(())))
+    return math.exp(low + (high - low) * float(torch.rand((), device="cpu")))  # data-side: the CPU
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class PhotometricAugment:
 
     def __call__(self, image: Tensor) -> Tensor:
         """``image``: float [3, H, W] (or [N, 3, H, W]) in [0, 1]; returns a new tensor in [0, 1]."""
-        if float(torch.rand(())) >= self.p:
+        if float(torch.rand((), device="cpu")) >= self.p:
             return image
         from torchvision.transforms.v2 import functional as TF
 

@@ -70,8 +70,8 @@ class BankedSegmenter(Segmenter):
     def choose(self, x: Tensor) -> Tensor:
         """The bank entry of each image: [B] indices."""
         mean, var = self.image_statistics(x[: x.shape[0]])
-        bank_mean = self.bank.mean[self._first].double()
-        bank_var = self.bank.var[self._first].double()
+        bank_mean = self.bank.mean[self._first].to(mean.device, torch.float64)  # the bank stays on the CPU
+        bank_var = self.bank.var[self._first].to(mean.device, torch.float64)
         distance = symmetric_kl(mean[:, None], var[:, None], bank_mean[None], bank_var[None])
         return distance.argmin(1)
 

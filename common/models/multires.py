@@ -188,8 +188,8 @@ class MultiResSegmenter(Segmenter):
 def random_box(height: int, width: int, config: MultiResConfig, generator: torch.Generator) -> Box:
     """A uniformly placed detail crop of the configured size."""
     ch, cw = config.detail_size(height, width)
-    top = int(torch.randint(height - ch + 1, (1,), generator=generator))
-    left = int(torch.randint(width - cw + 1, (1,), generator=generator))
+    top = int(torch.randint(height - ch + 1, (1,), generator=generator, device=generator.device))
+    left = int(torch.randint(width - cw + 1, (1,), generator=generator, device=generator.device))
     return Box(top, left, ch, cw)
 
 

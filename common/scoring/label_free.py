@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from common.device.runtime import model_device
 from common.models.segmenter import Segmenter
 from common.scoring.predictions import confident_fraction, normalized_entropy
 from common.scoring.scores import SCORES
@@ -100,7 +101,8 @@ def _mix_pairs(images: Tensor, labels: Tensor, generator: torch.Generator) -> tu
     masks = []
     for lbl in paste_labels:
         classes = lbl.unique()
-        chosen = classes[torch.randperm(classes.numel(), generator=generator)[: (classes.numel() + 1) // 2]]
+        order = torch.randperm(classes.numel(), generator=generator, device=generator.device).to(classes.device)
+        chosen = classes[order[: (classes.numel() + 1) // 2]]
         masks.append(torch.isin(lbl, chosen))
     mask = torch.stack(masks)
     mixed = torch.where(mask.unsqueeze(1), paste_images, images)
@@ -139,12 +141,17 @@ def score_images(dataset: Dataset, limit: int = SCORE_IMAGES) -> Dataset:
 def label_free_scores(
     candidate: Segmenter, own: Segmenter | None, batches: Iterable[Tensor], seed: int = 0
 ) -> dict[str, float]:
-    """Every registered score of ``candidate`` on the image batches; ``own`` is the site's adapted model."""
+    """Every registered score of ``candidate`` on the image batches; ``own`` is the site's adapted model.
+
+    The passes run on the candidate's device (``own`` must be there too); the ClassMix draws
+    come from a CPU generator, so a GPU site pastes the classes a CPU site pastes.
+    """
     candidate.eval()
     if own is not None:
         own.eval()
-    generator = torch.Generator().manual_seed(seed)
-    passes = [forward_passes(candidate, own, images, generator) for images in batches]
+    device = model_device(candidate)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    passes = [forward_passes(candidate, own, images.to(device), generator) for images in batches]
     if not passes:
         raise ValueError("no images to score on")
     scores = {name: SCORES.get(name).load()(passes) for name in SCORES}

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from common.data import DataSpec, build_dataset, dataset_classes, make_loader
 from common.data.classes import IGNORE
 from common.data.transforms import PhotometricAugment, TrainAugment
+from common.device.runtime import Precision, resolve_device
+from common.device.spec import check_amp
 from common.models.checkpoints import save_checkpoint
 from common.models.factory import build_model
 from common.models.segmenter import Segmenter
@@ -72,7 +74,8 @@ class PretrainConfig:
     warmup_steps: int = 50
     seed: int = 0
     num_classes: int | None = None  # None: from the dataset kind
-    device: str = "cpu"
+    device: str = "cpu"  # auto, cpu, cuda or cuda:N (common.device)
+    amp: str = "off"  # autocast precision of the training steps: off, bf16 or fp16
     progress: bool = True
     photometric: PhotometricAugment | None = None
     class_weight_power: float = 0.0
@@ -90,6 +93,7 @@ class PretrainConfig:
             raise ValueError(f"hard_pixel_fraction must be in (0, 1], got {self.hard_pixel_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check_amp(self.amp)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ def class_weights(dataset: Dataset, num_classes: int, power: float) -> Tensor:
     same with and without weights. A class absent from the labels gets the largest weight seen
     (it never occurs as a target, so the value only matters for a later dataset).
     """
-    counts = torch.zeros(num_classes, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64, device="cpu")  # with the labels
     for idx in range(len(dataset)):  # type: ignore[arg-type]
         label = dataset[idx][1]
         counts += torch.bincount(label[label != IGNORE].flatten(), minlength=num_classes)[:num_classes]
@@ -171,18 +175,23 @@ def _poly(step: int, config: PretrainConfig) -> float:
 
 
 def train_segmenter(model: Segmenter, dataset: Dataset, config: PretrainConfig) -> PretrainResult:
-    """Train ``model`` in place for ``config.steps`` steps on ``dataset`` (labels: train ids, 255 ignore)."""
+    """Train ``model`` in place for ``config.steps`` steps on ``dataset`` (labels: train ids, 255 ignore).
+
+    It trains on ``config.device`` and ends on the CPU, where a checkpoint is written from.
+    """
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("the training set is empty")
+    device = resolve_device(config.device)
+    precision = Precision(device, config.amp)
     torch.manual_seed(config.seed)
     weight = None
     if config.class_weight_power > 0:
         num_classes = config.num_classes or model.final_layer().out_channels
-        weight = class_weights(dataset, num_classes, config.class_weight_power).to(config.device)
+        weight = class_weights(dataset, num_classes, config.class_weight_power).to(device)
         log.info("class weights: %s", ", ".join(f"{w:.2f}" for w in weight.tolist()))
     data = _Augmented(dataset, TrainAugment(config.scale, config.flip, config.crop), config.photometric)
     batches = _forever(make_loader(data, config.batch_size, shuffle=True, seed=config.seed))
-    model.to(config.device).train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _poly(s, config))
     losses, window = [], []
@@ -190,11 +199,12 @@ def train_segmenter(model: Segmenter, dataset: Dataset, config: PretrainConfig) 
     bar = tqdm(range(config.steps), desc="pretrain", disable=not config.progress, dynamic_ncols=True)
     for step in bar:
         images, labels = next(batches)
-        images, labels = images.to(config.device), labels.to(config.device)
-        loss = segmentation_loss(model(images), labels, weight, config.hard_pixel_fraction, config.label_smoothing)
+        images, labels = images.to(device), labels.to(device)
+        with precision.autocast():
+            loss = segmentation_loss(model(images), labels, weight, config.hard_pixel_fraction, config.label_smoothing)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        precision.backward(loss)
+        precision.step(opt)
         sched.step()
         window.append(loss.item())
         if len(window) == 20 or step == config.steps - 1:
@@ -280,7 +290,7 @@ class PretrainPlan:
         base = "|".join(str(getattr(self, name)) for name in _KEY_FIELDS)
         return base + "".join(f"|{name}={value}" for name, value in self.options().items())
 
-    def config(self, progress: bool = True, device: str = "cpu") -> PretrainConfig:
+    def config(self, progress: bool = True, device: str = "cpu", amp: str = "off") -> PretrainConfig:
         return PretrainConfig(
             arch=self.arch,
             steps=self.steps,
@@ -296,13 +306,16 @@ class PretrainPlan:
             hard_pixel_fraction=self.hard_pixel_fraction,
             label_smoothing=self.label_smoothing,
             device=device,
+            amp=amp,
             progress=progress,
         )
 
 
-def pretrain_to_file(plan: PretrainPlan, path: str | Path, progress: bool = True, device: str = "cpu") -> Path:
-    """Pretrain by ``plan`` and write a ``checkpoint/1`` file that records the plan."""
-    model = pretrain(plan.data, plan.config(progress, device))
+def pretrain_to_file(
+    plan: PretrainPlan, path: str | Path, progress: bool = True, device: str = "cpu", amp: str = "off"
+) -> Path:
+    """Pretrain by ``plan`` and write a ``checkpoint/1`` file that records the plan (not where it trained)."""
+    model = pretrain(plan.data, plan.config(progress, device, amp))
     meta = {"data": str(plan.data), "steps": str(plan.steps), "seed": str(plan.seed)}
     meta |= {"batch_size": str(plan.batch_size), "pretrain_key": plan.key(), **plan.options()}
     return save_checkpoint(model, path, plan.arch, dataset_classes(plan.data.kind, plan.data.root), meta)

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from fedmerge.cli import CommandError
+from fedmerge.cli import CommandError, add_device_options, device_options
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from common.updates.files import save_site_update
 
     guard = GuardConfig.read(_guard_values(args))  # a bad score fails before the model or any data is loaded
+    compute = device_options(args)  # so does a device this machine lacks
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = DataSpec.parse(args.data)
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         seed=args.seed,
         backbone_weights=args.backbone_weights or "",
+        compute=compute,
     )
     domain = args.domain or spec.domain or spec.kind
     job = SiteJob(domain, args.method, options, args.batch_size, context=context, guard=guard)
@@ -107,12 +109,14 @@ def run(args: argparse.Namespace) -> int:
     update = adapt_site(model, target, job)
     save_site_update(args.out, update, arch, len(classes))
     seconds = time.perf_counter() - started
-    print(f"{args.method} on {domain} ({len(target)} images, {arch}) in {seconds:.0f} s -> {args.out}")
+    where = f"{len(target)} images, {arch}, {compute.device}"
+    print(f"{args.method} on {domain} ({where}) in {seconds:.0f} s -> {args.out}")
     for key, value in sorted(update.metrics.items()):
         print(f"  {key}: {value:.4g}")
     for text in args.eval:
         eval_spec = DataSpec.parse(text)
-        score = evaluate_domain(model, make_loader(build_dataset(eval_spec), args.batch_size), len(classes))
+        loader = make_loader(build_dataset(eval_spec), args.batch_size)
+        score = evaluate_domain(model, loader, len(classes), amp=compute.amp)  # on the device adapt_site left it on
         print(f"  mIoU on {eval_spec}: {100 * score.miou:.2f}")
     return 0
 
@@ -138,6 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guard-score", help=f"the guard's label-free score (default {declared_defaults()['guard-score']})")
     p.add_argument("--guard-margin", type=float, help="how far below the start's score the adapted model may go")
     p.add_argument("--eval", action="append", default=[], metavar="SPEC", help="score the adapted model here")
+    add_device_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

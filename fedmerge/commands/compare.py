@@ -6,10 +6,11 @@ import argparse
 import os
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from experiments.tables import markdown_table
-from fedmerge.cli import CommandError
+from fedmerge.cli import CommandError, add_device_options
 
 
 def _run_once(config, out_dir: Path, cache_dir: Path, command: str) -> dict:
@@ -49,6 +50,8 @@ def _run_protocol(config, out_dir: Path, cache_dir: Path, command: str, finished
 
 
 def compare(args: argparse.Namespace) -> int:
+    from common.device.runtime import resolve_compute
+    from common.device.spec import Compute
     from experiments.config import ExperimentConfig
     from experiments.shipped import resolve_config_path
 
@@ -59,6 +62,8 @@ def compare(args: argparse.Namespace) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the Flower processes of fedavg-rounds inherit it
     out_dir = Path(args.out_dir).resolve()
     config = ExperimentConfig.load(resolve_config_path(args.config), args.data_root)
+    config = replace(config, compute=Compute(args.device or config.compute.device, args.amp or config.compute.amp))
+    resolve_compute(config.compute)  # a device this machine lacks: one line, before any work
     cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else out_dir / "cache"
     command = "fedmerge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.record_command else ""
     if config.protocol is not None and not args.single_run:
@@ -77,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", help="fills {data_root} in the config's data specs (e.g. the CamVid folder)")
     p.add_argument("--cache-dir", help="where site updates are cached (default: OUT_DIR/cache)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_device_options(p, default=None)
     p.add_argument("--single-run", action="store_true",
                    help="one comparison on the config's own splits, even when it declares a [protocol]")  # fmt: skip
     p.add_argument("--finished-only", action="store_true",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.data.spec import DataSpec
 from experiments.tables import markdown_table
-from fedmerge.cli import CommandError
+from fedmerge.cli import CommandError, add_device_options, device_options
 
 
 def _specs(items: list[str]) -> dict[str, DataSpec]:
@@ -28,11 +28,13 @@ def evaluate(args: argparse.Namespace) -> int:
     from common.scoring.evaluation import evaluate_domains
 
     specs = _specs(args.data)
+    compute = device_options(args)
     loaders = {d: make_loader(build_dataset(s), args.batch_size) for d, s in specs.items()}
     results: dict[str, dict] = {}
     for ckpt in args.checkpoints:
         model, meta = load_checkpoint(ckpt)
-        scores, h = evaluate_domains(model, loaders, int(meta["num_classes"]), progress=True)
+        model.to(compute.device)
+        scores, h = evaluate_domains(model, loaders, int(meta["num_classes"]), progress=True, amp=compute.amp)
         results[ckpt] = {
             "per_domain": {d: s.miou for d, s in scores.items()},
             "per_class": {d: s.per_class for d, s in scores.items()},
@@ -60,4 +62,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", help="write the results as JSON here")
+    add_device_options(p)
     p.set_defaults(func=evaluate)

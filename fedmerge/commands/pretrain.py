@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from common.data.spec import DataSpec, parse_size
-from fedmerge.cli import CommandError
+from fedmerge.cli import CommandError, add_device_options, device_options
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,10 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+    compute = device_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = pretrain_to_file(plan, args.out, progress=not args.quiet, device=args.device)
+    path = pretrain_to_file(plan, args.out, progress=not args.quiet, device=compute.device, amp=compute.amp)
     print(f"wrote {path} ({args.arch}, {args.steps} steps on {plan.data})")
     return 0
 
@@ -65,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train on this share of the hardest labeled pixels per batch (1: every pixel)")  # fmt: skip
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")

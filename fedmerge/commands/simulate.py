@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from experiments.tables import report_table
-from fedmerge.cli import CommandError
+from fedmerge.cli import CommandError, add_device_options
 from server.simulation import SimulationFailed, SimulationPlan, list_presets, run_simulation
 
 DEMO_PRESET = "synthetic-3"
@@ -37,8 +37,10 @@ def _overrides(items: list[str]) -> dict[str, object]:
 def simulate(args: argparse.Namespace) -> int:
     echo = None if args.quiet else sys.stderr
     plan = _plan(args)
+    given = {"device": args.device, "amp": args.amp}  # the run-config keys, when given as flags
+    overrides = {**_overrides(args.set), **{k: v for k, v in given.items() if v is not None}}
     try:  # every key and value is checked before anything starts
-        report = run_simulation(plan, Path(args.out_dir), _overrides(args.set), echo=echo, pretrain=args.pretrain)
+        report = run_simulation(plan, Path(args.out_dir), overrides, echo=echo, pretrain=args.pretrain)
     except SimulationFailed as exc:
         raise CommandError(str(exc)) from None
     print(report_table(report))
@@ -60,6 +62,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pretrain", action="store_true", help="train the starting model by the plan's [pretrain] recipe instead"
     )
+    add_device_options(parser, default=None)  # the run-config keys device and amp; --set num-gpus=X for Ray
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,1 @@
+"""Where a site computes and at what precision: the setting (read without torch) and what it means on this machine."""

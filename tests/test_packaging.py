@@ -24,6 +24,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpr
 @pytest.mark.slow
 def test_a_wheel_installed_into_another_folder_runs_a_simulation_from_anywhere(tmp_path):
     src = tmp_path / "src"  # a clean copy: an in-tree build would leave build/ and egg-info in the project
+    src.mkdir()
     for name in BUILD_INPUTS:
         path = ROOT / name
         copy = shutil.copytree if path.is_dir() else shutil.copy2

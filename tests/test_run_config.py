@@ -43,6 +43,8 @@ def test_the_typed_config_has_exactly_the_declared_keys_with_their_types():
         ({"max-site-share": 0.0}, "max-site-share must be in (0, 1]"),
         ({"clip-norm": -1.0}, "clip-norm must be a finite number >= 0"),
         ({"min-sites": 0}, "min-sites must be at least 1, not 0"),
+        ({"arch": "smal_unet"}, "arch: unknown architecture 'smal_unet' (did you mean 'small_unet'?)"),
+        ({"arch": "hrda_smal_unet"}, "arch: unknown architecture 'smal_unet'"),
         ({"dataset": "camvid"}, "run-config key 'dataset' was replaced by 'site-data', a data spec: site-data ="),
         ({"eval-domains": "a,b"}, "run-config key 'eval-domains' was replaced by 'eval-data'"),
         ({"source-num-images": 4}, "run-config key 'source-num-images' was replaced by 'source-data'"),
@@ -60,6 +62,10 @@ def test_a_bad_value_is_one_error_naming_the_key(values, message):
         RunConfig.read(values)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_an_arch_is_a_registered_one_or_its_hrda_wrapper():
+    assert RunConfig.read({"arch": "hrda_segformer_b0"}).arch == "hrda_segformer_b0"
 
 
 def test_booleans_are_toml_booleans_or_exactly_true_or_false():

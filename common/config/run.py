@@ -28,6 +28,7 @@ from typing import Any
 from common.data.spec import DOMAIN_FIELD, DataSpec, NamedSpec, parse_spec_list
 from common.device.spec import DeviceError, check_amp, check_device, check_num_gpus
 from common.merge.spec import MergeSpec, method_options
+from common.models.catalog import check_arch
 from common.options.typed import OptionError, closest, coerce, parse_key_values
 from common.scoring.scores import SCORES
 
@@ -147,6 +148,7 @@ class RunConfig:
     eval_sites: bool
 
     def __post_init__(self) -> None:
+        _check_arch(self.arch)
         _at_least(self.num_classes, 1, "num-classes")
         _at_least(self.batch_size, 1, "batch-size")
         _at_least(self.min_sites, 1, "min-sites")
@@ -292,6 +294,13 @@ def _check_compute(run: RunConfig) -> None:
         check_num_gpus(run.num_gpus)
     except DeviceError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_arch(arch: str) -> None:
+    try:
+        check_arch(arch)
+    except OptionError as exc:
+        raise ConfigError(f"arch: {exc}") from None
 
 
 def _at_least(value: int, low: int, key: str) -> None:

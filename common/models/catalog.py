@@ -13,9 +13,16 @@ from dataclasses import dataclass
 
 from common.options.registry import Registry
 
-__all__ = ["ARCHITECTURES", "MiTOptions", "TorchvisionOptions", "UNetOptions"]
+__all__ = ["ARCHITECTURES", "HRDA_PREFIX", "MiTOptions", "TorchvisionOptions", "UNetOptions", "check_arch"]
 
 ARCHITECTURES = Registry("architecture")
+HRDA_PREFIX = "hrda_"  # hrda_<base>: the base architecture inside HRDA's multi-resolution wrapper
+
+
+def check_arch(name: str) -> str:
+    """``name`` if a model can be built by it (a registered architecture, or ``hrda_`` and one), else one error."""
+    ARCHITECTURES.get(name.removeprefix(HRDA_PREFIX))
+    return name
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from torch import Tensor
 
 from common.bn.bank import BANK_META, BANK_PREFIX, BNBank
 from common.models.banked import BankedSegmenter
+from common.models.catalog import HRDA_PREFIX
 from common.models.factory import build_model
-from common.models.multires import HRDA_PREFIX, MultiResSegmenter
+from common.models.multires import MultiResSegmenter
 from common.models.segmenter import Segmenter
 
 __all__ = [

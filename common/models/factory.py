@@ -8,7 +8,8 @@ define them.
 from __future__ import annotations
 
 from common.models.base import build_base_model
-from common.models.multires import HRDA_PREFIX, build_multires
+from common.models.catalog import HRDA_PREFIX
+from common.models.multires import build_multires
 from common.models.segmenter import Segmenter
 from common.models.weights import WeightsFile
 

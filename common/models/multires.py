@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.models.base import build_base_model
+from common.models.catalog import HRDA_PREFIX
 from common.models.segmenter import Segmenter
 from common.models.weights import load_weights_file
 
@@ -39,7 +40,6 @@ __all__ = [
     "sliding_windows",
 ]
 
-HRDA_PREFIX = "hrda_"
 ATTENTION_SEED = 0  # the fresh attention head is the same on every site that wraps the same base
 
 

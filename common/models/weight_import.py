@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from common.models.catalog import HRDA_PREFIX
 from common.models.checkpoints import save_checkpoint
 from common.models.factory import build_model
-from common.models.multires import HRDA_PREFIX
 from common.models.segmenter import Segmenter
 from common.models.weights import load_weights_file
 

@@ -26,6 +26,7 @@ from common.data.classes import IGNORE
 from common.data.transforms import PhotometricAugment, TrainAugment
 from common.device.runtime import Precision, resolve_device
 from common.device.spec import check_amp
+from common.models.catalog import check_arch
 from common.models.checkpoints import save_checkpoint
 from common.models.factory import build_model
 from common.models.segmenter import Segmenter
@@ -83,6 +84,7 @@ class PretrainConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        check_arch(self.arch)
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive (got {self.steps}, {self.batch_size})")
         if not 0 < self.scale[0] <= self.scale[1]:

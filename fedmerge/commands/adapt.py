@@ -12,6 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from common.models.catalog import ARCHITECTURES
 from fedmerge.cli import CommandError, add_device_options, device_options
 
 if TYPE_CHECKING:
@@ -128,7 +129,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="list the methods, their options and defaults, and exit")
     p.add_argument("--method", help="adaptation method (see --list)")
     p.add_argument("--model", metavar="CKPT", help="the shared starting checkpoint")
-    p.add_argument("--arch", help="rebuild the checkpoint as this arch, e.g. hrda_small_unet to wrap a plain model")
+    p.add_argument(
+        "--arch",
+        help=f"rebuild the checkpoint as this arch ({', '.join(ARCHITECTURES)}; hrda_<arch> wraps a plain model)",
+    )
     p.add_argument("--data", metavar="SPEC", help="the site's target images, e.g. camvid:DIR?domain=0001TP")
     p.add_argument("--source", metavar="SPEC", help="the labeled source set (methods that need it: hrda)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option; repeatable")

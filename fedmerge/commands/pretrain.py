@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from common.data.spec import DataSpec, parse_size
+from common.models.catalog import ARCHITECTURES
 from fedmerge.cli import CommandError, add_device_options, device_options
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train a source model on a labeled data spec")
     p.add_argument("--data", required=True, metavar="SPEC", help="e.g. synthetic?domain=source&n=400")
-    p.add_argument("--arch", default="small_unet")
+    p.add_argument("--arch", default="small_unet", help=f"one of {', '.join(ARCHITECTURES)}, or hrda_<one of them>")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)

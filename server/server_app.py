@@ -92,7 +92,9 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
         StateEvaluator(run.arch, run.num_classes, config.eval_specs, run.batch_size) if config.eval_specs else None
     )
     handle = _on_update(config, report, evaluator)
-    strategy = OneShotMerge(config.merge, template, report, handle, profile=bn_count_profile(model))
+    strategy = OneShotMerge(
+        config.merge, template, report, handle, profile=bn_count_profile(model), result_arrays=False
+    )  # merged.safetensors is written from the engine's sums
     report.config["initial_sha256"] = fingerprint = state_fingerprint(template)
     initial = ArrayRecord(template) if run.send_initial_weights else ArrayRecord()
     try:

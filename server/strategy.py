@@ -46,8 +46,12 @@ class OneShotMerge(Strategy):
         on_update: Callable[[SiteUpdate, int], None] | None = None,
         make_message: MessageFactory = flower_message,
         profile: CountProfile | None = None,
+        result_arrays: bool = True,
     ) -> None:
+        """``result_arrays = False``: ``start``'s Result carries the merged model only if a round built it anyway
+        (a caller that writes the merge from ``engine`` tensor by tensor, as the ServerApp does, needs no copy)."""
         self.config = config
+        self.result_arrays = result_arrays
         engine = MergeEngine(config.spec, template, profile)
         candidates = [  # a label-free selection's candidate merges, one engine each (shared when specs agree)
             Candidate(c, engine if c.spec == config.spec else MergeEngine(c.spec, template, profile))
@@ -131,10 +135,12 @@ class OneShotMerge(Strategy):
 
     def finish(self) -> tuple[ArrayRecord, MetricRecord]:
         """The merged model and how many sites and images are in it; MinSitesNotMet if too few."""
+        return self.state.merged_arrays(), self._metrics()
+
+    def _metrics(self) -> MetricRecord:
         require_min_sites(self.state)
         sites = self.report.sites
-        metrics = MetricRecord({"sites": len(sites), "num-examples": sum(s.num_examples for s in sites)})
-        return self.state.merged_arrays(), metrics
+        return MetricRecord({"sites": len(sites), "num-examples": sum(s.num_examples for s in sites)})
 
     def start(
         self,
@@ -160,10 +166,10 @@ class OneShotMerge(Strategy):
             if step.wanted(run):
                 step().run(run)
         result = Result()
-        if run.config.secure:
+        if not run.config.secure:
+            result.train_metrics_clientapp[1] = self._metrics()
+        if self.result_arrays or run.merged is not None or evaluate_fn is not None:
             result.arrays = run.merged_arrays()
-        else:
-            result.arrays, result.train_metrics_clientapp[1] = self.finish()
         if run.evaluate_metrics is not None:
             result.evaluate_metrics_clientapp[1] = run.evaluate_metrics
         if evaluate_fn is not None and (res := evaluate_fn(1, result.arrays)) is not None:

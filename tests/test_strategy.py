@@ -191,3 +191,17 @@ def test_an_evaluate_config_adds_the_sites_label_free_scores_of_the_merged_model
     assert metrics["sites"] == 2 and 0.0 <= metrics["confident"] <= 1.0
     assert set(strategy.report.evaluation) == {"5", "6"}
     assert all(set(s) <= set(SCORES) for s in strategy.report.evaluation.values())
+
+
+def test_a_strategy_that_writes_from_its_engine_builds_no_copy_of_the_merged_model(template):
+    """The ServerApp writes merged.safetensors from the engine's sums: no round needs the whole model as a record."""
+    replies = {1: reply_of(_update("a", 1)), 2: reply_of(_update("b", 2))}
+    lean = OneShotMerge(merge_config(min_sites=2), template, make_message=fake_message, result_arrays=False)
+    result = lean.start(FakeGrid(dict(replies)), ArrayRecord(template))
+    assert len(result.arrays) == 0 and lean.state.merged is None
+    assert result.train_metrics_clientapp[1]["sites"] == 2
+    scorer = OneShotMerge(merge_config(min_sites=2), template, make_message=fake_message, result_arrays=False)
+    scored = scorer.start(FakeGrid(dict(replies)), ArrayRecord(template), evaluate_fn=lambda r, arrays: None)
+    assert len(scored.arrays) == len(template)  # a caller that scores the merge gets it
+    full = strategy_of(template, min_sites=2).start(FakeGrid(dict(replies)), ArrayRecord(template))
+    assert set(full.arrays.keys()) == set(template)  # Flower's contract by default: Result.arrays is the merge

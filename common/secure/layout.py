@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.bn.stats import BNSums
 from common.secure.secagg import SecureLayout
 from common.updates.site import SiteUpdate, bn_layer_names, split_state
 
@@ -104,13 +103,6 @@ def merge_segments(
     batches = [float(update.buffers.get(f"{layer}.num_batches_tracked", torch.zeros(()))) for layer in layers]
     out.append(np.asarray(batches, dtype=np.float64))
     return out
-
-
-def recalibration_segments(sums: Mapping[str, BNSums], layers: list[str], weight: float) -> list[np.ndarray]:
-    """One site's recalibration vector from its BN sums under the merged parameters."""
-    means = {layer: sums[layer].mean() for layer in layers}
-    seconds = {layer: sums[layer].sum_sq / sums[layer].count for layer in layers}
-    return statistics_segments(means, seconds, layers, weight)
 
 
 def decode_statistics(

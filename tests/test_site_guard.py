@@ -210,6 +210,34 @@ def test_the_pool_guards_its_sites_and_keys_them_apart(start_state, target, star
     assert len(keys) == 3
 
 
+@pytest.mark.parametrize(("options", "fell_back"), [(DESTRUCTIVE_TENT, True), (GENTLE_TENT, False)])
+def test_a_guarded_pool_entry_is_the_inline_guard_bit_for_bit(start_state, target, tmp_path, options, fell_back):
+    """The pool guards its cached unguarded adaptation instead of adapting again; the result must not differ."""
+    from experiments.config import LocalMethod
+    from experiments.pool import ModelPool, SourceBundle, adapt_with_ema
+
+    torch.manual_seed(0)
+    job = SiteJob("fog", "tent", options, 4, context=AdaptContext(progress=False, seed=0), guard=_guard())
+    inline, inline_ema, inline_note = adapt_with_ema(_model(start_state), target, job)
+    assert inline.metrics[FELL_BACK] == float(fell_back)
+
+    source = SourceBundle(start_state, "tiny_unet", [str(i) for i in range(NUM_CLASSES)], tmp_path, "f" * 20)
+    plain = ModelPool(source, LocalMethod("tent", options, batch_size=4), 0, tmp_path).get("fog", target, "d")
+    guarded_pool = ModelPool(source, LocalMethod("tent", options, batch_size=4, guard=_guard()), 0, tmp_path)
+    derived = guarded_pool.get("fog", target, "d")
+    assert guarded_pool.computed == [derived.key] and derived.key != plain.key
+    _assert_same(derived.update, inline)
+    assert derived.ema_note == inline_note
+    assert all(torch.equal(derived.ema_buffers[k], inline_ema[k]) for k in inline_ema)
+    timing = ("adapt-seconds", "bn-seconds", "guard-seconds")
+    assert {k: v for k, v in derived.update.metrics.items() if k not in timing} == {
+        k: v for k, v in inline.metrics.items() if k not in timing
+    }
+    again = ModelPool(source, LocalMethod("tent", options, batch_size=4, guard=_guard()), 0, tmp_path)
+    _assert_same(again.get("fog", target, "d").update, inline)  # read back from the cache
+    assert again.computed == []
+
+
 def test_the_run_config_and_node_config_set_the_guard():
     from clients.config import SiteConfig
 

@@ -30,7 +30,8 @@ from common.merge.spec import MergeSpec, method_options
 from common.options.typed import OptionError, closest, coerce, parse_key_values
 from common.scoring.scores import SCORES
 
-__all__ = ["REPLACED_KEYS", "ConfigError", "MergeCandidate", "RunConfig", "app_pyproject", "declared_defaults"]
+__all__ = ["REPLACED_KEYS", "ConfigError", "MergeCandidate", "RunConfig", "app_pyproject", "bank_source",
+           "declared_defaults"]  # fmt: skip
 
 PROJECT_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"  # a checkout's, or Flower's app copy's
 PACKAGED_PYPROJECT = Path(__file__).resolve().with_name("app-pyproject.toml")  # the copy a wheel carries
@@ -63,10 +64,20 @@ class MergeCandidate:
     label: str
     spec: MergeSpec
     bn_bank: str
+    image_weight: float = 0.0  # each test image's share of its own BN statistics (bn-image-weight)
+
+    @property
+    def bank_source(self) -> str:
+        return bank_source(self.bn_bank, self.image_weight)
+
+
+def bank_source(bn_bank: str, image_weight: float) -> str:
+    """Which statistics ship as a bank: the asked-for bank, else the merge's own when images mix theirs in."""
+    return bn_bank or ("merged" if image_weight > 0 else "")
 
 
 CANDIDATE_KEYS = {"merge-method", "merge-options", "param-weighting", "buffer-mode", "equal-site-stats",
-                  "max-site-share", "bn-bank"}  # fmt: skip
+                  "max-site-share", "bn-bank", "bn-image-weight"}  # fmt: skip
 
 
 def app_pyproject() -> Path:
@@ -127,6 +138,7 @@ class RunConfig:
     recalibrate: bool
     recalibrate_mode: str
     bn_bank: str
+    bn_image_weight: float
     secure_aggregation: bool
     select: str
     select_score: str
@@ -154,6 +166,7 @@ class RunConfig:
         _one_of(self.bn_bank, BN_BANKS, "bn-bank")
         if self.bn_bank == "recalibrated" and not self.recalibrate:
             raise ConfigError("bn-bank = recalibrated needs recalibrate = true (the second round measures them)")
+        _image_weight(self.bn_image_weight)
         if self.secure_aggregation:
             self._check_secure()
         for name in self.guard_score.split(","):
@@ -235,7 +248,7 @@ class RunConfig:
             values = {**self.to_flower(), **check_values(changes)}
             bank = str(values["bn-bank"])
             _one_of(bank, BN_BANKS, "bn-bank")
-            out.append(MergeCandidate(item, _merge_spec(values), bank))
+            out.append(MergeCandidate(item, _merge_spec(values), bank, _image_weight(values["bn-image-weight"])))
         if len(out) < 2:
             raise ConfigError(f"select-candidates needs at least two candidates, got {self.select_candidates!r}")
         return out
@@ -275,6 +288,12 @@ def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
         except OptionError as exc:
             raise ConfigError(str(exc)) from None
     return out
+
+
+def _image_weight(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"bn-image-weight must be in [0, 1] (0: off, 1: each image's own statistics), not {value}")
+    return float(value)
 
 
 def _at_least(value: int, low: int, key: str) -> None:

@@ -239,7 +239,7 @@ class ModelPool:
                                     batch_size=job.batch_size, bn_mode=job.bn_mode, seed=self.seed)  # fmt: skip
         job.context.metrics.update({**unguarded.update.metrics, **decision.metrics()})
         ema, note = unguarded.ema_buffers, unguarded.ema_note
-        if decision.fell_back:  # the start's weights are back: what a train-mode pass over the images leaves
+        if decision.alpha < 1.0:  # the start's buffers are back: what a train-mode pass over the images leaves
             ema, note = _train_mode_pass(model, target, job.batch_size), EMA_FROM_TRAIN_PASS
         seconds = float(unguarded.update.metrics.get("adapt-seconds", unguarded.adapt_seconds))
         return package_update(model, target, job, seconds), ema, note

@@ -51,6 +51,7 @@ _SPEC_EXAMPLES = {
 STRATEGIES = ("one-shot", "fedavg")
 RECALIBRATE_MODES = ("batch", "eval")
 BN_BANKS = ("", "own", "recalibrated")
+GUARD_RULES = ("fallback", "interpolate")  # clients/guard.py
 
 
 class ConfigError(OptionError):
@@ -124,6 +125,7 @@ class RunConfig:
     guard: bool
     guard_score: str
     guard_margin: float
+    guard_rule: str
     # the merge
     min_sites: int
     timeout: float
@@ -173,6 +175,7 @@ class RunConfig:
             _one_of(name.strip(), SCORES.names(), "guard-score")
         if not self.guard_margin >= 0:
             raise ConfigError(f"guard-margin must be >= 0, not {self.guard_margin}")
+        _one_of(self.guard_rule, GUARD_RULES, "guard-rule")
         _one_of(self.select, ("", "label-free"), "select")
         if self.select:
             if self.secure_aggregation:

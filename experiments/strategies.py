@@ -518,12 +518,7 @@ def _method_row_strategy(inputs: MergeInputs, options: Any) -> Outcome:
 )
 def _merge(inputs: MergeInputs, options: MergeOptions) -> Outcome:
     spec = options.spec()
-    updates = inputs.ema_updates if spec.buffers == "reference" else inputs.updates
-    engine = MergeEngine(spec, inputs.base)
-    if spec.weighting != "uniform" and spec.max_share < 1.0:
-        engine.expect_weights([float(u.num_examples) for u in updates])
-    for update in updates:
-        _accept(engine.ingest(update))
+    engine = _ingested(spec, inputs.base, inputs.ema_updates if spec.buffers == "reference" else inputs.updates)
     notes = f"{spec.method} {spec.options}, BN {spec.buffers}, weights {spec.weighting}"
     outcome = _one_shot(inputs, engine.result(), notes)
     _ship_bank(outcome, engine, "own" if options.bank else "", options.shipped_image_weight())
@@ -558,9 +553,7 @@ def _layerwise(inputs: MergeInputs, options: LayerwiseSelectOptions) -> Outcome:
     outcomes: dict[str, Outcome] = {}
     worst: dict[str, float] = {}
     for label, spec in candidates.items():
-        engine = MergeEngine(spec, inputs.base)
-        for update in inputs.updates:
-            _accept(engine.ingest(update))
+        engine = _ingested(spec, inputs.base, inputs.updates)
         outcomes[label] = _one_shot(inputs, engine.result())
         _ship_bank(outcomes[label], engine, "own" if options.bank else "", options.image_weight)
         worst[label] = min(services.label_free(engine.result(), outcomes[label].bank)[options.score].values())
@@ -588,9 +581,8 @@ def _separate_heads(inputs: MergeInputs, options: SeparateHeadsOptions) -> Outco
 )
 def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
     services = _services(inputs, "recalibrate")
-    engine = MergeEngine(merge_spec(buffers="gaussian", equal_site_stats=options.equal_sites), inputs.base)
-    for update in inputs.updates:
-        _accept(engine.ingest(update))
+    spec = merge_spec(buffers="gaussian", equal_site_stats=options.equal_sites)
+    engine = _ingested(spec, inputs.base, inputs.updates)
     merged = engine.result()
     outcome = _one_shot(inputs, merged)
     second_round = 0.0
@@ -606,6 +598,16 @@ def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
     outcome.notes = f"second round: {options.mode}-mode BN sums, {weights}"
     _ship_bank(outcome, engine, "recalibrated" if options.bank else "", options.image_weight)
     return outcome
+
+
+def _ingested(spec: MergeSpec, base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> MergeEngine:
+    """An engine with every update folded in, the claims declared first when a cap on the shares needs them."""
+    engine = MergeEngine(spec, base)
+    if spec.weighting != "uniform" and spec.max_share < 1.0:
+        engine.expect_weights([float(u.num_examples) for u in updates])
+    for update in updates:
+        _accept(engine.ingest(update))
+    return engine
 
 
 def _accept(outcome: object) -> None:

@@ -305,18 +305,22 @@ def _services(inputs: MergeInputs, strategy: str) -> SiteServices:
     return inputs.sites
 
 
-def _check_image_weight(weight: float) -> None:
+def _image_weight(weight: float | None) -> float:
+    """A row's image weight, checked; unset, a real run's (``bn-image-weight``), as the ServerApp would use."""
+    if weight is None:
+        return RunConfig.defaults().bn_image_weight
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"image-weight must be in [0, 1] (0: off, 1: each image's own statistics), not {weight}")
+    return weight
 
 
 @dataclass(frozen=True)
 class SourceOnlyOptions(StrategyOptions):
     needs: ClassVar[str] = "nothing"
-    image_weight: float = 0.0  # each test image's share of its own BN statistics (bn-image-weight)
+    image_weight: float = 0.0  # each test image's share of its own BN statistics (the start: none unless asked)
 
     def __post_init__(self) -> None:
-        _check_image_weight(self.image_weight)
+        _image_weight(self.image_weight)
 
 
 @dataclass(frozen=True)
@@ -363,15 +367,11 @@ class MergeOptions(StrategyOptions):
     max_share: float | None = None
     clip_norm: float | None = None
     bank: bool = False  # ship every site's own BN statistics; each test image picks the closest
-    image_weight: float | None = None  # each test image's share of its own BN statistics (bn-image-weight)
+    image_weight: float | None = None  # each test image's share of its own BN statistics (unset: bn-image-weight's)
 
     def __post_init__(self) -> None:
-        _check_image_weight(self.shipped_image_weight())
+        _image_weight(self.image_weight)
         self.spec()
-
-    def shipped_image_weight(self) -> float:
-        """The row's image weight, else a real run's (``bn-image-weight``)."""
-        return RunConfig.defaults().bn_image_weight if self.image_weight is None else self.image_weight
 
     def spec(self) -> MergeSpec:
         skip = ("method", "options", "bank", "image_weight")
@@ -387,12 +387,12 @@ class RecalibrateOptions(StrategyOptions):
     mode: str = "batch"  # how the sites' statistics pass normalises (BNStatsConfig.mode)
     equal_sites: bool = False  # pool the sites' statistics with equal weights instead of by their counts
     bank: bool = False  # ship each site's statistics under the merged parameters; each test image picks one
-    image_weight: float = 0.0  # each test image's share of its own BN statistics (bn-image-weight)
+    image_weight: float | None = None  # each test image's share of its own BN statistics (unset: bn-image-weight's)
 
     def __post_init__(self) -> None:
         if self.mode not in ("batch", "eval"):
             raise ValueError(f"recalibrate: mode must be batch or eval, not {self.mode!r}")
-        _check_image_weight(self.image_weight)
+        _image_weight(self.image_weight)
 
 
 @dataclass(frozen=True)
@@ -415,12 +415,12 @@ class LayerwiseSelectOptions(StrategyOptions):
     start: float = 0.5
     strength: float = 1.0
     bank: bool = False
-    image_weight: float = 0.0
+    image_weight: float | None = None  # unset: bn-image-weight's
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ValueError(f"layerwise-select: score must be one of {', '.join(SCORES)}, not {self.score!r}")
-        _check_image_weight(self.image_weight)
+        _image_weight(self.image_weight)
         method_options("layerwise", {"anchor": "any", "start": self.start, "strength": self.strength})
 
 
@@ -521,7 +521,7 @@ def _merge(inputs: MergeInputs, options: MergeOptions) -> Outcome:
     engine = _ingested(spec, inputs.base, inputs.ema_updates if spec.buffers == "reference" else inputs.updates)
     notes = f"{spec.method} {spec.options}, BN {spec.buffers}, weights {spec.weighting}"
     outcome = _one_shot(inputs, engine.result(), notes)
-    _ship_bank(outcome, engine, "own" if options.bank else "", options.shipped_image_weight())
+    _ship_bank(outcome, engine, "own" if options.bank else "", _image_weight(options.image_weight))
     return outcome
 
 
@@ -555,7 +555,7 @@ def _layerwise(inputs: MergeInputs, options: LayerwiseSelectOptions) -> Outcome:
     for label, spec in candidates.items():
         engine = _ingested(spec, inputs.base, inputs.updates)
         outcomes[label] = _one_shot(inputs, engine.result())
-        _ship_bank(outcomes[label], engine, "own" if options.bank else "", options.image_weight)
+        _ship_bank(outcomes[label], engine, "own" if options.bank else "", _image_weight(options.image_weight))
         worst[label] = min(services.label_free(engine.result(), outcomes[label].bank)[options.score].values())
     chosen = max(worst, key=lambda label: worst[label])  # the first of equals: the default before any anchor
     shown = ", ".join(f"{label} {value:.4f}" for label, value in worst.items())
@@ -596,7 +596,7 @@ def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
     outcome.rounds, outcome.site_seconds = 2, outcome.site_seconds + second_round
     weights = "equal site weights" if options.equal_sites else "pooled by counts"
     outcome.notes = f"second round: {options.mode}-mode BN sums, {weights}"
-    _ship_bank(outcome, engine, "recalibrated" if options.bank else "", options.image_weight)
+    _ship_bank(outcome, engine, "recalibrated" if options.bank else "", _image_weight(options.image_weight))
     return outcome
 
 

@@ -10,6 +10,11 @@ the start by more than the margin on any score the guard names, the site falls b
 start's parameters, and the exact statistics pass that follows every method gives it the
 start's statistics on the site's images. Every registered score of both models goes into
 the site's metrics with the decision, so a run's report shows what each site's guard saw.
+
+The ``interpolate`` rule chooses instead of refusing: it scores the points θ₀ + a(θ - θ₀)
+between the start (a = 0) and the adapted model (a = 1), each under its exact statistics, and
+sends the point the first guard score rates best (by more than the margin over the adapted
+model), like an early stop chosen by a label-free score, without keeping checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,12 +39,16 @@ from common.options.typed import closest
 from common.scoring.label_free import label_free_scores, score_images
 from common.scoring.scores import SCORES
 
-__all__ = ["FELL_BACK", "GUARD_KEYS", "GuardConfig", "GuardDecision", "guard_adaptation", "score_names"]
+__all__ = ["ALPHA", "FELL_BACK", "GUARD_KEYS", "GUARD_RULES", "INTERPOLATION_POINTS", "GuardConfig", "GuardDecision",
+           "guard_adaptation", "score_names"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-GUARD_KEYS = ("guard", "guard-score", "guard-margin")  # run-config keys; node config may override each
+GUARD_KEYS = ("guard", "guard-score", "guard-margin", "guard-rule")  # run-config keys; node config may override each
+GUARD_RULES = ("fallback", "interpolate")  # as common.config.run checks them
+INTERPOLATION_POINTS = (0.25, 0.5, 0.75)  # the points between the start and the adapted model ``interpolate`` scores
 FELL_BACK = "guard-fell-back"
+ALPHA = "guard-alpha"  # where on the line from the start (0) to the adapted model (1) the sent model lies
 
 
 def score_names(text: str) -> tuple[str, ...]:
@@ -53,9 +62,13 @@ class GuardConfig:
 
     enabled: bool
     scores: tuple[str, ...]  # the site falls back when any of them drops below the start's by more than margin
-    margin: float  # the adapted model may score this much below the start and still be sent
+    margin: float  # the adapted model may score this much below the start (another point above it) and be sent
+    rule: str = "fallback"  # fallback: the adapted model or the start; interpolate: the best point between them
 
     def __post_init__(self) -> None:
+        if self.rule not in GUARD_RULES:
+            raise ConfigError(f"guard-rule must be one of {', '.join(GUARD_RULES)}, not {self.rule!r}"
+                              f"{closest(self.rule, GUARD_RULES)}")  # fmt: skip
         if not self.scores:
             raise ConfigError("guard-score names no score")
         for name in self.scores:
@@ -78,7 +91,8 @@ class GuardConfig:
             raise ConfigError(f"unknown guard key {unknown[0]!r}{closest(unknown[0], GUARD_KEYS)}")
         defaults = declared_defaults()
         merged = check_values({**{k: defaults[k] for k in GUARD_KEYS}, **dict(values or {})})
-        return cls(bool(merged["guard"]), score_names(str(merged["guard-score"])), float(merged["guard-margin"]))
+        return cls(bool(merged["guard"]), score_names(str(merged["guard-score"])), float(merged["guard-margin"]),
+                   str(merged["guard-rule"]))  # fmt: skip
 
     def recipe(self) -> dict[str, str]:
         """Its part of a cache key: nothing when off, so what was cached before the guard existed stays valid."""
@@ -93,11 +107,14 @@ class GuardDecision:
     adapted: dict[str, float]  # the same of the adapted model; empty when its weights are not finite
     fell_back: bool
     seconds: float
+    alpha: float = 1.0  # the point sent, from the start (0) to the adapted model (1)
+    points: dict[float, float] = field(default_factory=dict)  # interpolate: each inner point's first guard score
 
     def metrics(self) -> dict[str, float]:
         out = {f"guard-start-{k}": v for k, v in self.start.items()}
         out.update({f"guard-adapted-{k}": v for k, v in self.adapted.items()})
-        out.update({FELL_BACK: float(self.fell_back), "guard-seconds": self.seconds})
+        out.update({f"guard-point-{a:g}": v for a, v in self.points.items()})
+        out.update({FELL_BACK: float(self.fell_back), ALPHA: self.alpha, "guard-seconds": self.seconds})
         return out
 
 
@@ -141,13 +158,46 @@ def guard_adaptation(model: Segmenter, start_state: Mapping[str, Tensor], target
     if _finite(model):
         adapted_scores = _scores(_as_shipped(model, None, target, batch_size, bn_mode), start, target, batch_size,
                                  seed)  # fmt: skip
+    if config.rule == "interpolate" and adapted_scores:
+        return _interpolate(model, start_state, target, config, start_scores, adapted_scores, started,
+                            batch_size=batch_size, bn_mode=bn_mode, seed=seed, start=start)  # fmt: skip
     below = [n for n in config.scores if not adapted_scores.get(n, -math.inf) >= start_scores[n] - config.margin]
     if below:
         model.load_state_dict(dict(start_state))
     log.info("guard: adapted %s, start %s (margin %g): %s", _shown(adapted_scores, config.scores),
              _shown(start_scores, config.scores), config.margin,
              f"fell back to the start ({', '.join(below)} below)" if below else "kept")  # fmt: skip
-    return GuardDecision(start_scores, adapted_scores, bool(below), time.perf_counter() - started)
+    return GuardDecision(start_scores, adapted_scores, bool(below), time.perf_counter() - started,
+                         0.0 if below else 1.0)  # fmt: skip
+
+
+def interpolated(start_state: Mapping[str, Tensor], adapted: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """The start's state, each parameter moved ``alpha`` of the way to the adapted model's; buffers the start's."""
+    names = set(dict(adapted))
+    return {k: (v + alpha * (adapted[k] - v)) if k in names and v.is_floating_point() else v.clone()
+            for k, v in start_state.items()}  # fmt: skip
+
+
+def _interpolate(model: Segmenter, start_state: Mapping[str, Tensor], target: Dataset, config: GuardConfig,
+                 start_scores: dict[str, float], adapted_scores: dict[str, float], started: float, *,
+                 batch_size: int, bn_mode: str, seed: int, start: Segmenter) -> GuardDecision:  # fmt: skip
+    """Send the point of the line the first guard score rates best, if it beats the adapted model by the margin."""
+    score = config.scores[0]
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    points = {}
+    for alpha in INTERPOLATION_POINTS:
+        point = _as_shipped(model, interpolated(start_state, params, alpha), target, batch_size, bn_mode)
+        points[alpha] = _scores(point, start, target, batch_size, seed)[score]
+    values = {0.0: start_scores[score], **points}
+    alpha = max(values, key=lambda a: values[a])  # the first of equals: the point nearest the start
+    if not values[alpha] > adapted_scores[score] + config.margin:
+        alpha = 1.0
+    if alpha < 1.0:
+        model.load_state_dict(interpolated(start_state, params, alpha))
+    shown = ", ".join(f"{a:g} {v:.4f}" for a, v in values.items())
+    log.info("guard: %s along the line from the start: %s, adapted %.4f (margin %g): sent the point %g", score,
+             shown, adapted_scores[score], config.margin, alpha)  # fmt: skip
+    return GuardDecision(start_scores, adapted_scores, alpha == 0.0, time.perf_counter() - started, alpha, points)
 
 
 def _shown(scores: Mapping[str, float], names: tuple[str, ...]) -> str:

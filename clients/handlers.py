@@ -136,8 +136,11 @@ def score(received: RecordDict, site: SiteConfig, context: Context) -> RecordDic
     """Every label-free score of the candidate sent, on (at most 16 of) this site's images: scalars only."""
     candidate = _sent_model(received, site)
     if "bank" in received:
-        names = tuple(str(n) for n in _config(received)["bank-names"])  # type: ignore[union-attr]
-        candidate = BankedSegmenter(candidate, BNBank.from_tensors(received["bank"].to_torch_state_dict(), names))
+        config = _config(received)
+        names = tuple(str(n) for n in config["bank-names"])  # type: ignore[union-attr]
+        weight = float(config.get("bank-image-weight", 0.0))  # type: ignore[arg-type]
+        bank = BNBank.from_tensors(received["bank"].to_torch_state_dict(), names, weight)
+        candidate = BankedSegmenter(candidate, bank)
     candidate.to(_device(site))
     own = None
     if OWN_MODEL in context.state:

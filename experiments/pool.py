@@ -6,6 +6,11 @@ hash of everything that produced it (source weights, data, method and its full t
 options, batch size, seed). A re-run with the same inputs reads the files back; changing
 any input changes the key, so a stale update is never reused.
 
+A guarded site is derived from the same site's unguarded entry: the guard judges only the
+adapted model (under its exact statistics, which the cached update holds), its start and
+the site's images, so hundreds of adaptation steps are not run again to try another guard
+(``tests/test_site_guard.py`` checks the derived entry equals the inline guard bit for bit).
+
 Besides the update a site would send (parameters, exact BN statistics, sample counts),
 the pool keeps the BN running statistics as they stood before the exact statistics
 pass: what the published merging code would read from the site's checkpoint.
@@ -18,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from clients.adaptation import METHODS, AdaptContext
+from clients.guard import GuardConfig, guard_adaptation
 from clients.site import SiteJob, package_update, run_adaptation
 from common.data import build_dataset, image_batches
 from common.device.runtime import model_device
@@ -208,14 +214,52 @@ class ModelPool:
         files = self._files(key)
         if files["meta"].is_file():
             return self._read(site, key, files)
-        log.info("adapting site %s with %s on %d images (cache key %s)", site, self.method.name, len(target), key)
-        torch.manual_seed(self.seed)
-        model = self.source.model()
-        job = SiteJob(site, self.method.name, dict(self.method.options), self.method.batch_size,
-                      context=self._context(), guard=self.method.guard)  # fmt: skip
         started = time.perf_counter()
-        update, ema, note = adapt_with_ema(model, target, job)
-        seconds = time.perf_counter() - started
+        if self.method.guard.enabled:
+            unguarded = self.unguarded().get(site, target, data_id)
+            update, ema, note = self._guarded(unguarded, target)
+            seconds = unguarded.adapt_seconds + time.perf_counter() - started
+        else:
+            log.info("adapting site %s with %s on %d images (cache key %s)", site, self.method.name, len(target), key)
+            torch.manual_seed(self.seed)
+            job = SiteJob(site, self.method.name, dict(self.method.options), self.method.batch_size,
+                          context=self._context(), guard=self.method.guard)  # fmt: skip
+            update, ema, note = adapt_with_ema(self.source.model(), target, job)
+            seconds = time.perf_counter() - started
+        self._write(files, site, data_id, update, ema, note, seconds)
+        self.computed.append(key)
+        return PoolEntry(update, ema, note, key, cached=False, adapt_seconds=seconds)
+
+    def unguarded(self) -> ModelPool:
+        """The same pool with the guard off: where a guarded entry's adaptation comes from."""
+        method = replace(self.method, guard=GuardConfig.read({"guard": False}))
+        pool = ModelPool(self.source, method, self.seed, self.folder.parent)
+        pool._source_data = self._source_data
+        return pool
+
+    def _guarded(self, unguarded: PoolEntry, target: Dataset) -> tuple[SiteUpdate, dict[str, Tensor], str]:
+        """What ``adapt_with_ema`` with the guard on returns, from the unguarded entry of the same site.
+
+        The guard scores the adapted model under the exact statistics of the site's images,
+        which it measures again whatever statistics the model holds, so the cached update
+        (adapted parameters, exact statistics) is all it needs of the adaptation.
+        """
+        site = unguarded.update.site
+        log.info("site %s: guarding the cached adaptation %s", site, unguarded.key)
+        model = self.source.model(unguarded.update.state_dict())
+        job = SiteJob(site, self.method.name, dict(self.method.options), self.method.batch_size,
+                      context=AdaptContext(progress=False, seed=self.seed), guard=self.method.guard)  # fmt: skip
+        decision = guard_adaptation(model, self.source.state, target, self.method.guard,
+                                    batch_size=job.batch_size, bn_mode=job.bn_mode, seed=self.seed)  # fmt: skip
+        job.context.metrics.update({**unguarded.update.metrics, **decision.metrics()})
+        ema, note = unguarded.ema_buffers, unguarded.ema_note
+        if decision.alpha < 1.0:  # the start's buffers are back: what a train-mode pass over the images leaves
+            ema, note = _train_mode_pass(model, target, job.batch_size), EMA_FROM_TRAIN_PASS
+        seconds = float(unguarded.update.metrics.get("adapt-seconds", unguarded.adapt_seconds))
+        return package_update(model, target, job, seconds), ema, note
+
+    def _write(self, files: dict[str, Path], site: str, data_id: str, update: SiteUpdate, ema: dict[str, Tensor],
+               note: str, seconds: float) -> None:  # fmt: skip
         save_site_update(files["update"], update, self.source.arch, self.source.num_classes)
         save_file({k: v.contiguous() for k, v in ema.items()}, str(files["ema"]))
         meta = {"site": site, "data": data_id, "method": self.method.name, "options": dict(self.method.options),
@@ -224,8 +268,6 @@ class ModelPool:
         tmp = files["meta"].with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=2, default=str))
         tmp.replace(files["meta"])  # the metadata file is written last: its presence marks a complete entry
-        self.computed.append(key)
-        return PoolEntry(update, ema, note, key, cached=False, adapt_seconds=seconds)
 
     def _files(self, key: str) -> dict[str, Path]:
         return {

@@ -25,12 +25,13 @@ from torch import Tensor
 
 from common.bn.bank import BNBank
 from common.bn.stats import BNSums
-from common.config.run import RunConfig
+from common.config.run import RunConfig, bank_source
 from common.merge.engine import MergeEngine, Refused
 from common.merge.spec import MERGE_METHODS, MergeSpec, method_options
 from common.options.registry import Entry, Registry
 from common.options.typed import parse_key_values
-from common.updates.site import SiteUpdate, bn_layer_names
+from common.scoring.scores import SCORES
+from common.updates.site import SiteUpdate, bn_layer_names, split_state
 
 __all__ = [
     "STRATEGIES",
@@ -219,6 +220,10 @@ class SiteServices(Protocol):
         """FedAvg over ``rounds`` rounds of the same local method, through Flower."""
         ...
 
+    def label_free(self, state: Mapping[str, Tensor], bank: BNBank | None) -> dict[str, dict[str, float]]:
+        """Every label-free score of one model at each site (score -> site -> value): a selection round's replies."""
+        ...
+
 
 @dataclass
 class MergeInputs:
@@ -300,9 +305,22 @@ def _services(inputs: MergeInputs, strategy: str) -> SiteServices:
     return inputs.sites
 
 
+def _image_weight(weight: float | None) -> float:
+    """A row's image weight, checked; unset, a real run's (``bn-image-weight``), as the ServerApp would use."""
+    if weight is None:
+        return RunConfig.defaults().bn_image_weight
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"image-weight must be in [0, 1] (0: off, 1: each image's own statistics), not {weight}")
+    return weight
+
+
 @dataclass(frozen=True)
 class SourceOnlyOptions(StrategyOptions):
     needs: ClassVar[str] = "nothing"
+    image_weight: float = 0.0  # each test image's share of its own BN statistics (the start: none unless asked)
+
+    def __post_init__(self) -> None:
+        _image_weight(self.image_weight)
 
 
 @dataclass(frozen=True)
@@ -349,12 +367,14 @@ class MergeOptions(StrategyOptions):
     max_share: float | None = None
     clip_norm: float | None = None
     bank: bool = False  # ship every site's own BN statistics; each test image picks the closest
+    image_weight: float | None = None  # each test image's share of its own BN statistics (unset: bn-image-weight's)
 
     def __post_init__(self) -> None:
+        _image_weight(self.image_weight)
         self.spec()
 
     def spec(self) -> MergeSpec:
-        skip = ("method", "options", "bank")
+        skip = ("method", "options", "bank", "image_weight")
         changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         changes = {k: v for k, v in changes.items() if v is not None}
         changes.setdefault("max_share", RunConfig.defaults().max_site_share)  # a real run's default
@@ -367,10 +387,12 @@ class RecalibrateOptions(StrategyOptions):
     mode: str = "batch"  # how the sites' statistics pass normalises (BNStatsConfig.mode)
     equal_sites: bool = False  # pool the sites' statistics with equal weights instead of by their counts
     bank: bool = False  # ship each site's statistics under the merged parameters; each test image picks one
+    image_weight: float | None = None  # each test image's share of its own BN statistics (unset: bn-image-weight's)
 
     def __post_init__(self) -> None:
         if self.mode not in ("batch", "eval"):
             raise ValueError(f"recalibrate: mode must be batch or eval, not {self.mode!r}")
+        _image_weight(self.image_weight)
 
 
 @dataclass(frozen=True)
@@ -382,6 +404,24 @@ class LocalBNOptions(StrategyOptions):
 class SeparateHeadsOptions(StrategyOptions):
     test_time_domain: ClassVar[bool] = True
     head_prefix: str = "classifier."
+
+
+@dataclass(frozen=True)
+class LayerwiseSelectOptions(StrategyOptions):
+    """Layer-wise merges anchored on each site in turn, and the plain merge; the sites' label-free scores choose."""
+
+    needs: ClassVar[str] = "a selection round: every site scores each candidate (scalars back)"
+    score: str = "confident"  # the label-free score whose worst-site value picks the candidate
+    start: float = 0.5
+    strength: float = 1.0
+    bank: bool = False
+    image_weight: float | None = None  # unset: bn-image-weight's
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"layerwise-select: score must be one of {', '.join(SCORES)}, not {self.score!r}")
+        _image_weight(self.image_weight)
+        method_options("layerwise", {"anchor": "any", "start": self.start, "strength": self.strength})
 
 
 @dataclass(frozen=True)
@@ -404,7 +444,12 @@ class FedAvgOptions(StrategyOptions):
 
 @STRATEGIES.implements("source-only", options=SourceOnlyOptions, summary="the shared start, unadapted")
 def _source_only(inputs: MergeInputs, options: SourceOnlyOptions) -> Outcome:
-    return Outcome(state=dict(inputs.base), rounds=0)
+    outcome = Outcome(state=dict(inputs.base), rounds=0)
+    if options.image_weight > 0:  # the start normalising each image with its own statistics mixed in
+        _, buffers = split_state(inputs.base)
+        outcome.bank = BNBank.single("source", buffers, options.image_weight)
+        outcome.notes = f"each test image's own BN statistics mixed in at {options.image_weight:g}"
+    return outcome
 
 
 @STRATEGIES.implements("single", options=SingleOptions, summary="one site's adapted model, used everywhere")
@@ -473,16 +518,49 @@ def _method_row_strategy(inputs: MergeInputs, options: Any) -> Outcome:
 )
 def _merge(inputs: MergeInputs, options: MergeOptions) -> Outcome:
     spec = options.spec()
-    updates = inputs.ema_updates if spec.buffers == "reference" else inputs.updates
-    engine = MergeEngine(spec, inputs.base)
-    if spec.weighting != "uniform" and spec.max_share < 1.0:
-        engine.expect_weights([float(u.num_examples) for u in updates])
-    for update in updates:
-        _accept(engine.ingest(update))
+    engine = _ingested(spec, inputs.base, inputs.ema_updates if spec.buffers == "reference" else inputs.updates)
     notes = f"{spec.method} {spec.options}, BN {spec.buffers}, weights {spec.weighting}"
     outcome = _one_shot(inputs, engine.result(), notes)
-    if options.bank:
-        outcome.bank, outcome.notes = engine.bank("own"), notes + ", BN bank of the sites' own statistics"
+    _ship_bank(outcome, engine, "own" if options.bank else "", _image_weight(options.image_weight))
+    return outcome
+
+
+def _ship_bank(outcome: Outcome, engine: MergeEngine, bn_bank: str, image_weight: float) -> None:
+    """The bank the run config's ``bn-bank`` and ``bn-image-weight`` ship (``common.config.run.bank_source``)."""
+    source = bank_source(bn_bank, image_weight)
+    if not source:
+        return
+    outcome.bank = engine.bank(source, image_weight)
+    statistics = f"the sites' {source}" if bn_bank else "the merge's own"
+    outcome.notes += f", BN bank of {statistics} statistics"
+    if image_weight > 0:
+        outcome.notes += f", each test image's own mixed in at {image_weight:g}"
+
+
+@STRATEGIES.implements(
+    "layerwise-select",
+    options=LayerwiseSelectOptions,
+    summary="layer-wise merges anchored on each site; the worst site's label-free score picks one",
+)
+def _layerwise(inputs: MergeInputs, options: LayerwiseSelectOptions) -> Outcome:
+    services = _services(inputs, "layerwise-select")
+    default = MergeOptions().spec()  # every candidate takes a real run's defaults, as a selection round's do
+    candidates = {"default": default} | {
+        f"anchor={u.site}": dataclasses.replace(default, method="layerwise", options=method_options(
+            "layerwise", {"anchor": u.site, "start": options.start, "strength": options.strength}))
+        for u in inputs.updates
+    }  # fmt: skip
+    outcomes: dict[str, Outcome] = {}
+    worst: dict[str, float] = {}
+    for label, spec in candidates.items():
+        engine = _ingested(spec, inputs.base, inputs.updates)
+        outcomes[label] = _one_shot(inputs, engine.result())
+        _ship_bank(outcomes[label], engine, "own" if options.bank else "", _image_weight(options.image_weight))
+        worst[label] = min(services.label_free(engine.result(), outcomes[label].bank)[options.score].values())
+    chosen = max(worst, key=lambda label: worst[label])  # the first of equals: the default before any anchor
+    shown = ", ".join(f"{label} {value:.4f}" for label, value in worst.items())
+    outcome = outcomes[chosen]
+    outcome.notes = f"chose {chosen} by the worst site's {options.score} ({shown})" + outcome.notes
     return outcome
 
 
@@ -503,9 +581,8 @@ def _separate_heads(inputs: MergeInputs, options: SeparateHeadsOptions) -> Outco
 )
 def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
     services = _services(inputs, "recalibrate")
-    engine = MergeEngine(merge_spec(buffers="gaussian", equal_site_stats=options.equal_sites), inputs.base)
-    for update in inputs.updates:
-        _accept(engine.ingest(update))
+    spec = merge_spec(buffers="gaussian", equal_site_stats=options.equal_sites)
+    engine = _ingested(spec, inputs.base, inputs.updates)
     merged = engine.result()
     outcome = _one_shot(inputs, merged)
     second_round = 0.0
@@ -516,12 +593,21 @@ def _recalibrate(inputs: MergeInputs, options: RecalibrateOptions) -> Outcome:
         second_round = max(second_round, seconds)
     engine.apply_recalibration()
     outcome.state = engine.result()
-    if options.bank:
-        outcome.bank = engine.bank("recalibrated")
     outcome.rounds, outcome.site_seconds = 2, outcome.site_seconds + second_round
     weights = "equal site weights" if options.equal_sites else "pooled by counts"
-    outcome.notes = f"second round: {options.mode}-mode BN sums, {weights}" + (", BN bank" if options.bank else "")
+    outcome.notes = f"second round: {options.mode}-mode BN sums, {weights}"
+    _ship_bank(outcome, engine, "recalibrated" if options.bank else "", _image_weight(options.image_weight))
     return outcome
+
+
+def _ingested(spec: MergeSpec, base: Mapping[str, Tensor], updates: Sequence[SiteUpdate]) -> MergeEngine:
+    """An engine with every update folded in, the claims declared first when a cap on the shares needs them."""
+    engine = MergeEngine(spec, base)
+    if spec.weighting != "uniform" and spec.max_share < 1.0:
+        engine.expect_weights([float(u.num_examples) for u in updates])
+    for update in updates:
+        _accept(engine.ingest(update))
+    return engine
 
 
 def _accept(outcome: object) -> None:

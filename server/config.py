@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config.run import ConfigError, MergeCandidate, RunConfig
+from common.config.run import ConfigError, MergeCandidate, RunConfig, bank_source
 from common.data import DataSpec
 from common.merge.spec import MergeSpec
 
@@ -25,6 +25,7 @@ class MergeConfig:
     poll_interval: float = 0.05  # seconds between pulls while replies are outstanding
     secure: bool = False  # secure aggregation: the server learns only sums (server/rounds/secure.py)
     bn_bank: str = ""  # ship the sites' own or recalibrated BN statistics with the merge
+    bn_image_weight: float = 0.0  # each test image's share of its own BN statistics (0: off)
     candidates: tuple[MergeCandidate, ...] = ()  # a label-free selection among these (server/rounds/select.py)
     select_score: str = "confident"
     select_aggregate: str = "worst"
@@ -33,8 +34,13 @@ class MergeConfig:
     def from_run(cls, run: RunConfig) -> MergeConfig:
         candidates = tuple(run.candidates()) if run.select else ()
         return cls(run.merge_spec(), run.min_sites, run.timeout, run.recalibrate, run.recalibrate_mode,
-                   secure=run.secure_aggregation, bn_bank=run.bn_bank, candidates=candidates,
+                   secure=run.secure_aggregation, bn_bank=run.bn_bank, bn_image_weight=run.bn_image_weight,
+                   candidates=candidates,
                    select_score=run.select_score, select_aggregate=run.select_aggregate)  # fmt: skip
+
+    @property
+    def bank_source(self) -> str:
+        return bank_source(self.bn_bank, self.bn_image_weight)
 
 
 @dataclass(frozen=True)

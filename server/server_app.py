@@ -16,8 +16,9 @@ import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
 
-from common.bn.bank import BNBank
+from common.bn.bank import BNBank, bank_metadata
 from common.bn.stats import bn_count_profile
 from common.config.run import RunConfig
 from common.models.checkpoints import read_model_file, save_state
@@ -73,9 +74,20 @@ def _bank(strategy: OneShotMerge, report: MergeReport) -> BNBank | None:
     if source == "recalibrated" and not report.recalibration.get("applied"):
         log.warning("bn-bank: the recalibration round was not applied; shipping the sites' own statistics")
         source = "own"
-    bank = strategy.engine.bank(source)
-    report.config["bn_bank"] = {"statistics": source, "entries": list(bank.names)}
+    bank = strategy.engine.bank(source, strategy.image_weight)
+    report.config["bn_bank"] = {"statistics": source, "entries": list(bank.names), "image_weight": bank.image_weight}
     return bank
+
+
+def _save_secure(state: dict[str, Tensor], config: ServerConfig, report: MergeReport) -> None:
+    """The decoded sum as the merged model; with bn-image-weight, its own statistics ship as a one-entry bank."""
+    run = config.run
+    extra = {"merged_from": ",".join(s.domain for s in report.sites), "secure-aggregation": "true"}
+    if run.bn_image_weight > 0:
+        bank = BNBank.single("merged", state, run.bn_image_weight)
+        state, extra = {**state, **bank.tensors()}, {**extra, **bank_metadata(bank)}
+        report.config["bn_bank"] = {"statistics": "merged", "entries": ["merged"], "image_weight": bank.image_weight}
+    save_state(state, config.out_dir / MERGED_FILE, run.arch, run.num_classes, extra)
 
 
 def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
@@ -100,9 +112,7 @@ def run_merge(grid: Grid, config: ServerConfig) -> MergeReport:
     try:
         strategy.start(grid, initial, train_config=ConfigRecord({INITIAL_SHA256: fingerprint}))
         if strategy.secure_state is not None:  # secure aggregation: only the sum was ever seen
-            sites = ",".join(s.domain for s in report.sites)
-            save_state(strategy.secure_state, config.out_dir / MERGED_FILE, run.arch, run.num_classes,
-                       {"merged_from": sites, "secure-aggregation": "true"})  # fmt: skip
+            _save_secure(strategy.secure_state, config, report)
         else:
             save_merged(strategy.engine, config.out_dir / MERGED_FILE, run, _bank(strategy, report))
     except BaseException as exc:  # even a stop signal: what was received is written before the run ends

@@ -59,8 +59,8 @@ class OneShotMerge(Strategy):
         ]
         report = report or MergeReport()
         intake = ReplyIntake(engine, report, on_update=_fan_out(engine, candidates, on_update))
-        self.state = RunState(config, report, intake, engine, candidates, make_message, config.bn_bank,
-                              timeout=config.timeout)  # fmt: skip
+        self.state = RunState(config, report, intake, engine, candidates, make_message, config.bank_source,
+                              image_weight=config.bn_image_weight, timeout=config.timeout)  # fmt: skip
 
     @property
     def report(self) -> MergeReport:
@@ -81,6 +81,11 @@ class OneShotMerge(Strategy):
         return self.state.bank_source
 
     @property
+    def image_weight(self) -> float:
+        """Each test image's share of its own BN statistics in the shipped model (0: off)."""
+        return self.state.image_weight
+
+    @property
     def secure_state(self) -> dict[str, Tensor] | None:
         """The merged model of a secure run: only the sum was ever seen."""
         return self.state.secure.state
@@ -97,7 +102,8 @@ class OneShotMerge(Strategy):
             f"site weights: {spec.weighting}, at most {spec.max_share:g} each",
             f"BN statistics: {spec.buffers}"
             + (", sites weighted equally" if spec.equal_site_stats else "")
-            + (f", with a bank of the sites' {c.bn_bank} statistics" if c.bn_bank else ""),
+            + (f", with a bank of the sites' {c.bn_bank} statistics" if c.bn_bank else "")
+            + (f", each test image's own mixed in at {c.bn_image_weight:g}" if c.bn_image_weight else ""),
             f"sums: {spec.precision}"
             + (", secure aggregation (the server sees only sums)" if c.secure else "")
             + (f"; clip-norm {spec.clip_norm:g}" if spec.clip_norm else ""),

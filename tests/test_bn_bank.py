@@ -8,7 +8,7 @@ import torch
 from common.bn.bank import BNBank, symmetric_kl
 from common.bn.stats import apply_bn_sums, bn_layers, collect_bn_sums
 from common.merge.engine import MergeEngine
-from common.models.banked import BankedSegmenter
+from common.models.banked import BankedSegmenter, mixed_batch_norm
 from common.models.checkpoints import load_checkpoint
 from common.models.factory import build_model
 from tests.fakes import site_update, spec
@@ -86,3 +86,37 @@ def test_a_bank_that_does_not_fit_the_model_is_refused():
         BankedSegmenter(model, BNBank(("a",), {"nope": torch.zeros(1, 3)}, {"nope": torch.ones(1, 3)}))
     with pytest.raises(ValueError, match="for 2 entries"):
         BNBank(("a", "b"), {"x": torch.zeros(1, 3)}, {"x": torch.ones(1, 3)})
+
+
+def test_an_image_s_own_statistics_mix_into_its_entry_by_hand():
+    """Channel values 1 and 3 (mean 2, variance 1), stored mean 0 and variance 4, w = 1/2: mean 1, variance 2.5."""
+    layer = torch.nn.BatchNorm2d(1, eps=0.0).eval()
+    layer.running_mean.fill_(0.0)
+    layer.running_var.fill_(4.0)
+    layer.weight.data.fill_(2.0)
+    layer.bias.data.fill_(1.0)
+    x = torch.tensor([[[[1.0, 3.0]]]])
+    expected = (x - 1.0) / 2.5**0.5 * 2.0 + 1.0
+    torch.testing.assert_close(mixed_batch_norm(layer, x, 0.5), expected)
+    torch.testing.assert_close(mixed_batch_norm(layer, x, 0.0), layer(x))  # w = 0: the stored statistics alone
+
+
+def test_the_image_weight_follows_each_image_alone_and_zero_changes_nothing(domains):
+    torch.manual_seed(3)
+    model = _adapted(build_model("tiny_unet", 5).eval(), domains["bright"])
+    buffers = {k: v for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    images = torch.cat([domains["bright"][:2], domains["dark"][:2]])
+    plain = BankedSegmenter(model, BNBank.single("merged", buffers, 0.0)).eval()
+    assert torch.equal(plain(images), model(images))
+    mixed = BankedSegmenter(model, BNBank.single("merged", buffers, 0.3)).eval()
+    together = mixed(images)
+    assert not torch.allclose(together, model(images), atol=1e-3)
+    for i in range(images.shape[0]):  # an image's normalisation does not depend on the batch it came in
+        torch.testing.assert_close(together[i : i + 1], mixed(images[i : i + 1]), rtol=1e-4, atol=1e-5)
+    assert torch.equal(model(images), plain(images))  # the hooks are gone and the statistics restored
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5, float("nan")])
+def test_an_image_weight_outside_zero_to_one_is_refused(weight):
+    with pytest.raises(ValueError, match=r"image weight must be in \[0, 1\]"):
+        BNBank(("a",), {"x": torch.zeros(1, 3)}, {"x": torch.ones(1, 3)}, weight)

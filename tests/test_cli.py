@@ -71,6 +71,16 @@ def test_merge_of_plain_state_dicts_needs_the_model_named(tmp_path, capsys):
     model, meta = load_checkpoint(out)
     assert model.final_layer().out_channels == 9
     assert (meta["arch"], meta["merged_from"]) == ("tiny_unet", "site1,site2")
+    mixed = tmp_path / "mixed.safetensors"
+    assert cli_main(["merge", *paths, "--out", str(mixed), "--arch", "tiny_unet", "--num-classes", "9",
+                     "--bn-image-weight", "0.25"]) == 0  # fmt: skip
+    banked, meta = load_checkpoint(mixed)
+    assert (banked.bank.names, banked.bank.image_weight, meta["fedmerge.bnbank.image-weight"]) == (("merged",), 0.25,
+                                                                                                   "0.25")  # fmt: skip
+    assert all(torch.equal(banked.model.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert cli_main(["merge", *paths, "--out", str(mixed), "--arch", "tiny_unet", "--num-classes", "9",
+                     "--bn-image-weight", "2"]) == 2  # fmt: skip
+    assert "bn-image-weight must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_every_command_reads_every_model_file(checkpoint, tmp_path, capsys):

@@ -156,3 +156,32 @@ def test_a_refused_update_leaves_every_methods_sums_as_they_were(base):
         engine.ingest(good[2])
         expected = engine_merge(base, good, method=method, options=method_options(method, options))
         assert all(torch.equal(engine.result()[k], expected[k]) for k in expected), method
+
+
+def _constant(template: dict, value: float) -> dict:
+    return {k: torch.full_like(v, value) if v.is_floating_point() else v.clone() for k, v in template.items()}
+
+
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_layerwise_averages_the_early_layers_and_leans_to_the_anchor_with_depth(base, order):
+    """Sites of all 0 and all 1, anchor b, lean from half the depth: layer at depth d holds 0.5 + 0.5·max(0, 2d - 1)."""
+    updates = {"a": site_update("a", _constant(base, 0.0)), "b": site_update("b", _constant(base, 1.0))}
+    options = method_options("layerwise", {"anchor": "b", "start": "0.5"})
+    merged = engine_merge(base, [updates[s] for s in order], method="layerwise", options=options)
+    layers = list(dict.fromkeys(key.rpartition(".")[0] for key in split_state(base)[0]))
+    for key in split_state(base)[0]:
+        depth = layers.index(key.rpartition(".")[0]) / (len(layers) - 1)
+        expected = 0.5 + 0.5 * max(0.0, 2 * depth - 1)
+        torch.testing.assert_close(merged[key], torch.full_like(merged[key], expected), rtol=0, atol=1e-7)
+    assert float(merged[layers[0] + ".weight"].reshape(-1)[0]) == 0.5
+    assert float(merged[layers[-1] + ".weight"].reshape(-1)[0]) == 1.0
+
+
+def test_layerwise_without_its_anchor_and_bad_options_are_refused_in_one_line(base):
+    updates = [site_update("a", _constant(base, 0.0)), site_update("b", _constant(base, 1.0))]
+    with pytest.raises(ValueError, match="the anchor site 'c' sent no update"):
+        engine_merge(base, updates, method="layerwise", options=method_options("layerwise", {"anchor": "c"}))
+    for raw, message in (({}, r"name the anchor site \(anchor=SITE\)"), ({"anchor": "a", "start": 1}, "start"),
+                         ({"anchor": "a", "strength": 2}, "strength must be in")):  # fmt: skip
+        with pytest.raises(OptionError, match=message):
+            method_options("layerwise", raw)

@@ -55,6 +55,9 @@ def test_the_typed_config_has_exactly_the_declared_keys_with_their_types():
         ({"source-data": "synthetic;synthetic?domain=fog"}, "source-data is one spec, not 2"),
         ({"eval-data": "synthetic?domain=fog;synthetic?domain=fog&n=3"}, "the name 'fog' is given to two specs"),
         ({"strategy": "fedprox"}, "strategy must be one of one-shot, fedavg"),
+        ({"bn-image-weight": 1.5}, "bn-image-weight must be in [0, 1] (0: off, 1: each image's own statistics)"),
+        ({"select": "label-free", "select-candidates": "default; bn-image-weight=-0.1"}, "bn-image-weight must be"),
+        ({"merge-method": "layerwise"}, "layerwise: name the anchor site (anchor=SITE)"),
     ],
 )
 def test_a_bad_value_is_one_error_naming_the_key(values, message):
@@ -140,3 +143,9 @@ def test_a_run_config_is_built_once_per_process_in_a_three_site_run_with_selecti
     assert steps.count("score") == 3 * len(config.merge.candidates) and steps.count("recalibrate") == 3
     assert strategy.report.recalibration["applied"] is True
     assert len(built) == 1 + 3, f"{len(built)} RunConfigs for one server and three sites"
+
+
+def test_a_candidate_or_a_run_that_mixes_image_statistics_ships_a_bank_of_the_merge_s_own():
+    candidates = "default; bn-image-weight=0; bn-bank=own bn-image-weight=0.5"
+    run = RunConfig.read({"bn-image-weight": 0.2, "select": "label-free", "select-candidates": candidates})
+    assert [(c.bank_source, c.image_weight) for c in run.candidates()] == [("merged", 0.2), ("", 0.0), ("own", 0.5)]

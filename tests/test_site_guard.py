@@ -210,6 +210,51 @@ def test_the_pool_guards_its_sites_and_keys_them_apart(start_state, target, star
     assert len(keys) == 3
 
 
+@pytest.mark.parametrize(
+    ("options", "rule", "alpha"),
+    [
+        (DESTRUCTIVE_TENT, {}, 0.0),
+        (GENTLE_TENT, {}, 1.0),
+        (GENTLE_TENT, {"guard-rule": "interpolate", "guard-margin": 0}, 0.5),
+    ],
+)
+def test_a_guarded_pool_entry_is_the_inline_guard_bit_for_bit(start_state, target, tmp_path, monkeypatch, options,
+                                                              rule, alpha):  # fmt: skip
+    """The pool guards its cached unguarded adaptation instead of adapting again; the result must not differ."""
+    from experiments.config import LocalMethod
+    from experiments.pool import ModelPool, SourceBundle, adapt_with_ema
+
+    if rule:  # a score that peaks at the midpoint, so that the inner point is the one sent
+        torch.manual_seed(0)
+        tent = _model(start_state)
+        METHODS.get("tent").load()(tent, target, AdaptContext(progress=False, seed=0),
+                                    METHODS.get("tent").make_options(options))  # fmt: skip
+        import clients.guard as guard_module
+
+        monkeypatch.setattr(guard_module, "_scores", _peaked_at_half(start_state, tent.state_dict()))
+    guard = _guard(**rule)
+    torch.manual_seed(0)
+    job = SiteJob("fog", "tent", options, 4, context=AdaptContext(progress=False, seed=0), guard=guard)
+    inline, inline_ema, inline_note = adapt_with_ema(_model(start_state), target, job)
+    assert inline.metrics["guard-alpha"] == alpha
+
+    source = SourceBundle(start_state, "tiny_unet", [str(i) for i in range(NUM_CLASSES)], tmp_path, "f" * 20)
+    plain = ModelPool(source, LocalMethod("tent", options, batch_size=4), 0, tmp_path).get("fog", target, "d")
+    guarded_pool = ModelPool(source, LocalMethod("tent", options, batch_size=4, guard=guard), 0, tmp_path)
+    derived = guarded_pool.get("fog", target, "d")
+    assert guarded_pool.computed == [derived.key] and derived.key != plain.key
+    _assert_same(derived.update, inline)
+    assert derived.ema_note == inline_note
+    assert all(torch.equal(derived.ema_buffers[k], inline_ema[k]) for k in inline_ema)
+    timing = ("adapt-seconds", "bn-seconds", "guard-seconds")
+    assert {k: v for k, v in derived.update.metrics.items() if k not in timing} == {
+        k: v for k, v in inline.metrics.items() if k not in timing
+    }
+    again = ModelPool(source, LocalMethod("tent", options, batch_size=4, guard=guard), 0, tmp_path)
+    _assert_same(again.get("fog", target, "d").update, inline)  # read back from the cache
+    assert again.computed == []
+
+
 def test_the_run_config_and_node_config_set_the_guard():
     from clients.config import SiteConfig
 
@@ -223,7 +268,7 @@ def test_the_run_config_and_node_config_set_the_guard():
     ("values", "message"),
     [({"guard-score": "confidnt"}, "did you mean 'confident'"), ({"guard-score": "mix,bogus"}, "'bogus'"),
      ({"guard-score": ""}, "guard-score"), ({"guard-margin": -0.1}, "guard-margin must be >= 0"),
-     ({"guard": "yes"}, "true or false")],
+     ({"guard": "yes"}, "true or false"), ({"guard-rule": "interpolat"}, "did you mean 'interpolate'")],
 )  # fmt: skip
 def test_bad_guard_settings_are_refused_with_one_line(values, message):
     for read in (GuardConfig.read, RunConfig.read):
@@ -262,3 +307,48 @@ def test_the_experiment_config_and_the_command_line_take_the_guard(tmp_path, cap
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "guard-score" in err and "'bogus'" in err and "\n" not in err
+
+
+def _parameter_sum(state) -> float:
+    names = {name for name, _ in _model(state).named_parameters()}
+    return float(sum(state[k].double().sum() for k in names))
+
+
+def _peaked_at_half(start_state, adapted_state):
+    """A stand-in score that peaks at the midpoint of the line: minus the squared distance of the sum of the
+    parameters (linear along the line) to its value there."""
+    mid = (_parameter_sum(start_state) + _parameter_sum(adapted_state)) / 2
+
+    def scores(candidate, start, target, batch_size, seed):
+        return dict.fromkeys(SCORES.names(), -((_parameter_sum(candidate.state_dict()) - mid) ** 2))
+
+    return scores
+
+
+def test_interpolate_sends_the_point_its_score_rates_best(start_state, target, monkeypatch):
+    import clients.guard as guard_module
+    from clients.guard import interpolated
+
+    adapted = _model(start_state)
+    _sharpen(adapted, target, None, None)  # a known change of the head only
+    adapted_state = {k: v.clone() for k, v in adapted.state_dict().items()}
+    monkeypatch.setattr(guard_module, "_scores", _peaked_at_half(start_state, adapted_state))
+    config = _guard(**{"guard-rule": "interpolate", "guard-score": "mix", "guard-margin": 0})
+    decision = guard_adaptation(adapted, start_state, target, config, batch_size=4)
+    assert (decision.alpha, decision.fell_back) == (0.5, False) and set(decision.points) == {0.25, 0.5, 0.75}
+    expected = interpolated(start_state, dict(_model(adapted_state).named_parameters()), 0.5)
+    assert all(torch.equal(adapted.state_dict()[k], v) for k, v in expected.items())
+    assert torch.equal(adapted.state_dict()[HEAD], (start_state[HEAD] + adapted_state[HEAD]) / 2)
+    assert decision.metrics()["guard-alpha"] == 0.5 and "guard-point-0.25" in decision.metrics()
+    again = _model(adapted_state)
+    far = _guard(**{"guard-rule": "interpolate", "guard-score": "mix", "guard-margin": 100.0})
+    assert guard_adaptation(again, start_state, target, far, batch_size=4).alpha == 1.0  # no point leads by 100
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in adapted_state.items())
+
+
+def test_interpolate_with_agreement_keeps_a_label_preserving_change_and_refuses_any_other(start_state, target):
+    """Agreement with the start is 1 at the start: under interpolate it wins unless the adapted model ties it."""
+    rule = {"guard-rule": "interpolate", "guard-margin": 0}
+    assert _site(start_state, target, "test-sharpen", _guard(**rule)).metrics["guard-alpha"] == 1.0
+    harmed = _site(start_state, target, "test-collapse", _guard(**rule))
+    assert harmed.metrics["guard-alpha"] == 0.0 and harmed.metrics[FELL_BACK] == 1.0

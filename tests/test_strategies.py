@@ -308,3 +308,59 @@ def test_registry_options_are_typed_and_checked():
         get_strategy("soup")
     with pytest.raises(ValueError, match=r"k \(fraction"):
         ties({"w": torch.zeros(1)}, [site_update("x", {"w": torch.ones(1)}, num_examples=1)], k=0.0, lam=1.0)
+
+
+class _ScoresByLastLayer:
+    """Sites whose label-free score is the mean of the model's last parameter: known for every candidate."""
+
+    def __init__(self, key: str) -> None:
+        self.key, self.asked = key, 0
+
+    def label_free(self, state, bank):
+        self.asked += 1
+        value = float(state[self.key].double().mean())
+        return {"confident": {"a": value, "b": value + 1.0}, "mix": {"a": 0.0, "b": 0.0}}
+
+
+def _constant_updates(source):
+    def fill(value: float) -> dict:
+        return {k: torch.full_like(t, value) if t.is_floating_point() else t.clone() for k, t in source.state.items()}
+
+    return [site_update("a", fill(0.0)), site_update("b", fill(1.0))]
+
+
+def test_layerwise_select_keeps_the_candidate_whose_worst_site_scores_best(source):
+    """Last layer: default 0.5, anchor a 0.0, anchor b 1.0; a score by it picks b, a constant score the default."""
+    updates = _constant_updates(source)
+    last = list(split_state(source.state)[0])[-1]
+    strategy, _ = get_strategy("layerwise-select")
+    services = _ScoresByLastLayer(last)
+    outcome = strategy.load()(_inputs(source, updates, services), make_options(strategy, {}))
+    assert services.asked == 3 and outcome.notes.startswith("chose anchor=b by the worst site's confident")
+    assert float(outcome.state[last].reshape(-1)[0]) == 1.0
+    first = next(iter(split_state(source.state)[0]))
+    assert float(outcome.state[first].reshape(-1)[0]) == 0.5  # the first layer is averaged whatever the anchor
+    constant = strategy.load()(_inputs(source, updates, services), make_options(strategy, {"score": "mix"}))
+    assert constant.notes.startswith("chose default") and float(constant.state[last].reshape(-1)[0]) == 0.5
+    with pytest.raises(ValueError, match="score must be one of"):
+        make_options(strategy, {"score": "accuracy"})
+
+
+def test_image_weight_ships_the_right_bank_with_each_row(source):
+    updates = [_update("fog", source.state, 1, 4), _update("night", source.state, 2, 6)]
+    inputs = _inputs(source, updates)
+    merge, _ = get_strategy("merge")
+    plain = merge.load()(inputs, make_options(merge, {}))
+    assert plain.bank is None
+    mixed = merge.load()(inputs, make_options(merge, {"image-weight": 0.3}))
+    layer = bn_layer_names(source.state)[0]
+    assert mixed.bank.names == ("merged",) and mixed.bank.image_weight == 0.3
+    assert torch.equal(mixed.bank.mean[layer][0], plain.state[f"{layer}.running_mean"])
+    banked = merge.load()(inputs, make_options(merge, {"bank": True, "image-weight": 0.3}))
+    assert banked.bank.names == ("fog", "night") and banked.bank.image_weight == 0.3
+    only, _ = get_strategy("source-only")
+    start = only.load()(inputs, make_options(only, {"image-weight": 0.5}))
+    assert torch.equal(start.bank.var[layer][0], source.state[f"{layer}.running_var"])
+    for strategy in (merge, only, get_strategy("recalibrate")[0]):
+        with pytest.raises(ValueError, match=r"image-weight must be in \[0, 1\]"):
+            make_options(strategy, {"image-weight": 1.5})

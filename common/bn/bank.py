@@ -6,6 +6,13 @@ test time. The bank keeps one entry per site and lets each image pick its own: t
 whose first BN layer statistics are closest (symmetric KL between diagonal Gaussians) to
 the image's own statistics at that layer. Everything else in the model is the one merged
 model; only the normalisation follows the image.
+
+A bank entry describes a site's images as a whole; one test image can sit away from all of
+them (a foggier frame, a darker one). ``image_weight`` w mixes, at every BN layer, the image's
+own statistics into its entry's: mean (1-w)·μ_bank + w·μ_image, variance likewise (the prior
+of Schneider et al. 2020, "Improving robustness against common corruptions by covariate shift
+adaptation", with w = n/(N+n) for one image, n = 1). w = 0 is the plain bank; a bank of one
+entry (the merged statistics) with w > 0 is the merged model normalising with that prior.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["BANK_META", "BANK_PREFIX", "BNBank", "symmetric_kl"]
+__all__ = ["BANK_META", "BANK_PREFIX", "IMAGE_WEIGHT_META", "BNBank", "bank_metadata", "symmetric_kl"]
 
 BANK_PREFIX = "bnbank."  # tensors "bnbank.<layer>.running_mean" [K, C] in a checkpoint
 BANK_META = "fedmerge.bnbank"  # the checkpoint metadata naming the entries' sites, comma-separated
+IMAGE_WEIGHT_META = "fedmerge.bnbank.image-weight"  # the checkpoint metadata holding ``image_weight``
 _EPS = 1e-5
 
 
@@ -29,8 +37,11 @@ class BNBank:
     names: tuple[str, ...]
     mean: dict[str, Tensor]  # layer -> [K, C]
     var: dict[str, Tensor]
+    image_weight: float = 0.0  # the share of each test image's own statistics in its normalisation
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.image_weight <= 1.0:
+            raise ValueError(f"a BN bank's image weight must be in [0, 1], not {self.image_weight}")
         for layer, m in self.mean.items():
             if m.shape[0] != len(self.names) or self.var[layer].shape != m.shape:
                 raise ValueError(f"BN bank layer {layer!r}: {tuple(m.shape)} for {len(self.names)} entries")
@@ -44,11 +55,27 @@ class BNBank:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Tensor], names: tuple[str, ...]) -> BNBank:
+    def from_tensors(cls, tensors: Mapping[str, Tensor], names: tuple[str, ...], image_weight: float = 0.0) -> BNBank:
         layers = [k[len(BANK_PREFIX) : -len(".running_mean")] for k in tensors if k.endswith(".running_mean")]
         mean = {layer: tensors[f"{BANK_PREFIX}{layer}.running_mean"] for layer in layers}
         var = {layer: tensors[f"{BANK_PREFIX}{layer}.running_var"] for layer in layers}
-        return cls(names, mean, var)
+        return cls(names, mean, var, image_weight)
+
+    @classmethod
+    def single(cls, name: str, buffers: Mapping[str, Tensor], image_weight: float) -> BNBank:
+        """A bank of one entry, a model's own BN statistics: only the image's share changes its normalisation."""
+        layers = [k[: -len(".running_mean")] for k in buffers if k.endswith(".running_mean")]
+        mean = {layer: buffers[f"{layer}.running_mean"].reshape(1, -1) for layer in layers}
+        var = {layer: buffers[f"{layer}.running_var"].reshape(1, -1) for layer in layers}
+        return cls((name,), mean, var, image_weight)
+
+
+def bank_metadata(bank: BNBank) -> dict[str, str]:
+    """What a checkpoint's metadata says of the bank it carries: the entries' sites, and the image weight if any."""
+    meta = {BANK_META: ",".join(bank.names)}
+    if bank.image_weight > 0:
+        meta[IMAGE_WEIGHT_META] = repr(bank.image_weight)
+    return meta
 
 
 def symmetric_kl(mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor) -> Tensor:

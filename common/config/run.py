@@ -32,8 +32,8 @@ from common.models.catalog import check_arch
 from common.options.typed import OptionError, closest, coerce, parse_key_values
 from common.scoring.scores import SCORES
 
-__all__ = ["REPLACED_KEYS", "ConfigError", "MergeCandidate", "RunConfig", "app_pyproject", "check_values",
-           "declared_defaults"]  # fmt: skip
+__all__ = ["REPLACED_KEYS", "ConfigError", "MergeCandidate", "RunConfig", "app_pyproject", "bank_source",
+           "check_values", "declared_defaults"]  # fmt: skip
 
 PROJECT_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"  # a checkout's, or Flower's app copy's
 PACKAGED_PYPROJECT = Path(__file__).resolve().with_name("app-pyproject.toml")  # the copy a wheel carries
@@ -53,6 +53,7 @@ _SPEC_EXAMPLES = {
 STRATEGIES = ("one-shot", "fedavg")
 RECALIBRATE_MODES = ("batch", "eval")
 BN_BANKS = ("", "own", "recalibrated")
+GUARD_RULES = ("fallback", "interpolate")  # clients/guard.py
 
 
 class ConfigError(OptionError):
@@ -66,10 +67,20 @@ class MergeCandidate:
     label: str
     spec: MergeSpec
     bn_bank: str
+    image_weight: float = 0.0  # each test image's share of its own BN statistics (bn-image-weight)
+
+    @property
+    def bank_source(self) -> str:
+        return bank_source(self.bn_bank, self.image_weight)
+
+
+def bank_source(bn_bank: str, image_weight: float) -> str:
+    """Which statistics ship as a bank: the asked-for bank, else the merge's own when images mix theirs in."""
+    return bn_bank or ("merged" if image_weight > 0 else "")
 
 
 CANDIDATE_KEYS = {"merge-method", "merge-options", "param-weighting", "buffer-mode", "equal-site-stats",
-                  "max-site-share", "bn-bank"}  # fmt: skip
+                  "max-site-share", "bn-bank", "bn-image-weight"}  # fmt: skip
 
 
 def app_pyproject() -> Path:
@@ -120,6 +131,7 @@ class RunConfig:
     device: str
     amp: str
     num_gpus: float
+    guard_rule: str
     # the merge
     min_sites: int
     timeout: float
@@ -134,6 +146,7 @@ class RunConfig:
     recalibrate: bool
     recalibrate_mode: str
     bn_bank: str
+    bn_image_weight: float
     secure_aggregation: bool
     select: str
     select_score: str
@@ -162,6 +175,7 @@ class RunConfig:
         _one_of(self.bn_bank, BN_BANKS, "bn-bank")
         if self.bn_bank == "recalibrated" and not self.recalibrate:
             raise ConfigError("bn-bank = recalibrated needs recalibrate = true (the second round measures them)")
+        _image_weight(self.bn_image_weight)
         if self.secure_aggregation:
             self._check_secure()
         for name in self.guard_score.split(","):
@@ -169,6 +183,7 @@ class RunConfig:
         if not self.guard_margin >= 0:
             raise ConfigError(f"guard-margin must be >= 0, not {self.guard_margin}")
         _check_compute(self)
+        _one_of(self.guard_rule, GUARD_RULES, "guard-rule")
         _one_of(self.select, ("", "label-free"), "select")
         if self.select:
             if self.secure_aggregation:
@@ -244,7 +259,7 @@ class RunConfig:
             values = {**self.to_flower(), **check_values(changes)}
             bank = str(values["bn-bank"])
             _one_of(bank, BN_BANKS, "bn-bank")
-            out.append(MergeCandidate(item, _merge_spec(values), bank))
+            out.append(MergeCandidate(item, _merge_spec(values), bank, _image_weight(values["bn-image-weight"])))
         if len(out) < 2:
             raise ConfigError(f"select-candidates needs at least two candidates, got {self.select_candidates!r}")
         return out
@@ -301,6 +316,12 @@ def _check_arch(arch: str) -> None:
         check_arch(arch)
     except OptionError as exc:
         raise ConfigError(f"arch: {exc}") from None
+
+
+def _image_weight(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"bn-image-weight must be in [0, 1] (0: off, 1: each image's own statistics), not {value}")
+    return float(value)
 
 
 def _at_least(value: int, low: int, key: str) -> None:

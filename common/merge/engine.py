@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.bn.bank import BANK_META, BNBank
+from common.bn.bank import BNBank, bank_metadata
 from common.bn.stats import BNSums, CountProfile
 from common.merge.bn_pooling import BufferMerger, MomentPool, capped_shares, moments_of_sums, statistics_buffers
 from common.merge.methods import build_param_merger
@@ -135,7 +135,7 @@ class MergeEngine:
             moments = self.buffers.moments(update, w)
         except (UpdateRejected, ValueError, KeyError, TypeError, OverflowError) as exc:
             return Refused(update.site, str(exc).strip("'\""))
-        self.params.add(update.params, w, scale)
+        self.params.add(update.params, w, scale, update.site)
         self.buffers.add(update, moments)
         first = self.layers[0] if self.layers else None
         bn_values = int(update.counts[first].reshape(-1)[0]) if first else 0
@@ -171,14 +171,18 @@ class MergeEngine:
         self._override = statistics_buffers(self.template, self.layers, *self.recalibration.combine())
         return dict(self._override)
 
-    def bank(self, source: str) -> BNBank:
-        """Every site's BN statistics as a bank: ``own`` (the sites' exact statistics under their own
-        parameters, one-shot) or ``recalibrated`` (under the merged parameters, the second round's)."""
-        pool = {"own": self.buffers.pool, "recalibrated": self.recalibration}.get(source)
-        if pool is None:
-            raise ValueError(f"a BN bank comes from 'own' or 'recalibrated' statistics, not {source!r}")
+    def bank(self, source: str, image_weight: float = 0.0) -> BNBank:
+        """BN statistics to ship as a bank: ``own`` (each site's exact statistics under its own parameters,
+        one-shot), ``recalibrated`` (each site's under the merged parameters, the second round's) or
+        ``merged`` (one entry, the merge's own statistics); ``image_weight`` is each test image's share
+        of its own statistics in its normalisation (``common.bn.bank``)."""
         if not self.layers:
             raise ValueError("the model has no BN layers, so a BN bank has nothing to hold; leave bn-bank off")
+        if source == "merged":
+            return BNBank.single("merged", self.merged_buffers(), image_weight)
+        pool = {"own": self.buffers.pool, "recalibrated": self.recalibration}.get(source)
+        if pool is None:
+            raise ValueError(f"a BN bank comes from 'own', 'recalibrated' or 'merged' statistics, not {source!r}")
         if not len(pool):
             raise ValueError(f"no {source} BN statistics to make a bank of")
         names, means, variances = zip(*pool.per_site(), strict=True)
@@ -188,7 +192,7 @@ class MergeEngine:
                 layer, _, leaf = key.rpartition(".")
                 (mean if leaf == "running_mean" else var).setdefault(layer, []).append(value.reshape(-1))
         stack = {layer: torch.stack(values) for layer, values in mean.items()}
-        return BNBank(tuple(names), stack, {layer: torch.stack(values) for layer, values in var.items()})
+        return BNBank(tuple(names), stack, {layer: torch.stack(values) for layer, values in var.items()}, image_weight)
 
     # ----- the result ------------------------------------------------------------------
     def merged_buffers(self) -> dict[str, Tensor]:
@@ -226,7 +230,7 @@ class MergeEngine:
         if bank is not None:
             extra_tensors = bank.tensors()
             layout.update({k: (tuple(v.shape), v.dtype) for k, v in extra_tensors.items()})
-            meta[BANK_META] = ",".join(bank.names)
+            meta.update(bank_metadata(bank))
             tensors = itertools.chain(tensors, extra_tensors.items())
         return write_safetensors(path, layout, tensors, meta)
 

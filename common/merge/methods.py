@@ -6,6 +6,8 @@ drops them. So every method here runs streaming, holding its sums and one site:
 
 - ``linear``: Σ w_i θ_i / Σ w_i.
 - ``task-arithmetic``: θ₀ + λ Σ τ_i with τ_i = θ_i - θ₀; the sum of the θ_i is enough.
+- ``layerwise``: the linear sums, and one copy of the anchor site's parameters; layer l's
+  result is (1 - t_l)·mean + t_l·anchor, t_l rising with the layer's depth.
 - ``ties``: each τ_i is trimmed to its own top-k magnitudes (local to that site), and
   only per-sign sums and counts are kept; the elected sign of an entry is the sign of
   the summed trimmed values, and the disjoint mean is that sign's sum over its count,
@@ -21,16 +23,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.merge.spec import MERGE_METHODS, LinearOptions, MergeSpec, TaskArithmeticOptions, TiesOptions
+from common.merge.spec import (
+    MERGE_METHODS,
+    LayerwiseOptions,
+    LinearOptions,
+    MergeSpec,
+    TaskArithmeticOptions,
+    TiesOptions,
+)
 from common.merge.sums import CHUNK, FlatSums, Slot, flat_numpy
 
-__all__ = ["LinearMerger", "ParamMerger", "TaskArithmeticMerger", "TiesMerger", "build_param_merger", "kth_largest"]
+__all__ = ["LayerwiseMerger", "LinearMerger", "ParamMerger", "TaskArithmeticMerger", "TiesMerger", "build_param_merger",
+           "kth_largest", "layer_depths"]  # fmt: skip
 
 
 class ParamMerger(Protocol):
     nbytes: int  # memory of the running sums
 
-    def add(self, params: Mapping[str, Tensor], weight: float, scale: float) -> None: ...
+    def add(self, params: Mapping[str, Tensor], weight: float, scale: float, site: str = "") -> None: ...
 
     def value(self, index: int) -> Tensor: ...
 
@@ -72,7 +82,7 @@ class LinearMerger:
     def nbytes(self) -> int:
         return self.sums.nbytes
 
-    def add(self, params: Mapping[str, Tensor], weight: float, scale: float) -> None:
+    def add(self, params: Mapping[str, Tensor], weight: float, scale: float, site: str = "") -> None:
         self.sums.add(params, weight * scale)
         self.total += weight
         self.base_weight += weight * (1.0 - scale)
@@ -110,6 +120,69 @@ class TaskArithmeticMerger(LinearMerger):
             return theta0 + self.lam * (acc[s] - k * theta0)
 
         return _chunked(self.slots[index], compute)
+
+
+def layer_depths(slots: list[Slot]) -> list[float]:
+    """Each slot's depth in [0, 1]: its layer's rank (a module, in parameter order) over the last layer's."""
+    layers: dict[str, int] = {}
+    for key, _, _ in slots:
+        layers.setdefault(key.rpartition(".")[0], len(layers))
+    last = max(len(layers) - 1, 1)
+    return [layers[key.rpartition(".")[0]] / last for key, _, _ in slots]
+
+
+class LayerwiseMerger(LinearMerger):
+    """The linear merge's sums, plus the anchor site's parameters (changed as the norm clip says)."""
+
+    def __init__(
+        self, slots: list[Slot], base: Mapping[str, Tensor] | None, dtype: torch.dtype, options: LayerwiseOptions
+    ) -> None:
+        super().__init__(slots, base, dtype, LinearOptions())
+        self.options = options
+        self.depths = layer_depths(slots)
+        self.anchor: dict[str, np.ndarray] | None = None
+
+    def add(self, params: Mapping[str, Tensor], weight: float, scale: float, site: str = "") -> None:
+        super().add(params, weight, scale, site)
+        if site != self.options.anchor:
+            return
+        if self.anchor is not None:
+            raise ValueError(f"layerwise: the anchor site {site!r} sent twice")
+        self.anchor = {}
+        for key, _, _ in self.slots:
+            theta = flat_numpy(params[key]).astype(np.float64)
+            if scale != 1.0:
+                assert self.base is not None  # the engine passes the start whenever the norm clip is on
+                theta0 = flat_numpy(self.base[key]).astype(np.float64)
+                theta = theta0 + scale * (theta - theta0)
+            self.anchor[key] = theta
+
+    def lean(self, index: int) -> float:
+        """The anchor's extra share of slot ``index``: 0 before ``start``, ``strength`` at the last layer."""
+        depth, o = self.depths[index], self.options
+        return o.strength * max(0.0, (depth - o.start) / (1.0 - o.start))
+
+    def value(self, index: int) -> Tensor:
+        t = self.lean(index)
+        if t == 0.0:
+            return super().value(index)
+        if self.anchor is None:
+            raise ValueError(f"layerwise: the anchor site {self.options.anchor!r} sent no update")
+        key = self.slots[index][0]
+        acc, anchor = self.sums.view(index), self.anchor[key]
+        base = flat_numpy(self.base[key]) if self.base_weight and self.base is not None else None
+
+        def compute(s: slice) -> np.ndarray:
+            total = acc[s].astype(np.float64)
+            if base is not None:
+                total = total + self.base_weight * base[s].astype(np.float64)
+            return (1.0 - t) * total / self.total + t * anchor[s]
+
+        return _chunked(self.slots[index], compute)
+
+    def release(self) -> None:
+        super().release()
+        self.anchor = None
 
 
 def _abs_task_vector_chunks(
@@ -189,7 +262,7 @@ class TiesMerger:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.pos, self.neg, self.n_pos, self.n_neg))
 
-    def add(self, params: Mapping[str, Tensor], weight: float, scale: float) -> None:
+    def add(self, params: Mapping[str, Tensor], weight: float, scale: float, site: str = "") -> None:
         if self.count >= np.iinfo(np.uint16).max:
             raise ValueError("ties: at most 65535 sites can be merged")
         chunks = _abs_task_vector_chunks(params, self.base, self.slots)

@@ -24,6 +24,7 @@ __all__ = [
     "MERGE_METHODS",
     "PRECISIONS",
     "WEIGHTINGS",
+    "LayerwiseOptions",
     "LinearOptions",
     "MergeSpec",
     "MethodOptions",
@@ -84,6 +85,27 @@ class TiesOptions(MethodOptions):
             raise OptionError(f"ties: k (fraction of entries kept) must be in (0, 1], not {self.k}")
         if not math.isfinite(self.lam):
             raise OptionError(f"ties: lam must be finite, not {self.lam}")
+
+
+@MERGE_METHODS.register("layerwise", target="common.merge.methods:LayerwiseMerger",
+                        summary="linear in the early layers, leaning towards one anchor site's with depth")  # fmt: skip
+@dataclass(frozen=True)
+class LayerwiseOptions(MethodOptions):
+    """Layer-wise merging after Alcover-Couso et al. 2024 (arXiv 2409.15813): the early layers, which extract
+    features, are averaged; from ``start`` (a fraction of the depth) on, each layer leans towards the ``anchor``
+    site's, linearly, until the anchor holds ``strength`` more of the last layer than the average gives it."""
+
+    anchor: str = ""  # the site whose later layers the merge keeps closest to
+    start: float = 0.5
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.anchor:
+            raise OptionError("layerwise: name the anchor site (anchor=SITE)")
+        if not 0.0 <= self.start < 1.0:
+            raise OptionError(f"layerwise: start (a fraction of the depth) must be in [0, 1), not {self.start}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise OptionError(f"layerwise: strength must be in [0, 1], not {self.strength}")
 
 
 def method_options(name: str, raw: Mapping[str, Any]) -> MethodOptions:

@@ -3,19 +3,39 @@
 The bank holds one set of BN statistics per site; this wrapper measures each image's own
 statistics at the first BN layer, picks the entry closest to them (symmetric KL) and runs
 the image through the model with that entry loaded. Everything but the normalisation is
-the one merged model.
+the one merged model. With the bank's ``image_weight`` w > 0, every BN layer normalises each
+image with its entry's statistics mixed with the image's own (``common.bn.bank``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from common.bn.bank import BNBank, symmetric_kl
 from common.bn.stats import bn_layers
 from common.models.segmenter import Segmenter
 
-__all__ = ["BankedSegmenter"]
+__all__ = ["BankedSegmenter", "mixed_batch_norm"]
+
+
+def mixed_batch_norm(layer: nn.modules.batchnorm._BatchNorm, x: Tensor, image_weight: float) -> Tensor:
+    """``layer`` in eval mode, but each image normalised by (1-w)·stored + w·its own mean and variance.
+
+    The image's statistics are over every position of each channel (population variance),
+    as the stored ones are over a site's images.
+    """
+    dims = list(range(2, x.dim()))
+    shape = (1, -1) + (1,) * len(dims)
+    own_mean = x.mean(dims, keepdim=True)
+    own_var = x.var(dims, unbiased=False, keepdim=True)
+    mean = (1 - image_weight) * layer.running_mean.view(shape) + image_weight * own_mean
+    var = (1 - image_weight) * layer.running_var.view(shape) + image_weight * own_var
+    out = (x - mean) / torch.sqrt(var + layer.eps)
+    if layer.affine:
+        out = out * layer.weight.view(shape) + layer.bias.view(shape)
+    return out
 
 
 class _Probed(Exception):
@@ -80,6 +100,15 @@ class BankedSegmenter(Segmenter):
             layer.running_mean.copy_(self.bank.mean[name][k])
             layer.running_var.copy_(self.bank.var[name][k])
 
+    def _mix_images(self) -> list[RemovableHandle]:
+        """Hooks that renormalise every BN layer's output with the image's own statistics mixed in."""
+        weight = self.bank.image_weight
+
+        def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            return mixed_batch_norm(layer, inputs[0], weight)  # type: ignore[arg-type]
+
+        return [layer.register_forward_hook(hook) for layer in self._layers.values()] if weight > 0 else []
+
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
@@ -87,6 +116,7 @@ class BankedSegmenter(Segmenter):
         choice = self.choose(x)
         saved = {n: (layer.running_mean.clone(), layer.running_var.clone()) for n, layer in self._layers.items()}
         out: Tensor | None = None
+        handles = self._mix_images()
         try:
             for k in choice.unique().tolist():
                 self._load(int(k))
@@ -96,6 +126,8 @@ class BankedSegmenter(Segmenter):
                     out = logits.new_empty((x.shape[0], *logits.shape[1:]))
                 out[picked] = logits
         finally:
+            for handle in handles:
+                handle.remove()
             for name, layer in self._layers.items():
                 layer.running_mean.copy_(saved[name][0])
                 layer.running_var.copy_(saved[name][1])

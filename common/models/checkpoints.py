@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from common.bn.bank import BANK_META, BANK_PREFIX, BNBank
+from common.bn.bank import BANK_META, BANK_PREFIX, IMAGE_WEIGHT_META, BNBank
 from common.models.banked import BankedSegmenter
 from common.models.catalog import HRDA_PREFIX
 from common.models.factory import build_model
@@ -216,7 +216,8 @@ def read_model_file(path: str | Path) -> ModelFile:
     bank = None
     if bank_tensors:
         try:
-            bank = BNBank.from_tensors(bank_tensors, tuple(meta.get(BANK_META, "").split(",")))
+            names = tuple(meta.get(BANK_META, "").split(","))
+            bank = BNBank.from_tensors(bank_tensors, names, float(meta.get(IMAGE_WEIGHT_META, "0")))
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path}: a BN bank that does not fit together ({exc})") from None
     return ModelFile(path, _KINDS[fmt], tensors, counts, meta, bank)

@@ -29,7 +29,8 @@ def _options(items: list[str]) -> dict[str, str]:
 
 def _guard_values(args: argparse.Namespace) -> dict[str, object]:
     """The run-config guard keys the command line set (the others keep their declared defaults)."""
-    given = {"guard": args.guard or None, "guard-score": args.guard_score, "guard-margin": args.guard_margin}
+    given = {"guard": args.guard or None, "guard-score": args.guard_score, "guard-margin": args.guard_margin,
+             "guard-rule": args.guard_rule}  # fmt: skip
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -145,6 +146,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guard", action="store_true", help="send the start (with AdaBN) if adapting lowers its score")
     p.add_argument("--guard-score", help=f"the guard's label-free score (default {declared_defaults()['guard-score']})")
     p.add_argument("--guard-margin", type=float, help="how far below the start's score the adapted model may go")
+    p.add_argument("--guard-rule", help="fallback (the adapted model or the start) or interpolate (the best point "
+                   "between them by the first guard score)")  # fmt: skip
     p.add_argument("--eval", action="append", default=[], metavar="SPEC", help="score the adapted model here")
     add_device_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

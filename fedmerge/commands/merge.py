@@ -40,7 +40,7 @@ def _check_out(out: str, inputs: list[str]) -> Path:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from common.config.run import RunConfig
+    from common.config.run import RunConfig, bank_source
     from common.merge.engine import MergeEngine, Refused
     from common.models.checkpoints import read_model_file
     from common.updates.files import load_site_update
@@ -48,7 +48,8 @@ def merge(args: argparse.Namespace) -> int:
     inputs = [*([args.base] if args.base else []), *args.sites]
     out = _check_out(args.out, inputs)
     weighting, weights = _weights(args.weights, len(args.sites))
-    chosen = {"merge-method": args.method, "merge-options": " ".join(args.option) or None}
+    chosen = {"merge-method": args.method, "merge-options": " ".join(args.option) or None,
+              "bn-image-weight": args.bn_image_weight}  # fmt: skip
     defaults = RunConfig.read({k: v for k, v in chosen.items() if v is not None})
     spec = dataclasses.replace(
         defaults.merge_spec(), weighting=weighting, buffers=args.buffers or defaults.buffer_mode,
@@ -77,7 +78,8 @@ def merge(args: argparse.Namespace) -> int:
         if isinstance(outcome, Refused):
             raise CommandError(f"{path}: {outcome.reason}")
         del update
-    written = engine.save(out, arch, num_classes, bank=engine.bank("own") if args.bn_bank else None)
+    source = bank_source("own" if args.bn_bank else "", args.bn_image_weight)
+    written = engine.save(out, arch, num_classes, bank=engine.bank(source, args.bn_image_weight) if source else None)
     print(f"merged {len(engine.sites)} sites ({', '.join(engine.sites)}) with {spec.method} into {written}")
     return 0
 
@@ -97,6 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-site-share", type=float, help="cap on one site's share of the weight (0, 1]")
     p.add_argument("--clip-norm", type=float, help="L2 bound on a site's parameter change from --base")
     p.add_argument("--bn-bank", action="store_true", help="ship every site's BN statistics; each image picks one")
+    p.add_argument("--bn-image-weight", type=float, default=0.0, metavar="W",
+                   help="each test image's share of its own BN statistics, in [0, 1] (0: off)")  # fmt: skip
     p.add_argument("--arch", default="", help="the model, for site updates that do not record it (plain .pt)")
     p.add_argument("--num-classes", type=int, default=0, help="with --arch")
     p.set_defaults(func=merge)

@@ -46,7 +46,8 @@ class Candidate:
     scores: dict[int, dict[str, float]] = field(default_factory=dict)  # node id -> score -> value
 
     def bank(self) -> BNBank | None:
-        return self.engine.bank(self.config.bn_bank) if self.config.bn_bank else None
+        source = self.config.bank_source
+        return self.engine.bank(source, self.config.image_weight) if source else None
 
 
 @dataclass
@@ -73,6 +74,7 @@ class RunState:
     candidates: list[Candidate]
     make_message: MessageFactory
     bank_source: str  # which BN statistics ship with the merge ("" for none)
+    image_weight: float = 0.0  # each test image's share of its own BN statistics in the shipped model
     grid: Grid | None = None
     timeout: float = 0.0
     nodes: list[int] = field(default_factory=list)  # connected when the run started

@@ -40,6 +40,7 @@ def candidate_content(model: ArrayRecord, bank: BNBank | None) -> RecordDict:
     if bank is not None:
         content["bank"] = ArrayRecord({k: numpy_to_array(v.numpy()) for k, v in bank.tensors().items()})
         config["bank-names"] = list(bank.names)
+        config["bank-image-weight"] = bank.image_weight
     return content
 
 
@@ -89,7 +90,8 @@ class SelectRound:
         for candidate in run.candidates:
             ScoreRound(candidate, record).run(run)
         chosen = self.choose(run.candidates, run.config.select_score, run.config.select_aggregate)
-        run.engine, run.bank_source = chosen.engine, chosen.config.bn_bank
+        run.engine, run.bank_source = chosen.engine, chosen.config.bank_source
+        run.image_weight = chosen.config.image_weight
         run.report.selection = {"score": run.config.select_score, "aggregate": run.config.select_aggregate,
                                 "chosen": chosen.config.label, "candidates": [c.config.label for c in run.candidates],
                                 "replies": record}  # fmt: skip

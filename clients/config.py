@@ -95,7 +95,7 @@ class SiteConfig:
         run = RunConfig.read({**run_config, **run_keys})
         site = _site_spec(run, node)
         guard = GuardConfig(run.guard, tuple(s.strip() for s in run.guard_score.split(",")), run.guard_margin,
-                            run.guard_rule)  # fmt: skip
+                            run.guard_rule, run.guard_max_change)  # fmt: skip
         options = parse_key_values(run.method_options, "method-options")
         return cls(run, site.name, site.spec, run.source_spec(), options, guard, str(node.get("weights", "")))
 

@@ -44,7 +44,8 @@ __all__ = ["ALPHA", "FELL_BACK", "GUARD_KEYS", "GUARD_RULES", "INTERPOLATION_POI
 
 log = logging.getLogger(__name__)
 
-GUARD_KEYS = ("guard", "guard-score", "guard-margin", "guard-rule")  # run-config keys; node config may override each
+# run-config keys; node config may override each
+GUARD_KEYS = ("guard", "guard-score", "guard-margin", "guard-rule", "guard-max-change")
 GUARD_RULES = ("fallback", "interpolate")  # as common.config.run checks them
 INTERPOLATION_POINTS = (0.25, 0.5, 0.75)  # the points between the start and the adapted model ``interpolate`` scores
 FELL_BACK = "guard-fell-back"
@@ -64,6 +65,7 @@ class GuardConfig:
     scores: tuple[str, ...]  # the site falls back when any of them drops below the start's by more than margin
     margin: float  # the adapted model may score this much below the start (another point above it) and be sent
     rule: str = "fallback"  # fallback: the adapted model or the start; interpolate: the best point between them
+    max_change: float = field(default=1.0, repr=False)  # the largest share of the start's labels a sent model changes
 
     def __post_init__(self) -> None:
         if self.rule not in GUARD_RULES:
@@ -78,6 +80,8 @@ class GuardConfig:
                 )
         if not self.margin >= 0:
             raise ConfigError(f"guard-margin must be >= 0, not {self.margin}")
+        if not 0.0 < self.max_change <= 1.0:
+            raise ConfigError(f"guard-max-change must be in (0, 1] (1: off), not {self.max_change}")
 
     @classmethod
     def read(cls, values: Mapping[str, Any] | None = None) -> GuardConfig:
@@ -92,11 +96,19 @@ class GuardConfig:
         defaults = declared_defaults()
         merged = check_values({**{k: defaults[k] for k in GUARD_KEYS}, **dict(values or {})})
         return cls(bool(merged["guard"]), score_names(str(merged["guard-score"])), float(merged["guard-margin"]),
-                   str(merged["guard-rule"]))  # fmt: skip
+                   str(merged["guard-rule"]), float(merged["guard-max-change"]))  # fmt: skip
+
+    def values(self) -> dict[str, Any]:
+        """The run-config keys that give this guard back through ``read``."""
+        return {"guard": self.enabled, "guard-score": ",".join(self.scores), "guard-margin": self.margin,
+                "guard-rule": self.rule, "guard-max-change": self.max_change}  # fmt: skip
 
     def recipe(self) -> dict[str, str]:
         """Its part of a cache key: nothing when off, so what was cached before the guard existed stays valid."""
-        return {"guard": repr(self)} if self.enabled else {}
+        if not self.enabled:
+            return {}
+        limit = {"guard-max-change": repr(self.max_change)} if self.max_change < 1.0 else {}
+        return {"guard": repr(self), **limit}  # unlimited: the key of every entry cached before the limit existed
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,8 @@ def guard_adaptation(model: Segmenter, start_state: Mapping[str, Tensor], target
         return _interpolate(model, start_state, target, config, start_scores, adapted_scores, started,
                             batch_size=batch_size, bn_mode=bn_mode, seed=seed, start=start)  # fmt: skip
     below = [n for n in config.scores if not adapted_scores.get(n, -math.inf) >= start_scores[n] - config.margin]
+    if adapted_scores and not _within_change(adapted_scores, config):
+        below.append("agreement (guard-max-change)")
     if below:
         model.load_state_dict(dict(start_state))
     log.info("guard: adapted %s, start %s (margin %g): %s", _shown(adapted_scores, config.scores),
@@ -169,6 +183,11 @@ def guard_adaptation(model: Segmenter, start_state: Mapping[str, Tensor], target
              f"fell back to the start ({', '.join(below)} below)" if below else "kept")  # fmt: skip
     return GuardDecision(start_scores, adapted_scores, bool(below), time.perf_counter() - started,
                          0.0 if below else 1.0)  # fmt: skip
+
+
+def _within_change(scores: Mapping[str, float], config: GuardConfig) -> bool:
+    """Whether a model scored against the start changes at most ``max_change`` of the start's labels."""
+    return config.max_change >= 1.0 or scores["agreement"] >= 1.0 - config.max_change
 
 
 def interpolated(start_state: Mapping[str, Tensor], adapted: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
@@ -181,16 +200,23 @@ def interpolated(start_state: Mapping[str, Tensor], adapted: Mapping[str, Tensor
 def _interpolate(model: Segmenter, start_state: Mapping[str, Tensor], target: Dataset, config: GuardConfig,
                  start_scores: dict[str, float], adapted_scores: dict[str, float], started: float, *,
                  batch_size: int, bn_mode: str, seed: int, start: Segmenter) -> GuardDecision:  # fmt: skip
-    """Send the point of the line the first guard score rates best, if it beats the adapted model by the margin."""
+    """Send the point of the line the first guard score rates best, if it beats the adapted model by the margin.
+
+    Only points within ``max_change`` of the start's labels are candidates (the start always is): a
+    consistency score alone would rate a model collapsed towards a few classes best.
+    """
     score = config.scores[0]
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    points = {}
+    points, allowed = {}, {0.0}
     for alpha in INTERPOLATION_POINTS:
         point = _as_shipped(model, interpolated(start_state, params, alpha), target, batch_size, bn_mode)
-        points[alpha] = _scores(point, start, target, batch_size, seed)[score]
-    values = {0.0: start_scores[score], **points}
+        scores = _scores(point, start, target, batch_size, seed)
+        points[alpha] = scores[score]
+        if _within_change(scores, config):
+            allowed.add(alpha)
+    values = {a: v for a, v in {0.0: start_scores[score], **points}.items() if a in allowed}
     alpha = max(values, key=lambda a: values[a])  # the first of equals: the point nearest the start
-    if not values[alpha] > adapted_scores[score] + config.margin:
+    if _within_change(adapted_scores, config) and not values[alpha] > adapted_scores[score] + config.margin:
         alpha = 1.0
     if alpha < 1.0:
         model.load_state_dict(interpolated(start_state, params, alpha))

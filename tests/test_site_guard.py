@@ -268,7 +268,8 @@ def test_the_run_config_and_node_config_set_the_guard():
     ("values", "message"),
     [({"guard-score": "confidnt"}, "did you mean 'confident'"), ({"guard-score": "mix,bogus"}, "'bogus'"),
      ({"guard-score": ""}, "guard-score"), ({"guard-margin": -0.1}, "guard-margin must be >= 0"),
-     ({"guard": "yes"}, "true or false"), ({"guard-rule": "interpolat"}, "did you mean 'interpolate'")],
+     ({"guard": "yes"}, "true or false"), ({"guard-rule": "interpolat"}, "did you mean 'interpolate'"),
+     ({"guard-max-change": 0.0}, "guard-max-change must be in"), ({"guard-max-change": 1.5}, "guard-max-change")],
 )  # fmt: skip
 def test_bad_guard_settings_are_refused_with_one_line(values, message):
     for read in (GuardConfig.read, RunConfig.read):
@@ -352,3 +353,30 @@ def test_interpolate_with_agreement_keeps_a_label_preserving_change_and_refuses_
     assert _site(start_state, target, "test-sharpen", _guard(**rule)).metrics["guard-alpha"] == 1.0
     harmed = _site(start_state, target, "test-collapse", _guard(**rule))
     assert harmed.metrics["guard-alpha"] == 0.0 and harmed.metrics[FELL_BACK] == 1.0
+
+
+def _shipped_camvid_guard() -> GuardConfig:
+    from experiments.config import ExperimentConfig
+    from experiments.shipped import resolve_config_path
+
+    return ExperimentConfig.load(resolve_config_path("camvid-c"), data_root="unused").method.guard
+
+
+@pytest.mark.parametrize(("method", "options"), [("tent", DESTRUCTIVE_TENT), ("test-collapse", {})])
+def test_the_shipped_camvid_guard_falls_back_on_a_harmful_adaptation(start_state, target, start_update, method,
+                                                                     options):  # fmt: skip
+    """The CamVid configs pick a point by photometric consistency, which a run towards a few classes raises."""
+    guard = _shipped_camvid_guard()
+    assert (guard.enabled, guard.rule, guard.scores[0]) == (True, "interpolate", "photometric")
+    unlimited = _site(start_state, target, method, GuardConfig(**{**vars(guard), "max_change": 1.0}), options)
+    assert unlimited.metrics["guard-alpha"] > 0.0  # without the change limit it moves towards the harmful model
+    update = _site(start_state, target, method, guard, options)
+    _assert_same(update, start_update)
+    assert update.metrics[FELL_BACK] == 1.0 and update.metrics["guard-adapted-agreement"] < 1.0 - guard.max_change
+
+
+def test_the_change_limit_refuses_an_adapted_model_under_fallback_too(start_state, target, start_update):
+    update = _site(start_state, target, "tent", _guard(**{"guard-score": "mix", "guard-max-change": 0.3}),
+                   DESTRUCTIVE_TENT)  # fmt: skip
+    _assert_same(update, start_update)
+    assert update.metrics[FELL_BACK] == 1.0

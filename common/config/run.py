@@ -127,11 +127,12 @@ class RunConfig:
     guard: bool
     guard_score: str
     guard_margin: float
+    guard_rule: str
+    guard_max_change: float
     # where each site computes (common.device)
     device: str
     amp: str
     num_gpus: float
-    guard_rule: str
     # the merge
     min_sites: int
     timeout: float
@@ -184,6 +185,8 @@ class RunConfig:
             raise ConfigError(f"guard-margin must be >= 0, not {self.guard_margin}")
         _check_compute(self)
         _one_of(self.guard_rule, GUARD_RULES, "guard-rule")
+        if not 0.0 < self.guard_max_change <= 1.0:
+            raise ConfigError(f"guard-max-change must be in (0, 1] (1: off), not {self.guard_max_change}")
         _one_of(self.select, ("", "label-free"), "select")
         if self.select:
             if self.secure_aggregation:

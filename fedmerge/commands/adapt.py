@@ -30,7 +30,7 @@ def _options(items: list[str]) -> dict[str, str]:
 def _guard_values(args: argparse.Namespace) -> dict[str, object]:
     """The run-config guard keys the command line set (the others keep their declared defaults)."""
     given = {"guard": args.guard or None, "guard-score": args.guard_score, "guard-margin": args.guard_margin,
-             "guard-rule": args.guard_rule}  # fmt: skip
+             "guard-rule": args.guard_rule, "guard-max-change": args.guard_max_change}  # fmt: skip
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -148,6 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guard-margin", type=float, help="how far below the start's score the adapted model may go")
     p.add_argument("--guard-rule", help="fallback (the adapted model or the start) or interpolate (the best point "
                    "between them by the first guard score)")  # fmt: skip
+    p.add_argument("--guard-max-change", type=float, help="the largest share of the start's labels a sent model may "
+                   "change (1: no limit)")  # fmt: skip
     p.add_argument("--eval", action="append", default=[], metavar="SPEC", help="score the adapted model here")
     add_device_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -537,11 +537,8 @@ def _ship_bank(outcome: Outcome, engine: MergeEngine, bn_bank: str, image_weight
         outcome.notes += f", each test image's own mixed in at {image_weight:g}"
 
 
-@STRATEGIES.implements(
-    "layerwise-select",
-    options=LayerwiseSelectOptions,
-    summary="layer-wise merges anchored on each site; the worst site's label-free score picks one",
-)
+@STRATEGIES.implements("layerwise-select", options=LayerwiseSelectOptions,
+                       summary="layer-wise merges by anchor site; the worst site's label-free score picks")  # fmt: skip
 def _layerwise(inputs: MergeInputs, options: LayerwiseSelectOptions) -> Outcome:
     services = _services(inputs, "layerwise-select")
     default = MergeOptions().spec()  # every candidate takes a real run's defaults, as a selection round's do

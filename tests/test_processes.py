@@ -34,7 +34,8 @@ def test_a_stopped_simulation_leaves_no_process_running(tmp_path, sig):
     started = time.time() - 1
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [str(FEDMERGE), "simulate", "--preset", "tiny", "--out-dir", str(out), "--quiet"],
+        [str(FEDMERGE), "simulate", "--preset", "tiny", "--out-dir", str(out), "--quiet",
+         "--set", "method=tent", "--set", "method-options=steps=5000"],  # long enough to be still running when stopped
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 

@@ -112,18 +112,24 @@ def _received(run: Path) -> list[Path]:
     return updates
 
 
+_REQUIRED_OPTIONS = {"layerwise": "anchor=fog"}  # a method whose options have no default
+
+
 def _merge_and_compare(method: str, files: list[Path], initial_weights: Path, out: Path) -> list[dict]:
     """What ``fedmerge merge`` and compare's merge row make of the received updates."""
+    options = _REQUIRED_OPTIONS.get(method, "")
     from common.models.checkpoints import read_model_file
     from common.updates.files import load_site_update
     from experiments.strategies import MergeInputs, get_strategy, make_options
 
-    assert cli_main(["merge", *map(str, files), "--method", method, "--base", str(initial_weights),
+    flags = ["--option", options] if options else []
+    assert cli_main(["merge", *map(str, files), "--method", method, *flags, "--base", str(initial_weights),
                      "--out", str(out)]) == 0  # fmt: skip
     updates = [load_site_update(f)[0] for f in files]
     strategy, _ = get_strategy("merge")
     inputs = MergeInputs(read_model_file(initial_weights).state, updates, updates, {}, {u.site: 0.0 for u in updates})
-    return [load_file(str(out)), strategy.load()(inputs, make_options(strategy, {"method": method})).state]
+    compared = strategy.load()(inputs, make_options(strategy, {"method": method, "options": options}))
+    return [load_file(str(out)), compared.state]
 
 
 def _assert_bit_identical(states: list[dict]) -> None:
@@ -173,7 +179,8 @@ def test_every_merge_method_gives_the_same_bits_in_the_strategy_in_fedmerge_merg
     from tests.fakes import fake_message, reply_of
 
     files = _with_task_vectors(_received(gaussian_run), tmp_path / "updates")
-    overrides = {"merge-method": method, "initial-weights": str(initial_weights), "out-dir": str(tmp_path)}
+    overrides = {"merge-method": method, "merge-options": _REQUIRED_OPTIONS.get(method, ""),
+                 "initial-weights": str(initial_weights), "out-dir": str(tmp_path)}  # fmt: skip
     merge = ServerConfig.from_run(SimulationPlan.preset("tiny").resolve(overrides)).merge
     strategy = OneShotMerge(merge, read_model_file(initial_weights).state, make_message=fake_message)
     arrays, _ = strategy.aggregate_train(1, [reply_of(load_site_update(f)[0], i) for i, f in enumerate(files)])

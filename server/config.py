@@ -42,6 +42,27 @@ class MergeConfig:
     def bank_source(self) -> str:
         return bank_source(self.bn_bank, self.bn_image_weight)
 
+    def summary(self) -> list[str]:
+        """The merge in the shape of Flower's own strategy summaries: one setting per line, the rounds last."""
+        spec = self.spec
+        options = " ".join(f"{k}={v}" for k, v in vars(spec.options).items())
+        then = [f"label-free selection among {len(self.candidates)} candidates "
+                f"({self.select_aggregate} {self.select_score})"] if self.candidates else []  # fmt: skip
+        then += [f"recalibration round ({self.recalibrate_mode})"] if self.recalibrate else []
+        return [
+            f"method: {spec.method}" + (f" ({options})" if options else ""),
+            f"site weights: {spec.weighting}, at most {spec.max_share:g} each",
+            f"BN statistics: {spec.buffers}"
+            + (", sites weighted equally" if spec.equal_site_stats else "")
+            + (f", with a bank of the sites' {self.bn_bank} statistics" if self.bn_bank else "")
+            + (f", each test image's own mixed in at {self.bn_image_weight:g}" if self.bn_image_weight else ""),
+            f"sums: {spec.precision}"
+            + (", secure aggregation (the server sees only sums)" if self.secure else "")
+            + (f"; clip-norm {spec.clip_norm:g}" if spec.clip_norm else ""),
+            f"at least {self.min_sites} sites, waiting up to {self.timeout:g} s",
+            "then: " + (", ".join(then) or "nothing"),
+        ]
+
 
 @dataclass(frozen=True)
 class ServerConfig:

@@ -91,25 +91,8 @@ class OneShotMerge(Strategy):
         return self.state.secure.state
 
     def summary(self) -> None:
-        """The run's merge in the shape of Flower's own strategy summaries, one setting per line."""
-        c, spec = self.config, self.config.spec
-        options = " ".join(f"{k}={v}" for k, v in vars(spec.options).items())
-        then = [f"label-free selection among {len(c.candidates)} candidates ({c.select_aggregate} {c.select_score})"
-                ] if c.candidates else []  # fmt: skip
-        then += [f"recalibration round ({c.recalibrate_mode})"] if c.recalibrate else []
-        lines = [
-            f"method: {spec.method}" + (f" ({options})" if options else ""),
-            f"site weights: {spec.weighting}, at most {spec.max_share:g} each",
-            f"BN statistics: {spec.buffers}"
-            + (", sites weighted equally" if spec.equal_site_stats else "")
-            + (f", with a bank of the sites' {c.bn_bank} statistics" if c.bn_bank else "")
-            + (f", each test image's own mixed in at {c.bn_image_weight:g}" if c.bn_image_weight else ""),
-            f"sums: {spec.precision}"
-            + (", secure aggregation (the server sees only sums)" if c.secure else "")
-            + (f"; clip-norm {spec.clip_norm:g}" if spec.clip_norm else ""),
-            f"at least {c.min_sites} sites, waiting up to {c.timeout:g} s",
-            "then: " + (", ".join(then) or "nothing"),
-        ]
+        """The run's merge in the shape of Flower's own strategy summaries (``MergeConfig.summary``)."""
+        lines = self.config.summary()
         log.info("OneShotMerge settings:")
         for i, line in enumerate(lines):
             log.info("\t%s── %s", "└" if i == len(lines) - 1 else "├", line)

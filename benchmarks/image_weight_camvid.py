@@ -44,8 +44,10 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     config = args.out_dir / f"{args.config}-image-weight.toml"
     config.write_text(sweep_config(resolve_config_path(args.config), WEIGHTS))
+    # --no-record-command: compare would record this script's argv as its own command
     status = fedmerge(["compare", "--config", str(config), "--out-dir", str(args.out_dir), "--data-root",
-                       args.data_root, "--cache-dir", args.cache_dir, "--threads", str(args.threads)])  # fmt: skip
+                       args.data_root, "--cache-dir", args.cache_dir, "--threads", str(args.threads),
+                       "--no-record-command"])  # fmt: skip
     if status:
         raise SystemExit(status)
     print(target_table(load_runs(args.out_dir), [f"merge w={w}" for w in WEIGHTS]))

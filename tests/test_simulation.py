@@ -117,11 +117,11 @@ _REQUIRED_OPTIONS = {"layerwise": "anchor=fog"}  # a method whose options have n
 
 def _merge_and_compare(method: str, files: list[Path], initial_weights: Path, out: Path) -> list[dict]:
     """What ``fedmerge merge`` and compare's merge row make of the received updates."""
-    options = _REQUIRED_OPTIONS.get(method, "")
     from common.models.checkpoints import read_model_file
     from common.updates.files import load_site_update
     from experiments.strategies import MergeInputs, get_strategy, make_options
 
+    options = _REQUIRED_OPTIONS.get(method, "")
     flags = ["--option", options] if options else []
     assert cli_main(["merge", *map(str, files), "--method", method, *flags, "--base", str(initial_weights),
                      "--out", str(out)]) == 0  # fmt: skip

@@ -102,7 +102,7 @@ def load_source(source: SourceModel, cache_dir: Path) -> SourceBundle:
         raise FileNotFoundError(f"source checkpoint not found: {source.checkpoint} (and no pretraining plan)")
     if source.wrap == "hrda":
         path = _wrapped(path, cache_dir)
-    model, meta = load_checkpoint(path)
+    model, meta = load_checkpoint(path, with_bank=False)
     classes = [c for c in meta.get("classes", "").split(",") if c] or [str(i) for i in range(int(meta["num_classes"]))]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     return SourceBundle(state, meta["arch"], classes, path.resolve(), state_fingerprint(state)[:20])

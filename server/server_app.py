@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
-from common.bn.bank import BNBank, bank_metadata
+from common.bn.bank import BNBank, bank_to_checkpoint
 from common.bn.stats import bn_count_profile
 from common.config.run import RunConfig
 from common.models.checkpoints import read_model_file, save_state
@@ -85,7 +85,8 @@ def _save_secure(state: dict[str, Tensor], config: ServerConfig, report: MergeRe
     extra = {"merged_from": ",".join(s.domain for s in report.sites), "secure-aggregation": "true"}
     if run.bn_image_weight > 0:
         bank = BNBank.single("merged", state, run.bn_image_weight)
-        state, extra = {**state, **bank.tensors()}, {**extra, **bank_metadata(bank)}
+        bank_tensors, bank_meta = bank_to_checkpoint(bank)
+        state, extra = {**state, **bank_tensors}, {**extra, **bank_meta}
         report.config["bn_bank"] = {"statistics": "merged", "entries": ["merged"], "image_weight": bank.image_weight}
     save_state(state, config.out_dir / MERGED_FILE, run.arch, run.num_classes, extra)
 

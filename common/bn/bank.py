@@ -13,6 +13,10 @@ own statistics into its entry's: mean (1-w)·μ_bank + w·μ_image, variance lik
 of Schneider et al. 2020, "Improving robustness against common corruptions by covariate shift
 adaptation", with w = n/(N+n) for one image, n = 1). w = 0 is the plain bank; a bank of one
 entry (the merged statistics) with w > 0 is the merged model normalising with that prior.
+
+A bank of the model's own statistics (``BNBank.single``) repeats what the model's BN buffers
+already hold, so a checkpoint stores only its name and weight in the metadata: the file keeps
+exactly the plain architecture's keys and loads into it with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["BANK_META", "BANK_PREFIX", "IMAGE_WEIGHT_META", "BNBank", "bank_metadata", "symmetric_kl"]
+__all__ = [
+    "BANK_META",
+    "BANK_PREFIX",
+    "IMAGE_WEIGHT_META",
+    "BNBank",
+    "bank_from_checkpoint",
+    "bank_to_checkpoint",
+    "symmetric_kl",
+]
 
 BANK_PREFIX = "bnbank."  # tensors "bnbank.<layer>.running_mean" [K, C] in a checkpoint
 BANK_META = "fedmerge.bnbank"  # the checkpoint metadata naming the entries' sites, comma-separated
@@ -38,6 +50,7 @@ class BNBank:
     mean: dict[str, Tensor]  # layer -> [K, C]
     var: dict[str, Tensor]
     image_weight: float = 0.0  # the share of each test image's own statistics in its normalisation
+    own: bool = False  # the one entry is the model's own BN buffers (``single``): a checkpoint stores no copy
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.image_weight <= 1.0:
@@ -67,15 +80,28 @@ class BNBank:
         layers = [k[: -len(".running_mean")] for k in buffers if k.endswith(".running_mean")]
         mean = {layer: buffers[f"{layer}.running_mean"].reshape(1, -1) for layer in layers}
         var = {layer: buffers[f"{layer}.running_var"].reshape(1, -1) for layer in layers}
-        return cls((name,), mean, var, image_weight)
+        return cls((name,), mean, var, image_weight, own=True)
 
 
-def bank_metadata(bank: BNBank) -> dict[str, str]:
-    """What a checkpoint's metadata says of the bank it carries: the entries' sites, and the image weight if any."""
+def bank_to_checkpoint(bank: BNBank) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata a checkpoint carries for ``bank``: no tensors for the model's own statistics."""
     meta = {BANK_META: ",".join(bank.names)}
     if bank.image_weight > 0:
         meta[IMAGE_WEIGHT_META] = repr(bank.image_weight)
-    return meta
+    return ({} if bank.own else bank.tensors()), meta
+
+
+def bank_from_checkpoint(
+    bank_tensors: Mapping[str, Tensor], meta: Mapping[str, str], state: Mapping[str, Tensor]
+) -> BNBank | None:
+    """The bank a checkpoint carries: stored entries, or its own statistics with an image weight, or none."""
+    weight = float(meta.get(IMAGE_WEIGHT_META, "0"))
+    names = tuple(meta.get(BANK_META, "").split(","))
+    if bank_tensors:
+        return BNBank.from_tensors(bank_tensors, names, weight)
+    if weight > 0:
+        return BNBank.single(names[0] or "merged", state, weight)
+    return None
 
 
 def symmetric_kl(mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.bn.bank import BNBank, bank_metadata
+from common.bn.bank import BNBank, bank_to_checkpoint
 from common.bn.stats import BNSums, CountProfile
 from common.merge.bn_pooling import BufferMerger, MomentPool, capped_shares, moments_of_sums, statistics_buffers
 from common.merge.methods import build_param_merger
@@ -228,9 +228,9 @@ class MergeEngine:
         meta = checkpoint_metadata(arch, num_classes, {"merged_from": ",".join(self.sites), **(extra or {})})
         tensors: Iterator[tuple[str, Tensor]] = self.iter_result()
         if bank is not None:
-            extra_tensors = bank.tensors()
+            extra_tensors, bank_meta = bank_to_checkpoint(bank)
             layout.update({k: (tuple(v.shape), v.dtype) for k, v in extra_tensors.items()})
-            meta.update(bank_metadata(bank))
+            meta.update(bank_meta)
             tensors = itertools.chain(tensors, extra_tensors.items())
         return write_safetensors(path, layout, tensors, meta)
 

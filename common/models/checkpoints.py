@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from common.bn.bank import BANK_META, BANK_PREFIX, IMAGE_WEIGHT_META, BNBank
+from common.bn.bank import BANK_PREFIX, BNBank, bank_from_checkpoint
 from common.models.banked import BankedSegmenter
 from common.models.catalog import HRDA_PREFIX
 from common.models.factory import build_model
@@ -213,18 +213,20 @@ def read_model_file(path: str | Path) -> ModelFile:
         raise ValueError(f"{path}: unknown format {fmt!r}; expected {CHECKPOINT_FORMAT!r} or {SITE_UPDATE_FORMAT!r}")
     counts = {k[: -len(COUNT_SUFFIX)]: tensors.pop(k) for k in list(tensors) if k.endswith(COUNT_SUFFIX)}
     bank_tensors = {k: tensors.pop(k) for k in list(tensors) if k.startswith(BANK_PREFIX)}
-    bank = None
-    if bank_tensors:
-        try:
-            names = tuple(meta.get(BANK_META, "").split(","))
-            bank = BNBank.from_tensors(bank_tensors, names, float(meta.get(IMAGE_WEIGHT_META, "0")))
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{path}: a BN bank that does not fit together ({exc})") from None
+    try:
+        bank = bank_from_checkpoint(bank_tensors, meta, tensors)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: a BN bank that does not fit together ({exc})") from None
     return ModelFile(path, _KINDS[fmt], tensors, counts, meta, bank)
 
 
-def load_checkpoint(path: str | Path, classes: Sequence[str] | None = None) -> tuple[Segmenter, dict[str, str]]:
+def load_checkpoint(
+    path: str | Path, classes: Sequence[str] | None = None, with_bank: bool = True
+) -> tuple[Segmenter, dict[str, str]]:
     """Rebuild the model in eval mode from a checkpoint or a site update; ``classes`` checks the class list.
+
+    A BN bank or image weight the file carries is for prediction; ``with_bank=False`` gives the
+    plain model beneath it, to train on or to re-wrap.
 
     Every mismatch (missing recipe, class list, tensor shapes) is one ValueError naming
     the file, never a half-loaded model.
@@ -242,7 +244,7 @@ def load_checkpoint(path: str | Path, classes: Sequence[str] | None = None) -> t
         have = ", ".join(names) if names else f"{file.num_classes} classes"
         raise ValueError(f"{path}: checkpoint predicts [{have}], the data has [{', '.join(classes)}]")
     model = build_model(file.arch, file.num_classes, weights=path)
-    if file.bank is not None:
+    if file.bank is not None and with_bank:
         model = BankedSegmenter(model, file.bank)
     return model.eval(), dict(file.meta)
 
@@ -253,7 +255,7 @@ def wrap_checkpoint_for_hrda(source: str | Path, out: str | Path) -> Path:
     Every hrda site must start from the same attention head for the merge to average
     like with like; this file (arch ``hrda_<base>``) is what the federation distributes.
     """
-    base, meta = load_checkpoint(source)
+    base, meta = load_checkpoint(source, with_bank=False)
     if meta["arch"].startswith(HRDA_PREFIX):
         raise ValueError(f"{source}: already a multi-resolution checkpoint ({meta['arch']})")
     num_classes = int(meta["num_classes"])

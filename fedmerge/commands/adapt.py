@@ -54,7 +54,7 @@ def _load_model(path: str, arch: str | None, classes: list[str]) -> tuple[torch.
     from common.models.factory import build_model
 
     if arch is None:
-        model, meta = load_checkpoint(path, classes)
+        model, meta = load_checkpoint(path, classes, with_bank=False)
         return model, meta["arch"]
     file = read_model_file(path)
     if file.num_classes and file.num_classes != len(classes):

@@ -25,7 +25,7 @@ class MergeConfig:
     poll_interval: float = 0.05  # seconds between pulls while replies are outstanding
     secure: bool = False  # secure aggregation: the server learns only sums (server/rounds/secure.py)
     bn_bank: str = ""  # ship the sites' own or recalibrated BN statistics with the merge
-    bn_image_weight: float = 0.0  # each test image's share of its own BN statistics (0: off)
+    bn_image_weight: float = 0.0  # each test image's share of its own BN statistics (0: off; a run's default 0.1)
     candidates: tuple[MergeCandidate, ...] = ()  # a label-free selection among these (server/rounds/select.py)
     select_score: str = "confident"
     select_aggregate: str = "worst"

@@ -52,6 +52,7 @@ def test_bad_merge_option_is_one_clear_error(tmp_path, capsys):
 
 def test_merge_of_plain_state_dicts_needs_the_model_named(tmp_path, capsys):
     import torch
+    from safetensors.torch import load_file
 
     from common.models.checkpoints import load_checkpoint
 
@@ -67,7 +68,8 @@ def test_merge_of_plain_state_dicts_needs_the_model_named(tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
     assert cli_main(["merge", *paths, "--out", str(out)]) == 2
     assert "pass --arch and --num-classes" in capsys.readouterr().err and not out.exists()
-    assert cli_main(["merge", *paths, "--out", str(out), "--arch", "tiny_unet", "--num-classes", "9"]) == 0
+    assert cli_main(["merge", *paths, "--out", str(out), "--arch", "tiny_unet", "--num-classes", "9",
+                     "--bn-image-weight", "0"]) == 0  # fmt: skip
     model, meta = load_checkpoint(out)
     assert model.final_layer().out_channels == 9
     assert (meta["arch"], meta["merged_from"]) == ("tiny_unet", "site1,site2")
@@ -78,6 +80,12 @@ def test_merge_of_plain_state_dicts_needs_the_model_named(tmp_path, capsys):
     assert (banked.bank.names, banked.bank.image_weight, meta["fedmerge.bnbank.image-weight"]) == (("merged",), 0.25,
                                                                                                    "0.25")  # fmt: skip
     assert all(torch.equal(banked.model.state_dict()[k], v) for k, v in model.state_dict().items())
+    # the weight travels in the metadata: the file holds the plain model's tensors alone, bit for bit
+    plain, weighted = load_file(str(out)), load_file(str(mixed))
+    assert weighted.keys() == plain.keys() and all(torch.equal(weighted[k], plain[k]) for k in plain)
+    build_model("tiny_unet", 9).load_state_dict(weighted, strict=True)
+    trainable, _ = load_checkpoint(mixed, with_bank=False)  # the model beneath, to adapt further
+    assert type(trainable) is type(model) and trainable.train().training
     assert cli_main(["merge", *paths, "--out", str(mixed), "--arch", "tiny_unet", "--num-classes", "9",
                      "--bn-image-weight", "2"]) == 2  # fmt: skip
     assert "bn-image-weight must be in [0, 1]" in capsys.readouterr().err
@@ -105,7 +113,7 @@ def test_every_command_reads_every_model_file(checkpoint, tmp_path, capsys):
     model_file = save_checkpoint(trained, tmp_path / "model.safetensors", "tiny_unet", dataset_classes("synthetic"))
     out = tmp_path / "merged.safetensors"
     assert cli_main(["merge", str(update_file), str(model_file), "--out", str(out)]) == 0
-    merged = load_checkpoint(out)[0].state_dict()
+    merged = load_checkpoint(out, with_bank=False)[0].state_dict()
     params, _ = split_state(trained.state_dict())
     for key, value in params.items():  # both files read whole: the parameters are the plain average
         torch.testing.assert_close(merged[key], (update.params[key] + value) / 2)

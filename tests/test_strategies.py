@@ -9,6 +9,7 @@ from torch.utils.data import ConcatDataset
 
 from clients.site import SiteJob, adapt_site, recalibration_sums
 from common.bn.stats import BNStatsConfig, collect_bn_sums
+from common.config.run import RunConfig
 from common.data import DataSpec, build_dataset, image_batches
 from common.models.factory import build_model
 from common.updates.site import SiteUpdate, bn_layer_names, split_state
@@ -350,7 +351,9 @@ def test_image_weight_ships_the_right_bank_with_each_row(source):
     updates = [_update("fog", source.state, 1, 4), _update("night", source.state, 2, 6)]
     inputs = _inputs(source, updates)
     merge, _ = get_strategy("merge")
-    plain = merge.load()(inputs, make_options(merge, {}))
+    default = merge.load()(inputs, make_options(merge, {}))  # as a run with the default config ships it
+    assert (default.bank.names, default.bank.image_weight) == (("merged",), RunConfig.defaults().bn_image_weight)
+    plain = merge.load()(inputs, make_options(merge, {"image-weight": 0.0}))
     assert plain.bank is None
     mixed = merge.load()(inputs, make_options(merge, {"image-weight": 0.3}))
     layer = bn_layer_names(source.state)[0]
@@ -361,6 +364,11 @@ def test_image_weight_ships_the_right_bank_with_each_row(source):
     only, _ = get_strategy("source-only")
     start = only.load()(inputs, make_options(only, {"image-weight": 0.5}))
     assert torch.equal(start.bank.var[layer][0], source.state[f"{layer}.running_var"])
-    for strategy in (merge, only, get_strategy("recalibrate")[0]):
+    assert only.load()(inputs, make_options(only, {})).bank is None  # the start mixes in nothing unless asked
+    single, implied = get_strategy("single:night")
+    site = single.load()(inputs, make_options(single, {**implied, "image-weight": 0.2}))
+    assert (site.bank.names, site.bank.image_weight) == (("night",), 0.2)
+    assert torch.equal(site.bank.mean[layer][0], updates[1].state_dict()[f"{layer}.running_mean"])
+    for strategy in (merge, only, single, get_strategy("recalibrate")[0], get_strategy("data-combination")[0]):
         with pytest.raises(ValueError, match=r"image-weight must be in \[0, 1\]"):
-            make_options(strategy, {"image-weight": 1.5})
+            make_options(strategy, {**implied, "image-weight": 1.5} if strategy is single else {"image-weight": 1.5})

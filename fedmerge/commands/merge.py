@@ -78,8 +78,9 @@ def merge(args: argparse.Namespace) -> int:
         if isinstance(outcome, Refused):
             raise CommandError(f"{path}: {outcome.reason}")
         del update
-    source = bank_source("own" if args.bn_bank else "", args.bn_image_weight)
-    written = engine.save(out, arch, num_classes, bank=engine.bank(source, args.bn_image_weight) if source else None)
+    weight = defaults.bn_image_weight
+    source = bank_source("own" if args.bn_bank else "", weight)
+    written = engine.save(out, arch, num_classes, bank=engine.bank(source, weight) if source else None)
     print(f"merged {len(engine.sites)} sites ({', '.join(engine.sites)}) with {spec.method} into {written}")
     return 0
 
@@ -99,8 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-site-share", type=float, help="cap on one site's share of the weight (0, 1]")
     p.add_argument("--clip-norm", type=float, help="L2 bound on a site's parameter change from --base")
     p.add_argument("--bn-bank", action="store_true", help="ship every site's BN statistics; each image picks one")
-    p.add_argument("--bn-image-weight", type=float, default=0.0, metavar="W",
-                   help="each test image's share of its own BN statistics, in [0, 1] (0: off)")  # fmt: skip
+    p.add_argument("--bn-image-weight", type=float, metavar="W",
+                   help="each test image's share of its own BN statistics, in [0, 1] "
+                        "(0: off; default: the run config's)")  # fmt: skip
     p.add_argument("--arch", default="", help="the model, for site updates that do not record it (plain .pt)")
     p.add_argument("--num-classes", type=int, default=0, help="with --arch")
     p.set_defaults(func=merge)

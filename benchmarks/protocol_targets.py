@@ -17,6 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from experiments.protocol import best_single
+
 REFERENCES = ("best single site", "source-only", "data-combination")
 
 
@@ -35,7 +37,7 @@ def _row(run: dict[str, Any], label: str) -> dict[str, Any] | None:
 def reference_h(run: dict[str, Any], reference: str) -> float | None:
     """H of the reference row in ``run``: the best single site, or a row by its label."""
     if reference == "best single site":
-        return max(r["harmonic_mean"] for r in run["strategies"] if r["name"] == "single")
+        return best_single(run)
     row = _row(run, reference)
     return None if row is None else row["harmonic_mean"]
 

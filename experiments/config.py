@@ -313,7 +313,7 @@ def _method(raw: Mapping[str, Any], root: str | None, where: str) -> LocalMethod
 def _strategies(raw: list[Any], sites: list[str]) -> tuple[StrategyEntry, ...]:
     """Strings name a strategy with its default options; tables add options and a label.
 
-    ``single`` expands to ``single:<site>`` for every site.
+    ``single`` expands to ``single:<site>`` for every site (``<label>:<site>`` when the table has a label).
     """
     out: list[StrategyEntry] = []
     if not isinstance(raw, list):
@@ -328,7 +328,7 @@ def _strategies(raw: list[Any], sites: list[str]) -> tuple[StrategyEntry, ...]:
         else:
             raise ValueError(f"a strategy is a name or a table with a 'name', not {item!r}")
         if name == "single":
-            out += [StrategyEntry(f"single:{s}", f"single:{s}", dict(options)) for s in sites]
+            out += [StrategyEntry(f"single:{s}", f"{label}:{s}", dict(options)) for s in sites]
         else:
             out.append(StrategyEntry(name, label, options))
     for entry in out:  # every name and option checked now, before any site trains

@@ -26,7 +26,15 @@ from experiments.config import ExperimentConfig, ProtocolConfig
 from experiments.selection import selection_rows
 from experiments.tables import markdown_table
 
-__all__ = ["ProtocolRun", "aggregate", "fold_config", "fold_windows", "protocol_markdown", "run_protocol"]
+__all__ = [
+    "ProtocolRun",
+    "aggregate",
+    "best_single",
+    "fold_config",
+    "fold_windows",
+    "protocol_markdown",
+    "run_protocol",
+]
 
 log = logging.getLogger(__name__)
 RUNS_DIR = "runs"
@@ -138,8 +146,10 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _best_single(run: dict[str, Any]) -> float:
-    singles = [r["harmonic_mean"] for r in run["strategies"] if r["name"] == "single"]
+def best_single(run: dict[str, Any]) -> float:
+    """The best site's H as the site sends it: ``single:<site>`` rows only, not a labelled variant (``+image``)."""
+    rows = run["strategies"]
+    singles = [r["harmonic_mean"] for r in rows if r["name"] == "single" and r["label"].startswith("single:")]
     return max(singles) if singles else float("nan")
 
 
@@ -150,7 +160,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for label in labels:
         rows = [next(r for r in run["strategies"] if r["label"] == label) for run in runs]
-        diffs = [row["harmonic_mean"] - _best_single(run) for row, run in zip(rows, runs, strict=True)]
+        diffs = [row["harmonic_mean"] - best_single(run) for row, run in zip(rows, runs, strict=True)]
         h = _mean_sd([row["harmonic_mean"] for row in rows])
         out.append(
             {

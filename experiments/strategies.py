@@ -327,6 +327,10 @@ class SourceOnlyOptions(StrategyOptions):
 class SingleOptions(StrategyOptions):
     needs: ClassVar[str] = "one site's update"
     site: str
+    image_weight: float = 0.0  # each test image's share of its own BN statistics (a site alone: none unless asked)
+
+    def __post_init__(self) -> None:
+        _image_weight(self.image_weight)
 
 
 def _method_row(method: str) -> type:
@@ -427,6 +431,10 @@ class LayerwiseSelectOptions(StrategyOptions):
 @dataclass(frozen=True)
 class DataCombinationOptions(StrategyOptions):
     needs: ClassVar[str] = "all targets' images in one place (not private)"
+    image_weight: float = 0.0  # each test image's share of its own BN statistics (none unless asked)
+
+    def __post_init__(self) -> None:
+        _image_weight(self.image_weight)
 
 
 @dataclass(frozen=True)
@@ -444,23 +452,29 @@ class FedAvgOptions(StrategyOptions):
 
 @STRATEGIES.implements("source-only", options=SourceOnlyOptions, summary="the shared start, unadapted")
 def _source_only(inputs: MergeInputs, options: SourceOnlyOptions) -> Outcome:
-    outcome = Outcome(state=dict(inputs.base), rounds=0)
-    if options.image_weight > 0:  # the start normalising each image with its own statistics mixed in
-        _, buffers = split_state(inputs.base)
-        outcome.bank = BNBank.single("source", buffers, options.image_weight)
-        outcome.notes = f"each test image's own BN statistics mixed in at {options.image_weight:g}"
+    return _own_statistics(Outcome(state=dict(inputs.base), rounds=0), "source", options.image_weight)
+
+
+def _own_statistics(outcome: Outcome, name: str, image_weight: float) -> Outcome:
+    """One model normalising each test image with its own statistics mixed in, as a shipped merge does."""
+    if image_weight > 0:
+        _, buffers = split_state(outcome.state)
+        outcome.bank = BNBank.single(name, buffers, image_weight)
+        note = f"each test image's own BN statistics mixed in at {image_weight:g}"
+        outcome.notes = f"{outcome.notes}; {note}" if outcome.notes else note
     return outcome
 
 
 @STRATEGIES.implements("single", options=SingleOptions, summary="one site's adapted model, used everywhere")
 def _single(inputs: MergeInputs, options: SingleOptions) -> Outcome:
     update = inputs.update(options.site)
-    return Outcome(
+    outcome = Outcome(
         state=update.state_dict(),
         rounds=1,
         bytes_sent={options.site: inputs.update_bytes[options.site]},
         site_seconds=inputs.adapt_seconds[options.site],
     )
+    return _own_statistics(outcome, options.site, options.image_weight)
 
 
 @STRATEGIES.implements(
@@ -617,13 +631,14 @@ def _accept(outcome: object) -> None:
 )
 def _data_combination(inputs: MergeInputs, options: DataCombinationOptions) -> Outcome:
     update, image_bytes, seconds = _services(inputs, "data-combination").combined()
-    return Outcome(
+    outcome = Outcome(
         state=update.state_dict(),
         rounds=0,
         bytes_sent=image_bytes,
         site_seconds=seconds,
         notes="bytes: the sites' images (uint8 RGB)",
     )
+    return _own_statistics(outcome, "combined", options.image_weight)
 
 
 @STRATEGIES.implements("fedavg-rounds", options=FedAvgOptions, summary="Flower FedAvg over R rounds, same method")

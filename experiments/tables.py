@@ -40,7 +40,8 @@ def report_table(report: Mapping[str, Any]) -> str:
             )
         )
     evals = [("start", report.get("eval_initial"))]
-    evals += [(f"site {site} alone", ev) for site, ev in (report.get("eval_sites") or {}).items()]
+    # sites reply in any order; the table lists them by name, so two runs print the same table
+    evals += [(f"site {site} alone", ev) for site, ev in sorted((report.get("eval_sites") or {}).items())]
     evals.append(("merged", report.get("eval")))
     rows = [r for r in (_eval_row(name, ev or {}) for name, ev in evals) if r]
     if rows:

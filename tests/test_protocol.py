@@ -74,6 +74,18 @@ def test_the_paired_difference_is_taken_against_each_runs_own_best_site():
     assert merged["harmonic_mean"][0] == pytest.approx(0.355)
 
 
+def test_a_labelled_single_row_is_not_a_site_the_merge_is_paired_against():
+    """``single+image:<site>`` gives a site the merge's test-time normalisation; the best site stays as sent."""
+    from experiments.config import _strategies
+
+    entries = _strategies(["single", {"name": "single", "label": "single+image", "image-weight": 0.1}], ["a", "b"])
+    assert [e.label for e in entries] == ["single:a", "single:b", "single+image:a", "single+image:b"]
+    run = _run("r1", (0.30, 0.20), 0.33)
+    run["strategies"].append({**run["strategies"][0], "label": "single+image:a", "harmonic_mean": 0.5})
+    merged = next(r for r in aggregate([run]) if r["label"] == "merged")
+    assert merged["paired"] == pytest.approx([0.03])
+
+
 def test_finished_runs_are_read_back_and_only_missing_ones_computed(tmp_path):
     config = _config()
     done = tmp_path / "runs" / "seed0-fold0"

@@ -1,11 +1,11 @@
-"""Which prediction-time image weight (``bn-image-weight``) suits the CamVid configs, over their folds.
+"""Which prediction-time image weight (``bn-image-weight``) suits a shipped config, over its protocol's runs.
 
-Each test image is normalised with (1-w)·stored + w·its own BN statistics. The shipped configs' rows
-score w = 0.2 only; this reruns a config's protocol with just source-only, the single sites and the
-default merge at several weights (the sites come from the protocol's cache, so only merging and
-scoring run) and prints each weight's H against the best single site and source-only, run by run.
+Each test image is normalised with (1-w)·stored + w·its own BN statistics. This reruns a config's
+protocol with just source-only, the single sites and the default merge at several weights (with the
+protocol's cache, the sites are read back, so only merging and scoring run) and prints each weight's
+H against the best single site and source-only, run by run.
 
-    .venv/bin/python benchmarks/image_weight_camvid.py --config camvid-c --out-dir runs/iw/camvid-c \
+    .venv/bin/python benchmarks/image_weight_sweep.py --config camvid-c --out-dir runs/iw/camvid-c \
         --cache-dir runs/camvid-cache --threads 1
 """
 
@@ -35,10 +35,10 @@ def sweep_config(shipped: Path, weights: tuple[float, ...]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a shipped CamVid config, e.g. camvid-c")
+    parser.add_argument("--config", required=True, help="a shipped config with a [protocol], e.g. camvid-c")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--cache-dir", required=True, help="the protocol's cache (its sites are reused)")
-    parser.add_argument("--data-root", default="../shared/data/camvid")
+    parser.add_argument("--data-root", default="../shared/data/camvid", help="for the CamVid configs")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)

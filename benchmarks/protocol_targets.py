@@ -6,7 +6,7 @@ the rows named, mean ± sd over the runs of H minus the best single site, source
 in each run. With several folders (e.g. the same protocol with the site guard on) each gets its tables.
 
     .venv/bin/python benchmarks/protocol_targets.py runs/protocol_camvid_c runs/protocol_camvid_c_guard \
-        --rows merge "merge+image"
+        --rows merge "merge(w=0)"
 """
 
 from __future__ import annotations

@@ -89,6 +89,8 @@ class BankedSegmenter(Segmenter):
     @torch.no_grad()
     def choose(self, x: Tensor) -> Tensor:
         """The bank entry of each image: [B] indices."""
+        if len(self.bank.names) == 1:  # the merge's own statistics with an image weight: nothing to choose
+            return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         mean, var = self.image_statistics(x[: x.shape[0]])
         bank_mean = self.bank.mean[self._first].to(mean.device, torch.float64)  # the bank stays on the CPU
         bank_var = self.bank.var[self._first].to(mean.device, torch.float64)
